@@ -1,0 +1,215 @@
+"""Typed configuration: dataclasses with defaults, loaded from YAML and ``key=value`` overrides.
+
+Every field is reachable as a dotted key (``student.train.epochs=5``); an unknown key or a value
+of the wrong type is one clear error naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qkd_deploy.errors import UserError
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 64
+    optimizer: str = "sgd"  # "sgd" (momentum, Nesterov) or "adamw"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0  # linear warm-up, then cosine decay to 0
+
+
+@dataclass
+class DataConfig:
+    # digits | fashion-mnist[:DIR] | mnist:DIR | cifar10:DIR | cifar100:DIR | folder:DIR
+    spec: str = "digits"
+    image_size: int | None = None  # resize (folder images always; others only when set)
+    normalize: str | None = (
+        None  # "MEAN,STD" (per channel: "m1/m2/m3,s1/s2/s3"); None = train split stats
+    )
+    augment: bool = True
+    calibration_size: int = 512
+    train_limit: int | None = None  # a fixed stratified subset of the training split (budgets)
+
+
+@dataclass
+class TeacherConfig:
+    """One teacher: a zoo architecture trained by the pipeline, or the user's own model."""
+
+    arch: str = "resnet20"
+    module: str | None = None  # "package.module:factory": the user's own teacher
+    checkpoint: str | None = None  # its weights (weights_only torch.load)
+
+
+@dataclass
+class StudentConfig:
+    arch: str = "resnet8"
+    bits: list[str] = field(default_factory=lambda: ["w8a8", "w4a4"])
+    method: str = "kd-decay"
+    method_options: dict[str, Any] = field(default_factory=dict)
+    float_reference: bool = True  # train the student in float first: QAT starts from it
+    float_train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=0.01, warmup_epochs=0.0))
+
+
+@dataclass
+class QuantConfig:
+    target: str = "tensorrt"  # "tensorrt" (signed INT8 Q/DQ) or "onnxruntime" (UINT8 post-ReLU)
+    first_last_bits: int | None = 8
+    layer_bits: dict[str, str] = field(default_factory=dict)  # fnmatch pattern -> "wXaY"
+    learn_scales: bool = True  # LSQ; False keeps the calibrated step sizes fixed
+    weight_calibrator: str = "mse"
+    activation_calibrator: str = "percentile"
+    percentile: float = 99.99
+
+
+@dataclass
+class ExportConfig:
+    opset: int = 18  # 17 for TensorRT 8.6 (JetPack 6.0); INT4 weights make it 21
+    int4_gemm_weights: bool = True  # Linear weights of <= 4 bits stored as INT4
+    min_agreement: float = 0.99  # export fails when ONNX vs torch argmax agreement is lower
+
+
+@dataclass
+class BenchConfig:
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
+    warmup: int = 10
+    iterations: int = 50
+    threads: int = 0  # ONNX Runtime intra-op threads, 0 = all cores
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    out: str | None = None  # run directory; None = runs/<timestamp>
+    progress: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+    # empty: the method's default teacher architectures, trained by the pipeline
+    teachers: list[TeacherConfig] = field(default_factory=list)
+    teacher_train: TrainConfig = field(default_factory=TrainConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def from_dict(values: dict[str, Any], cls: type = Config, prefix: str = "") -> Any:
+    """Build ``cls`` from nested dicts, checking keys and types."""
+    if not isinstance(values, dict):
+        raise UserError(f"config section {prefix or '<top>'!r} must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        where = f" in {prefix!r}" if prefix else ""
+        raise UserError(f"unknown config key(s) {unknown}{where}; valid keys: {sorted(names)}")
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = from_dict(value, hint, key)
+        else:
+            kwargs[name] = _coerce(value, hint, key)
+    return cls(**kwargs)
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file, then ``key=value`` overrides (values parsed as YAML)."""
+    values: dict[str, Any] = {}
+    if path:
+        values = _read_yaml(Path(path))
+    for item in overrides or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {item!r} is not key=value (e.g. student.train.epochs=5)")
+        _set_dotted(values, key.strip(), yaml.safe_load(text))
+    merged = _merge(to_dict(Config()), values)
+    return from_dict(merged)
+
+
+def save_config(config: Config, path: Path) -> None:
+    from qkd_deploy.fileio import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise UserError(f"config file {path} is not valid YAML: {error}") from error
+    if not isinstance(values, dict):
+        raise UserError(
+            f"config file {path} must hold a mapping of sections (data:, student:, ...)"
+        )
+    return values
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if (
+            isinstance(value, dict)
+            and isinstance(merged.get(key), dict)
+            and key
+            not in (
+                "method_options",
+                "layer_bits",
+            )
+        ):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _set_dotted(values: dict[str, Any], key: str, value: Any) -> None:
+    *parents, last = key.split(".")
+    node = values
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"override {key!r}: {part!r} is not a section")
+    node[last] = value
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check ``value`` against a simple type hint (int, float, str, bool, optional, list, dict)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is list:
+        items = value if isinstance(value, list) else [value]
+        if dataclasses.is_dataclass(args[0]):
+            return [from_dict(v, args[0], f"{key}[{i}]") for i, v in enumerate(items)]
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(items)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"config key {key!r} must be a mapping, got {value!r}")
+        return dict(value)
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is Any or isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    raise UserError(f"config key {key!r} must be {getattr(hint, '__name__', hint)}, got {value!r}")

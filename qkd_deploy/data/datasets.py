@@ -1,0 +1,587 @@
+"""In-memory image-classification data sets: sklearn digits, IDX (MNIST family), CIFAR pickles
+and image folders, all returned as uint8 NCHW tensors with int64 labels.
+
+``load_dataset(spec)`` picks the reader by the name before the first ``:`` (see ``DATASET_FORMS``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import pickle
+import struct
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from qkd_deploy.data.augment import Augment
+from qkd_deploy.errors import UserError
+
+DATASET_FORMS = (
+    "digits",
+    "fashion-mnist",
+    "fashion-mnist:DIR",
+    "mnist:DIR",
+    "cifar10:DIR",
+    "cifar100:DIR",
+    "folder:DIR",
+)
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+DEFAULT_FOLDER_SIZE = 32
+
+
+@dataclass
+class ImageSplit:
+    """One split held in memory: uint8 NCHW images (C = 1 or 3) and int64 labels of shape (N,)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise ValueError(
+                f"images must be uint8 NCHW, got {self.images.dtype} {tuple(self.images.shape)}"
+            )
+        if self.labels.dtype != torch.int64 or self.labels.shape != self.images.shape[:1]:
+            raise ValueError(
+                f"labels must be int64 of shape ({self.images.shape[0]},), got "
+                f"{self.labels.dtype} {tuple(self.labels.shape)}"
+            )
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+@dataclass
+class DatasetSplits:
+    """A loaded data set: both splits, class names, image geometry and its default augmentation."""
+
+    name: str
+    train: ImageSplit
+    test: ImageSplit
+    num_classes: int
+    class_names: list[str]
+    in_channels: int
+    image_size: tuple[int, int]
+    augment: Augment = field(default_factory=Augment)
+
+
+_Reader = Callable[[str, str, int | None], DatasetSplits]
+
+
+def load_dataset(spec: str, image_size: int | None = None) -> DatasetSplits:
+    """Load a data set named by ``spec`` (one of ``DATASET_FORMS``), optionally resized to
+    ``image_size`` x ``image_size`` (bilinear, antialiased)."""
+    if image_size is not None and image_size < 1:
+        raise UserError(f"image_size must be a positive number of pixels, got {image_size}")
+    name, _, arg = spec.partition(":")
+    reader = _READERS.get(name.strip().lower())
+    if reader is None:
+        raise UserError(f"unknown data set {spec!r}; valid forms: {', '.join(DATASET_FORMS)}")
+    return reader(spec, arg.strip(), image_size)
+
+
+# ---------------------------------------------------------------- shared helpers
+
+
+def _make_splits(
+    name: str,
+    train: ImageSplit,
+    test: ImageSplit,
+    class_names: list[str],
+    augment: Augment,
+    image_size: int | None,
+) -> DatasetSplits:
+    """Resize both splits if ``image_size`` differs from the native size; build the result."""
+    if image_size is not None:
+        train = ImageSplit(_resize(train.images, image_size), train.labels)
+        test = ImageSplit(_resize(test.images, image_size), test.labels)
+    return DatasetSplits(
+        name=name,
+        train=train,
+        test=test,
+        num_classes=len(class_names),
+        class_names=list(class_names),
+        in_channels=train.images.shape[1],
+        image_size=(train.images.shape[2], train.images.shape[3]),
+        augment=augment,
+    )
+
+
+def _resize(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
+    """Bilinear, antialiased resize of uint8 NCHW images, in chunks to bound memory."""
+    if images.shape[2:] == (size, size):
+        return images
+    parts = [
+        F.interpolate(
+            part.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True
+        )
+        .round_()
+        .clamp_(0, 255)
+        .to(torch.uint8)
+        for part in images.split(chunk)
+    ]
+    return torch.cat(parts)
+
+
+def _split(images: np.ndarray, labels: np.ndarray) -> ImageSplit:
+    return ImageSplit(
+        torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels.astype(np.int64))
+    )
+
+
+def _check_labels(labels: np.ndarray, num_classes: int, source: Path | str) -> None:
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise UserError(
+            f"{source}: labels must lie in 0..{num_classes - 1}, found "
+            f"{labels.min()}..{labels.max()}; the file is corrupt or of another "
+            "data set"
+        )
+
+
+def _existing_dir(spec: str, arg: str) -> Path:
+    name = spec.partition(":")[0]
+    if not arg:
+        raise UserError(f"data set {spec!r} needs a directory: write {name}:DIR")
+    directory = Path(arg).expanduser()
+    if not directory.is_dir():
+        raise UserError(
+            f"data set {spec!r}: directory {directory} does not exist; "
+            f"give the folder that holds the files as {name}:DIR"
+        )
+    return directory
+
+
+# ---------------------------------------------------------------- digits
+
+
+def _read_digits(spec: str, arg: str, image_size: int | None) -> DatasetSplits:
+    """sklearn's 8x8 digits (values 0..16 -> 0..255) with a fixed stratified 80/20 split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    if arg:
+        raise UserError(
+            f"data set {spec!r}: 'digits' is built in and takes no argument; write just 'digits'"
+        )
+    digits = load_digits()
+    images = np.round(digits.images * 255 / 16).astype(np.uint8)[:, None]
+    labels = digits.target
+    train_idx, test_idx = train_test_split(
+        np.arange(len(labels)), test_size=0.2, stratify=labels, random_state=0
+    )
+    return _make_splits(
+        "digits",
+        _split(images[train_idx], labels[train_idx]),
+        _split(images[test_idx], labels[test_idx]),
+        [str(d) for d in range(10)],
+        Augment(crop_padding=1, hflip=False),
+        image_size,
+    )
+
+
+# ---------------------------------------------------------------- IDX (MNIST family)
+
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_IDX_FILES = {
+    "train images": ("train-images-idx3-ubyte", "train-images.idx3-ubyte"),
+    "train labels": ("train-labels-idx1-ubyte", "train-labels.idx1-ubyte"),
+    "test images": ("t10k-images-idx3-ubyte", "t10k-images.idx3-ubyte"),
+    "test labels": ("t10k-labels-idx1-ubyte", "t10k-labels.idx1-ubyte"),
+}
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read one IDX file (plain or gzip-compressed) into a native-endian numpy array.
+
+    Header: two zero bytes, a dtype code, the number of dimensions, then each dimension as a
+    big-endian uint32; the data that follows must be exactly as long as the header says.
+    """
+    path = Path(path)
+    raw = _read_bytes(path)
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in _IDX_DTYPES or raw[3] == 0:
+        raise UserError(
+            f"{path} is not an IDX file: its magic number is 0x{raw[:4].hex()}, "
+            "expected 0x0000 + dtype code (08..0E) + number of dimensions; "
+            "check the path or download the file again"
+        )
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise UserError(f"{path}: IDX header is truncated; download the file again")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    count = math.prod(dims)
+    if len(raw) - header != count * dtype.itemsize:
+        raise UserError(
+            f"{path}: the IDX header promises {count * dtype.itemsize} bytes of data "
+            f"(shape {dims}) but the file holds {len(raw) - header}; the file is "
+            "truncated or corrupt, download it again"
+        )
+    data = np.frombuffer(raw, dtype=dtype, count=count, offset=header)
+    return data.astype(dtype.newbyteorder("=")).reshape(dims)
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The file's bytes, gunzipped if it starts with the gzip magic number."""
+    try:
+        raw = path.read_bytes()
+        return gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+    except (OSError, EOFError, zlib.error) as err:
+        raise UserError(f"cannot read {path}: {err}") from None
+
+
+def _find_idx(directory: Path, role: str, spec: str) -> Path:
+    names = [stem + ext for stem in _IDX_FILES[role] for ext in ("", ".gz")]
+    for name in names:
+        if (directory / name).is_file():
+            return directory / name
+    raise UserError(
+        f"data set {spec!r}: no IDX file with the {role} in {directory}; looked for "
+        f"{', '.join(names)}"
+    )
+
+
+def _read_idx_split(directory: Path, part: str, spec: str) -> ImageSplit:
+    images_path = _find_idx(directory, f"{part} images", spec)
+    labels_path = _find_idx(directory, f"{part} labels", spec)
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    if images.dtype != np.uint8 or images.ndim != 3:
+        raise UserError(
+            f"{images_path}: expected uint8 images of shape (N, H, W), got "
+            f"{images.dtype} {images.shape}"
+        )
+    if labels.dtype != np.uint8 or labels.ndim != 1:
+        raise UserError(
+            f"{labels_path}: expected uint8 labels of shape (N,), got {labels.dtype} {labels.shape}"
+        )
+    if len(images) != len(labels):
+        raise UserError(
+            f"{images_path} holds {len(images)} images but {labels_path} holds "
+            f"{len(labels)} labels; the two files must come from the same split"
+        )
+    _check_labels(labels, 10, labels_path)
+    return _split(images[:, None], labels)
+
+
+def _read_idx_dataset(
+    name: str,
+    directory: Path,
+    spec: str,
+    class_names: list[str],
+    augment: Augment,
+    image_size: int | None,
+) -> DatasetSplits:
+    train = _read_idx_split(directory, "train", spec)
+    test = _read_idx_split(directory, "test", spec)
+    return _make_splits(name, train, test, class_names, augment, image_size)
+
+
+def _read_mnist(spec: str, arg: str, image_size: int | None) -> DatasetSplits:
+    return _read_idx_dataset(
+        "mnist",
+        _existing_dir(spec, arg),
+        spec,
+        [str(d) for d in range(10)],
+        Augment(2, False),
+        image_size,
+    )
+
+
+def _read_fashion_mnist(spec: str, arg: str, image_size: int | None) -> DatasetSplits:
+    if arg:
+        directory = _existing_dir(spec, arg)
+    elif DEBIAN_FASHION_MNIST.is_dir():
+        directory = DEBIAN_FASHION_MNIST
+    else:
+        raise UserError(
+            f"data set 'fashion-mnist' reads {DEBIAN_FASHION_MNIST}, which does not "
+            "exist; install it (apt install dataset-fashion-mnist) or give the "
+            "folder with the IDX files as fashion-mnist:DIR"
+        )
+    return _read_idx_dataset(
+        "fashion-mnist", directory, spec, list(FASHION_MNIST_CLASSES), Augment(2, True), image_size
+    )
+
+
+# ---------------------------------------------------------------- CIFAR pickles
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays only, so a tampered batch cannot run code."""
+
+    _ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _unpickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            obj = _ArrayUnpickler(f, encoding="bytes").load()
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError) as err:
+        raise UserError(
+            f"{path} is not a readable CIFAR pickle batch ({err}); download the "
+            "'python version' of the data set again"
+        ) from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: expected a pickled dict, found {type(obj).__name__}")
+    return obj
+
+
+def _field(batch: dict, key: bytes, path: Path) -> object:
+    if key not in batch:
+        raise UserError(
+            f"{path}: the batch has no {key.decode()!r} entry (found "
+            f"{sorted(k.decode(errors='replace') for k in batch)}); is this the "
+            "right CIFAR variant?"
+        )
+    return batch[key]
+
+
+def _read_cifar_batches(paths: list[Path], label_key: bytes, num_classes: int) -> ImageSplit:
+    images, labels = [], []
+    for path in paths:
+        batch = _unpickle(path)
+        data = np.asarray(_field(batch, b"data", path))
+        batch_labels = np.asarray(_field(batch, label_key, path))
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+            raise UserError(
+                f"{path}: 'data' must be uint8 of shape (N, 3072), got {data.dtype} {data.shape}"
+            )
+        if batch_labels.shape != (len(data),):
+            raise UserError(f"{path}: {len(data)} images but {batch_labels.size} labels")
+        _check_labels(batch_labels, num_classes, path)
+        images.append(data.reshape(-1, 3, 32, 32))
+        labels.append(batch_labels)
+    return _split(np.concatenate(images), np.concatenate(labels))
+
+
+def _cifar_dir(spec: str, arg: str, subfolder: str, required: list[str]) -> Path:
+    """The folder holding ``required``: DIR itself or DIR/``subfolder``."""
+    directory = _existing_dir(spec, arg)
+    for candidate in (directory, directory / subfolder):
+        if all((candidate / name).is_file() for name in required):
+            return candidate
+    raise UserError(
+        f"data set {spec!r}: expected the files {', '.join(required)} in "
+        f"{directory} or in {directory / subfolder}; extract the 'python version' "
+        "archive there"
+    )
+
+
+def _label_names(path: Path, key: bytes) -> list[str]:
+    return [
+        n.decode() if isinstance(n, bytes) else str(n) for n in _field(_unpickle(path), key, path)
+    ]
+
+
+def _read_cifar10(spec: str, arg: str, image_size: int | None) -> DatasetSplits:
+    train_files = [f"data_batch_{i}" for i in range(1, 6)]
+    directory = _cifar_dir(
+        spec, arg, "cifar-10-batches-py", [*train_files, "test_batch", "batches.meta"]
+    )
+    class_names = _label_names(directory / "batches.meta", b"label_names")
+    train = _read_cifar_batches([directory / f for f in train_files], b"labels", len(class_names))
+    test = _read_cifar_batches([directory / "test_batch"], b"labels", len(class_names))
+    return _make_splits("cifar10", train, test, class_names, Augment(4, True), image_size)
+
+
+def _read_cifar100(spec: str, arg: str, image_size: int | None) -> DatasetSplits:
+    directory = _cifar_dir(spec, arg, "cifar-100-python", ["train", "test", "meta"])
+    class_names = _label_names(directory / "meta", b"fine_label_names")
+    train = _read_cifar_batches([directory / "train"], b"fine_labels", len(class_names))
+    test = _read_cifar_batches([directory / "test"], b"fine_labels", len(class_names))
+    return _make_splits("cifar100", train, test, class_names, Augment(4, True), image_size)
+
+
+# ---------------------------------------------------------------- image folders
+
+_IMAGE_SUFFIXES = {
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".bmp",
+    ".gif",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".ppm",
+    ".pgm",
+}
+_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+_IMAGE_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
+
+
+def _class_folders(root: Path) -> dict[str, list[Path]]:
+    """Sorted class folder name -> sorted image files in it; refuses empty folders."""
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise UserError(
+            f"{root} has no class sub-folders; put the images of each class in "
+            "their own folder (DIR/<class>/<image>)"
+        )
+    classes = {}
+    for folder in folders:
+        files = sorted(
+            p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES
+        )
+        if not files:
+            raise UserError(
+                f"class folder {folder} holds no images (looked for "
+                f"{', '.join(sorted(_IMAGE_SUFFIXES))}); add images or remove it"
+            )
+        classes[folder.name] = files
+    return classes
+
+
+def _image_mode(path: Path) -> str:
+    try:
+        with Image.open(path) as img:
+            return img.mode
+    except _IMAGE_ERRORS as err:
+        raise UserError(f"cannot read image {path}: {err}") from None
+
+
+def _load_image(path: Path, mode: str, size: int) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            img = img.convert(mode).resize((size, size), Image.Resampling.BILINEAR)
+            return np.asarray(img).reshape(size, size, -1)
+    except _IMAGE_ERRORS as err:
+        raise UserError(f"cannot read image {path}: {err}") from None
+
+
+def _read_folder_split(files: list[Path], labels: list[int], mode: str, size: int) -> ImageSplit:
+    channels = 1 if mode == "L" else 3
+    images = np.empty((len(files), size, size, channels), dtype=np.uint8)
+    for i, path in enumerate(files):
+        images[i] = _load_image(path, mode, size)
+    return _split(images.transpose(0, 3, 1, 2), np.asarray(labels))
+
+
+def _flatten(
+    classes: dict[str, list[Path]], class_names: list[str]
+) -> tuple[list[Path], list[int]]:
+    """All files of ``classes`` and their labels (index of the folder name in class_names)."""
+    files: list[Path] = []
+    labels: list[int] = []
+    for name, paths in classes.items():
+        files += paths
+        labels += [class_names.index(name)] * len(paths)
+    return files, labels
+
+
+def _split_80_20(
+    root: Path, whole: ImageSplit, class_names: list[str]
+) -> tuple[ImageSplit, ImageSplit]:
+    """The fixed stratified 80/20 train/test split (random_state=0) of a folder without one."""
+    from sklearn.model_selection import train_test_split
+
+    counts = torch.bincount(whole.labels, minlength=len(class_names)).tolist()
+    too_small = [name for name, count in zip(class_names, counts, strict=True) if count < 2]
+    if too_small:
+        raise UserError(
+            f"{root}: class folder(s) {too_small} hold fewer than 2 images, too few "
+            "for the automatic 80/20 split; add images or provide train/ and test/ "
+            "sub-folders"
+        )
+    try:
+        train_idx, test_idx = train_test_split(
+            np.arange(len(whole)), test_size=0.2, stratify=whole.labels.numpy(), random_state=0
+        )
+    except ValueError as err:
+        raise UserError(
+            f"{root}: cannot make a stratified 80/20 train/test split ({err}); add "
+            "images or provide train/ and test/ sub-folders"
+        ) from None
+    return (
+        ImageSplit(whole.images[train_idx], whole.labels[train_idx]),
+        ImageSplit(whole.images[test_idx], whole.labels[test_idx]),
+    )
+
+
+def _folder_layout(root: Path) -> tuple[dict[str, list[Path]], dict[str, list[Path]] | None]:
+    """(train classes, test classes) if ``root`` has train/ and test/ (or val/), else
+    (all classes, None)."""
+    if not (root / "train").is_dir():
+        return _class_folders(root), None
+    for name in ("test", "val"):
+        if (root / name).is_dir():
+            train, test = _class_folders(root / "train"), _class_folders(root / name)
+            unknown = sorted(set(test) - set(train))
+            if unknown:
+                raise UserError(
+                    f"{root / name} has class folders {unknown} that "
+                    f"{root / 'train'} lacks; both must use the same class names"
+                )
+            return train, test
+    raise UserError(
+        f"{root} has a train/ folder but no test/ or val/ folder; add one, or put "
+        "the class folders directly in DIR for an automatic 80/20 split"
+    )
+
+
+def _read_folder(spec: str, arg: str, image_size: int | None) -> DatasetSplits:
+    """One sub-folder per class; train/ + test/ (or val/) sub-folders, else a fixed 80/20 split.
+
+    Images become L if every one of them is grayscale, else RGB, resized to ``image_size``
+    (default 32) with bilinear resampling.
+    """
+    root = _existing_dir(spec, arg)
+    size = image_size or DEFAULT_FOLDER_SIZE
+    train_classes, test_classes = _folder_layout(root)
+    class_names = list(train_classes)
+    all_files = [
+        f
+        for classes in (train_classes, test_classes or {})
+        for files in classes.values()
+        for f in files
+    ]
+    mode = "L" if all(_image_mode(f) in _GRAY_MODES for f in all_files) else "RGB"
+    train = _read_folder_split(*_flatten(train_classes, class_names), mode, size)
+    if test_classes is None:
+        train, test = _split_80_20(root, train, class_names)
+    else:
+        test = _read_folder_split(*_flatten(test_classes, class_names), mode, size)
+    augment = Augment(crop_padding=max(1, size // 8), hflip=True)
+    return _make_splits("folder", train, test, class_names, augment, None)
+
+
+_READERS: dict[str, _Reader] = {
+    "digits": _read_digits,
+    "mnist": _read_mnist,
+    "fashion-mnist": _read_fashion_mnist,
+    "cifar10": _read_cifar10,
+    "cifar100": _read_cifar100,
+    "folder": _read_folder,
+}

@@ -1,0 +1,77 @@
+"""The run directory: where each stage's files live, and ``manifest.json`` (torch-free).
+
+Each stage reads the files of the one before, so any stage can be re-run alone; the manifest
+records inputs, config, library versions and the sha256 of every file.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+
+from qkd_deploy.fileio import atomic_write_json, sha256_file
+
+_PACKAGES = ("qkd-deploy", "torch", "onnx", "onnxruntime", "onnxscript", "numpy", "tensorrt")
+
+
+class RunDir:
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+
+    def stage(self, name: str) -> Path:
+        """The folder of one trained model (``teacher``, ``student_float``, ``w4a4``, ...)."""
+        path = self.root / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.json"
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    system = f"{platform.system()} {platform.release()}"
+    return f"{cpu}, {os.cpu_count()} cores, {system}, Python {platform.python_version()}"
+
+
+def write_manifest(run_dir: Path, inputs: dict, config: dict) -> dict:
+    files = {
+        str(p.relative_to(run_dir)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file() and p.name != "manifest.json" and not p.name.startswith(".")
+    }
+    manifest = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "inputs": inputs,
+        "config": config,
+        "versions": library_versions(),
+        "machine": machine_description(),
+        "files": files,
+    }
+    atomic_write_json(run_dir / "manifest.json", manifest)
+    return manifest
