@@ -1,0 +1,192 @@
+"""User models (``package.module:factory``) and checkpoint loading."""
+
+import textwrap
+import uuid
+
+import pytest
+import torch
+
+from qkd_deploy.errors import UserError
+from qkd_deploy.models import build_model, load_checkpoint, load_user_model
+
+USER_MODULE = textwrap.dedent("""
+    import torch
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, bias=False)
+            self.bn = nn.BatchNorm2d(4)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(torch.flatten(self.bn(self.conv(x)).mean((2, 3)), 1))
+
+    def build():
+        return Net()
+
+    def not_a_model():
+        return 42
+
+    def needs_width(width):
+        return Net()
+
+    NOT_CALLABLE = 3
+""")
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """Name of a fresh importable module holding USER_MODULE."""
+    name = f"usernet_{uuid.uuid4().hex}"
+    (tmp_path / f"{name}.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return name
+
+
+@pytest.fixture
+def trained(user_module):
+    """A user model with non-default weights and BN statistics."""
+    model = load_user_model(f"{user_module}:build")
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(torch.rand_like(tensor) + 0.5)
+    return model
+
+
+def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda sd: sd,
+        lambda sd: {"state_dict": sd, "epoch": 7},
+        lambda sd: {"model": sd, "optimizer": {"lr": torch.tensor(0.1)}},
+        lambda sd: {"model_state": sd},
+        lambda sd: {f"module.{k}": v for k, v in sd.items()},
+        lambda sd: {"state_dict": {f"module.{k}": v for k, v in sd.items()}},
+    ],
+    ids=["raw", "state_dict", "model", "model_state", "ddp", "nested-ddp"],
+)
+def test_checkpoint_formats_restore_weights(tmp_path, user_module, trained, wrap):
+    path = tmp_path / "ckpt.pt"
+    torch.save(wrap(trained.state_dict()), path)
+    loaded = load_user_model(f"{user_module}:build", str(path))
+    _assert_same_weights(loaded, trained)
+    fresh = load_user_model(f"{user_module}:build")
+    with pytest.raises(AssertionError):
+        _assert_same_weights(fresh, trained)  # so the check above could fail
+
+
+def test_load_checkpoint_into_a_zoo_model(tmp_path):
+    torch.manual_seed(0)
+    source = build_model("resnet8", 1, 10)
+    for p in source.parameters():
+        p.data.normal_()
+    path = tmp_path / "resnet8.pt"
+    torch.save({"model": source.state_dict()}, path)
+    target = build_model("resnet8", 1, 10)
+    assert load_checkpoint(target, str(path)) is target
+    _assert_same_weights(target, source)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("resnet_like", "'package.module:factory'"),
+        ("pkg.mod:", "'package.module:factory'"),
+        ("no_such_module_qkd:build", "cannot import module 'no_such_module_qkd'.*No module named"),
+    ],
+)
+def test_bad_specs(spec, message):
+    with pytest.raises(UserError, match=message):
+        load_user_model(spec)
+
+
+def test_import_error_inside_user_module_is_reported(tmp_path, monkeypatch):
+    name = f"broken_{uuid.uuid4().hex}"
+    (tmp_path / f"{name}.py").write_text("import missing_dependency_qkd\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(UserError, match=f"cannot import module '{name}'.*missing_dependency_qkd"):
+        load_user_model(f"{name}:build")
+
+
+@pytest.mark.parametrize(
+    "factory, message",
+    [
+        ("missing", "has no attribute 'missing'"),
+        ("NOT_CALLABLE", "int object is not callable"),
+        ("needs_width", "calling it with no arguments failed.*width"),
+        ("not_a_model", "returned a int, not a torch.nn.Module"),
+    ],
+)
+def test_bad_factories(user_module, factory, message):
+    with pytest.raises(UserError, match=message) as info:
+        load_user_model(f"{user_module}:{factory}")
+    assert f"{user_module}:{factory}" in str(info.value)
+
+
+def _checkpoint_error(tmp_path, user_module, content) -> str:
+    path = tmp_path / "ckpt.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    with pytest.raises(UserError) as info:
+        load_user_model(f"{user_module}:build", str(path))
+    assert str(path) in str(info.value)
+    return str(info.value)
+
+
+def test_missing_checkpoint_file(tmp_path, user_module):
+    with pytest.raises(UserError, match="does not exist"):
+        load_user_model(f"{user_module}:build", str(tmp_path / "nope.pt"))
+
+
+def test_unreadable_checkpoints(tmp_path, user_module, trained):
+    assert "cannot be read" in _checkpoint_error(tmp_path, user_module, b"not a checkpoint")
+    # A pickled module is refused by weights_only=True: tell the user to save the state dict.
+    message = _checkpoint_error(tmp_path, user_module, trained)
+    assert "cannot be read" in message and "pickled Python objects" in message
+    assert "state_dict()" in message
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ([1, 2, 3], "found list"),
+        ({"epoch": 3, "lr": 0.1}, "found keys ['epoch', 'lr']"),
+        ({"state_dict": {"fc.weight": 1.0}}, "not a state dict"),
+        ({}, "not a state dict"),
+    ],
+)
+def test_not_a_state_dict(tmp_path, user_module, content, expected):
+    message = _checkpoint_error(tmp_path, user_module, content)
+    assert "is not a state dict" in message and expected in message
+
+
+def test_key_and_shape_mismatches_are_listed(tmp_path, user_module, trained):
+    state = trained.state_dict()
+    del state["fc.bias"]
+    state["head.weight"] = torch.zeros(2)
+    state["conv.weight"] = torch.zeros(8, 1, 3, 3)
+    message = _checkpoint_error(tmp_path, user_module, state)
+    assert "1 missing keys: fc.bias" in message
+    assert "1 unexpected keys: head.weight" in message
+    assert "conv.weight (8, 1, 3, 3) vs model (4, 1, 3, 3)" in message
+
+
+def test_long_key_lists_are_shortened(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save(build_model("resnet8", 1, 10).state_dict(), path)
+    with pytest.raises(UserError, match=r"missing keys: .*\(\+\d+ more\)") as info:
+        load_checkpoint(build_model("mobilenetv2", 1, 10), str(path))
+    assert "MobileNetV2" in str(info.value)
