@@ -1,0 +1,1 @@
+"""Observers and calibrators that initialise quantizer step sizes from data."""

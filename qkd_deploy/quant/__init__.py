@@ -1,0 +1,1 @@
+"""Fake quantization for QAT: LSQ quantizers, quantized modules, model conversion, BN folding."""

@@ -1,0 +1,125 @@
+"""Conversion of a float model to its quantized (fake-quant) form."""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from qkd_deploy.errors import UserError
+from qkd_deploy.models.layers import Add
+from qkd_deploy.quant.graph import module_of, trace
+from qkd_deploy.quant.grid import check_bits
+from qkd_deploy.quant.modules import QuantAdd, QuantConv2d, QuantLinear, replace_submodule
+
+
+@dataclass(frozen=True)
+class BitWidths:
+    """Weight and activation bit-widths, written ``wXaY`` (e.g. ``w4a8``)."""
+
+    w: int
+    a: int
+
+    def __post_init__(self) -> None:
+        check_bits(self.w, f"w{self.w}a{self.a} weights")
+        check_bits(self.a, f"w{self.w}a{self.a} activations")
+
+    @property
+    def name(self) -> str:
+        return f"w{self.w}a{self.a}"
+
+    @classmethod
+    def parse(cls, text: str) -> BitWidths:
+        """``"4"`` -> w4a4, ``"w4a8"`` -> w4a8."""
+        t = text.strip().lower()
+        try:
+            if t.isdigit():
+                return cls(int(t), int(t))
+            if t.startswith("w") and "a" in t:
+                w, a = t[1:].split("a", 1)
+                return cls(int(w), int(a))
+        except ValueError:
+            pass
+        raise UserError(
+            f"bit-width {text!r} not understood; write a number (4 = w4a4) or wXaY (w4a8)"
+        )
+
+
+@dataclass
+class QuantizeOptions:
+    """How ``quantize_model`` quantizes: default bits, the 8-bit first and last layer, per-layer
+    overrides (``fnmatch`` pattern of the module name -> ``wXaY``), export target, LSQ or fixed."""
+
+    bits: BitWidths
+    target: str = "tensorrt"
+    first_last_bits: int | None = 8
+    layer_bits: dict[str, str] = field(default_factory=dict)
+    learn_scales: bool = True
+
+
+def quantize_model(model: nn.Module, options: QuantizeOptions) -> nn.Module:
+    """A copy of ``model`` with every Conv2d, Linear and residual ``Add`` replaced by its quantized
+    form. The first Conv2d and the last Linear (in registration order) get ``first_last_bits``."""
+    model = copy.deepcopy(model)
+    names = [n for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear, Add)]
+    if not any(isinstance(m, (nn.Conv2d, nn.Linear)) for _, m in model.named_modules()):
+        raise UserError("the model has no Conv2d or Linear layer to quantize")
+    first_last = _first_conv_and_last_linear(model)
+    add_inputs = _add_inputs_to_quantize(model, options.target)
+    for name in names:
+        bits = _bits_for(name, first_last, options)
+        module = model.get_submodule(name)
+        if isinstance(module, Add):
+            new = QuantAdd(bits.a, options.target, options.learn_scales, add_inputs[name])
+        else:
+            new = _quantized(module, bits, options)
+        replace_submodule(model, name, new)
+    return model
+
+
+def _add_inputs_to_quantize(model: nn.Module, target: str) -> dict[str, tuple[bool, bool]]:
+    """Which inputs of each residual ``Add`` get a quantizer (see ``QuantAdd``): for TensorRT,
+    not the first input that comes straight from a Conv2d/BatchNorm2d; otherwise both."""
+    adds = [n for n, m in model.named_modules() if type(m) is Add]
+    placement = dict.fromkeys(adds, (True, True))
+    if target != "tensorrt" or not adds:
+        return placement
+    try:
+        graph = trace(model, "place residual-add quantizers")
+    except UserError:
+        return placement  # untraceable: quantize both inputs, still exact, less fused
+    modules = dict(model.named_modules())
+    for node in graph.nodes:
+        if node.op == "call_module" and node.target in placement:
+            from_conv = [
+                isinstance(module_of(arg, modules), (nn.Conv2d, nn.BatchNorm2d))
+                for arg in node.args[:2]
+            ]
+            if from_conv[0]:
+                placement[node.target] = (False, True)
+            elif from_conv[1]:
+                placement[node.target] = (True, False)
+    return placement
+
+
+def _first_conv_and_last_linear(model: nn.Module) -> set[str]:
+    convs = [n for n, m in model.named_modules() if type(m) is nn.Conv2d]
+    linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    return set(convs[:1] + linears[-1:])
+
+
+def _bits_for(name: str, first_last: set[str], options: QuantizeOptions) -> BitWidths:
+    for pattern, text in options.layer_bits.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            return BitWidths.parse(text)
+    if name in first_last and options.first_last_bits:
+        return BitWidths(options.first_last_bits, options.first_last_bits)
+    return options.bits
+
+
+def _quantized(module: nn.Module, bits: BitWidths, options: QuantizeOptions) -> nn.Module:
+    if type(module) is nn.Conv2d:
+        return QuantConv2d.from_float(module, bits.w, bits.a, options.target, options.learn_scales)
+    return QuantLinear.from_float(module, bits.w, bits.a, options.target, options.learn_scales)

@@ -1,0 +1,134 @@
+"""The deploy form of a fake-quant model: what ``export/onnx.py`` exports.
+
+The model is BN-folded first (``quant.fold``), then weights become integer buffers with
+per-channel scales, biases their INT32-grid values, and quantizers frozen
+``qkd::quantize_dequantize`` calls with tensor scales and zero points. The deploy model computes
+exactly what the folded fake-quant model computes.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import qkd_deploy.quant.ops  # noqa: F401  (registers torch.ops.qkd.*)
+from qkd_deploy.errors import UserError
+from qkd_deploy.quant.fold import fold_batchnorm
+from qkd_deploy.quant.modules import (
+    QuantAdd,
+    QuantConv2d,
+    QuantLinear,
+    replace_submodule,
+)
+from qkd_deploy.quant.quantizer import LSQQuantizer
+
+_TORCH_DTYPES = {"int8": torch.int8, "uint8": torch.uint8}
+
+
+class FrozenQuantizer(nn.Module):
+    """An activation quantizer with fixed scale and zero point, exported as (Clip +) Q/DQ."""
+
+    def __init__(self, quantizer: LSQQuantizer) -> None:
+        super().__init__()
+        grid = quantizer.grid
+        self.qmin, self.qmax, self.clip = grid.qmin, grid.qmax, not grid.fills_container
+        self.register_buffer("scale", quantizer.step_size().detach().reshape(()).clone())
+        zero_point = torch.tensor(grid.zero_point, dtype=_TORCH_DTYPES[grid.container])
+        self.register_buffer("zero_point", zero_point)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.qkd.quantize_dequantize(
+            x, self.scale, self.zero_point, self.qmin, self.qmax, 0, self.clip
+        )
+
+
+class _IntegerWeights(nn.Module):
+    """Integer weights with per-output-channel scales, exported as an INT8 initializer + DQ."""
+
+    def __init__(
+        self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, bits: int
+    ) -> None:
+        super().__init__()
+        self.bits = bits
+        self.register_buffer("weight_int", q.to(torch.int8))
+        self.register_buffer("weight_scale", scale.float())
+        self.register_buffer("weight_zero_point", torch.zeros(scale.shape, dtype=torch.int8))
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+    def weight(self) -> torch.Tensor:
+        return torch.ops.qkd.dequantize(
+            self.weight_int, self.weight_scale, self.weight_zero_point, 0
+        )
+
+
+class DeployConv2d(_IntegerWeights):
+    def __init__(self, conv: QuantConv2d) -> None:
+        q, scale, bias = _integer_weights(conv)
+        super().__init__(q, scale, bias, conv.weight_quantizer.bits)
+        self.input_quantizer = FrozenQuantizer(conv.input_quantizer)
+        self.stride, self.padding = conv.stride, conv.padding
+        self.dilation, self.groups = conv.dilation, conv.groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.input_quantizer(x)
+        return F.conv2d(
+            x, self.weight(), self.bias, self.stride, self.padding, self.dilation, self.groups
+        )
+
+
+class DeployLinear(_IntegerWeights):
+    def __init__(self, linear: QuantLinear) -> None:
+        q, scale, bias = _integer_weights(linear)
+        super().__init__(q, scale, bias, linear.weight_quantizer.bits)
+        self.input_quantizer = FrozenQuantizer(linear.input_quantizer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.input_quantizer(x), self.weight(), self.bias)
+
+
+class DeployAdd(nn.Module):
+    def __init__(self, add: QuantAdd) -> None:
+        super().__init__()
+        self.quantizer_a = None if add.quantizer_a is None else FrozenQuantizer(add.quantizer_a)
+        self.quantizer_b = None if add.quantizer_b is None else FrozenQuantizer(add.quantizer_b)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        a = a if self.quantizer_a is None else self.quantizer_a(a)
+        return a + (b if self.quantizer_b is None else self.quantizer_b(b))
+
+
+def _integer_weights(
+    layer: QuantConv2d | QuantLinear,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The layer's integer weights, per-channel step sizes and the bias it adds."""
+    wq = layer.weight_quantizer
+    grid = wq.grid
+    scale = wq.step_size().detach()
+    shape = (-1,) + (1,) * (layer.weight.dim() - 1)
+    q = torch.clamp(torch.round(layer.weight.detach() / scale.reshape(shape)), grid.qmin, grid.qmax)
+    bias = layer.effective_bias()
+    return q, scale, None if bias is None else bias.detach()
+
+
+def to_deploy(model: nn.Module) -> nn.Module:
+    """The deploy form of an eval-mode fake-quant model (a new model; ``model`` is unchanged)."""
+    if model.training:
+        raise UserError("refusing to export a model in train mode; call model.eval() first")
+    uncalibrated = [
+        n for n, m in model.named_modules() if isinstance(m, LSQQuantizer) and not m.calibrated
+    ]
+    if uncalibrated:
+        raise UserError(f"quantizers {uncalibrated[:5]} were never calibrated; calibrate first")
+    folded = fold_batchnorm(model)
+    deploy = copy.deepcopy(folded)
+    for name, module in folded.named_modules():
+        if isinstance(module, QuantConv2d):
+            replace_submodule(deploy, name, DeployConv2d(module))
+        elif isinstance(module, QuantLinear):
+            replace_submodule(deploy, name, DeployLinear(module))
+        elif isinstance(module, QuantAdd):
+            replace_submodule(deploy, name, DeployAdd(module))
+    return deploy.eval()

@@ -1,0 +1,58 @@
+"""BatchNorm folding of a fake-quant model, exactly.
+
+A BN channel is affine, ``y = g * conv(x) + b`` with ``g = gamma / sqrt(var + eps)``. With
+per-output-channel weight quantization, ``g * (q * s) = (sign(g) * q) * (s * |g|)``: the folded
+layer keeps the same integers (negated where ``g < 0``, which the symmetric weight grid allows)
+and only its step size changes. The folded bias is then put on the INT32 accumulator grid the
+deployed model uses, so the folded fake-quant model is the deployed arithmetic.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from qkd_deploy.errors import UserError
+from qkd_deploy.quant.graph import module_of, trace
+from qkd_deploy.quant.modules import QuantConv2d, QuantLinear, replace_submodule
+
+
+def conv_bn_pairs(model: nn.Module) -> dict[str, str]:
+    """Quantized conv name -> name of the BatchNorm2d that alone consumes its output."""
+    modules = dict(model.named_modules())
+    pairs = {}
+    for node in trace(model, "fold BatchNorm into the convs").nodes:
+        if not isinstance(module_of(node, modules), nn.BatchNorm2d):
+            continue
+        source = node.args[0]
+        if isinstance(module_of(source, modules), QuantConv2d) and len(source.users) == 1:
+            pairs[source.target] = node.target
+    return pairs
+
+
+@torch.no_grad()
+def _fold_into(conv: QuantConv2d, bn: nn.BatchNorm2d) -> None:
+    gain = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    bias = torch.zeros_like(gain) if conv.bias is None else conv.bias
+    folded_bias = bn.bias + (bias - bn.running_mean) * gain
+    conv.weight.mul_(gain.reshape(-1, 1, 1, 1))
+    conv.weight_quantizer.scale.copy_(conv.weight_quantizer.scale.abs() * gain.abs())
+    conv.bias = nn.Parameter(folded_bias.clone())
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of the eval-mode fake-quant ``model`` with every conv's BatchNorm folded into it and
+    every quantized layer's bias on its INT32 grid (trainable further: BN statistics are fixed)."""
+    if model.training:
+        raise UserError("fold BatchNorm of a model in eval mode (running statistics); call .eval()")
+    pairs = conv_bn_pairs(model)
+    folded = copy.deepcopy(model)
+    for conv_name, bn_name in pairs.items():
+        _fold_into(folded.get_submodule(conv_name), folded.get_submodule(bn_name))
+        replace_submodule(folded, bn_name, nn.Identity())
+    for module in folded.modules():
+        if isinstance(module, (QuantConv2d, QuantLinear)):
+            module.quantize_bias = True
+    return folded.eval()

@@ -1,0 +1,130 @@
+"""The LSQ quantizer (Esser et al., "Learned Step Size Quantization", ICLR 2020).
+
+One module quantizes one tensor: weights per output channel (axis 0), activations per tensor.
+The step size is learned (or fixed after calibration); its gradient is scaled by
+``1 / sqrt(N * qmax)`` as in the paper, and rounding uses the straight-through estimator.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from qkd_deploy.quant.grid import Grid, activation_grid, check_bits, weight_grid
+
+
+def _scale_gradient(t: torch.Tensor, factor: float) -> torch.Tensor:
+    """Identity in the forward pass, gradient multiplied by ``factor`` in the backward pass."""
+    scaled = t * factor
+    return (t - scaled).detach() + scaled
+
+
+def _round_ste(t: torch.Tensor) -> torch.Tensor:
+    return (t.round() - t).detach() + t
+
+
+def fake_quantize(
+    x: torch.Tensor, scale: torch.Tensor, grid: Grid, axis: int | None
+) -> torch.Tensor:
+    """``clamp(round(x / s), qmin, qmax) * s`` with straight-through rounding (differentiable in
+    ``x`` inside the range and in ``s`` everywhere)."""
+    if axis is not None:
+        shape = [1] * x.dim()
+        shape[axis] = -1
+        scale = scale.reshape(shape)
+    return _round_ste(torch.clamp(x / scale, grid.qmin, grid.qmax)) * scale
+
+
+def quantize_bias(
+    bias: torch.Tensor, input_step: torch.Tensor, weight_step: torch.Tensor
+) -> torch.Tensor:
+    """The bias on the INT32 accumulator grid ``input_step * weight_step`` (per output channel),
+    straight-through. Integer kernels (ONNX Runtime's QLinearConv, TensorRT's INT8 convs) add the
+    bias in the accumulator, so this is the bias the deployed model really uses."""
+    step = (input_step * weight_step).detach()
+    return _round_ste(bias / step) * step
+
+
+class LSQQuantizer(nn.Module):
+    """Symmetric fake quantizer with a learned step size.
+
+    ``kind`` is "weight" (per channel along ``axis`` 0, narrow signed grid) or "activation"
+    (per tensor; the grid depends on whether calibration saw only non-negative values and on the
+    export ``target``, see ``quant.grid``). Until calibrated the quantizer passes values through;
+    while an ``observer`` is attached it records its input for calibration.
+    """
+
+    def __init__(
+        self,
+        bits: int,
+        kind: str,
+        *,
+        channels: int | None = None,
+        target: str = "tensorrt",
+        learn_scale: bool = True,
+    ) -> None:
+        super().__init__()
+        check_bits(bits, f"{kind} quantizer")
+        self.bits = bits
+        self.kind = kind
+        self.target = target
+        self.axis = 0 if kind == "weight" else None
+        self.scale = nn.Parameter(
+            torch.ones(channels if self.axis == 0 else ()), requires_grad=learn_scale
+        )
+        self.register_buffer("calibrated", torch.tensor(False))
+        self.register_buffer("non_negative", torch.tensor(False))
+        self.observer = None
+        self.active_bits: int | None = (
+            None  # a temporary bit-width (stochastic precision), None = bits
+        )
+
+    @property
+    def grid(self) -> Grid:
+        return self.grid_for(self.bits)
+
+    def grid_for(self, bits: int) -> Grid:
+        if self.kind == "weight":
+            return weight_grid(bits)
+        return activation_grid(bits, bool(self.non_negative), self.target)
+
+    def set_range(self, amax: torch.Tensor, non_negative: bool = False) -> None:
+        """Initialise the step size so the grid's largest magnitude maps to ``amax``."""
+        self.non_negative.fill_(non_negative)
+        amax = torch.as_tensor(amax, dtype=torch.float32).clamp_min(1e-8)
+        with torch.no_grad():
+            self.scale.copy_((amax / self.grid.qmax).reshape(self.scale.shape))
+        self.calibrated.fill_(True)
+
+    def step_size(self) -> torch.Tensor:
+        """The step size in use: positive, and rescaled when ``active_bits`` changes the grid
+        (same clipping range on a finer or coarser grid)."""
+        scale = self.scale.abs().clamp_min(1e-8)
+        bits = self.active_bits or self.bits
+        if bits != self.bits:
+            scale = scale * (self.grid.qmax / self.grid_for(bits).qmax)
+        return scale
+
+    @property
+    def active(self) -> bool:
+        """Quantizing (calibrated and not observing)."""
+        return self.observer is None and bool(self.calibrated)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer is not None:
+            self.observer.observe(x)
+            return x
+        if not bool(self.calibrated):
+            return x
+        grid = self.grid_for(self.active_bits or self.bits)
+        scale = self.step_size()
+        # LSQ gradient scale: N = elements per step size (one channel of a weight, one sample's
+        # activation)
+        scale = _scale_gradient(scale, 1.0 / math.sqrt(x[0].numel() * grid.qmax))
+        return fake_quantize(x, scale, grid, self.axis)
+
+    def extra_repr(self) -> str:
+        shape = "per-channel" if self.axis == 0 else "per-tensor"
+        return f"{self.kind}, bits={self.bits}, {shape}, target={self.target}"

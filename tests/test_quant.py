@@ -1,0 +1,175 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+from toy import ToyResNet, randomize_batchnorm
+
+from qkd_deploy.calib.calibrate import calibrate
+from qkd_deploy.calib.calibrators import max_calibrator, mse_calibrator, percentile_calibrator
+from qkd_deploy.errors import UserError
+from qkd_deploy.quant.convert import BitWidths, QuantizeOptions, quantize_model
+from qkd_deploy.quant.deploy import DeployConv2d, to_deploy
+from qkd_deploy.quant.fold import fold_batchnorm
+from qkd_deploy.quant.grid import Grid, activation_grid, weight_grid
+from qkd_deploy.quant.modules import QuantAdd, QuantConv2d, QuantLinear, quantizers
+from qkd_deploy.quant.quantizer import LSQQuantizer, fake_quantize
+
+
+def test_grids_per_bits_and_target():
+    assert weight_grid(4) == Grid(-7, 7, "int8")
+    assert weight_grid(2) == Grid(-1, 1, "int8")  # ternary
+    assert activation_grid(4, non_negative=True, target="tensorrt") == Grid(0, 15, "int8")
+    assert activation_grid(8, non_negative=True, target="tensorrt") == Grid(-128, 127, "int8")
+    assert activation_grid(8, non_negative=True, target="onnxruntime") == Grid(0, 255, "uint8")
+    # signed on UINT8 for ONNX Runtime's integer kernels: zero point 128, same symmetric values
+    assert activation_grid(3, non_negative=False, target="onnxruntime") == Grid(-4, 3, "uint8", 128)
+    assert activation_grid(8, non_negative=False, target="onnxruntime").fills_container
+    assert not activation_grid(3, non_negative=False, target="onnxruntime").fills_container
+    assert activation_grid(8, non_negative=False, target="tensorrt").fills_container
+    with pytest.raises(UserError, match="2 to 8"):
+        weight_grid(9)
+    with pytest.raises(UserError, match="target"):
+        activation_grid(4, True, "tflite")
+
+
+def test_fake_quantize_lands_on_the_integer_grid_and_clips():
+    x = torch.linspace(-3, 3, 101)
+    scale = torch.tensor(0.25)
+    y = fake_quantize(x, scale, Grid(-8, 7, "int8"), None)
+    integers = y / scale
+    assert torch.allclose(integers, integers.round(), atol=1e-6)
+    assert integers.min().item() == -8 and integers.max().item() == 7
+    assert y[-1].item() == pytest.approx(7 * 0.25)  # 3.0 clipped to qmax * s
+
+
+def test_straight_through_gradient_inside_range_only():
+    x = torch.tensor([-5.0, -0.3, 0.1, 0.9, 5.0], requires_grad=True)
+    fake_quantize(x, torch.tensor(0.25), Grid(-4, 3, "int8"), None).sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 0.0, 0.0]  # 0.9 / 0.25 = 3.6 > qmax = 3
+
+
+def test_lsq_scale_gradient_matches_the_paper():
+    q = LSQQuantizer(3, "activation", target="tensorrt")
+    q.set_range(torch.tensor(1.5), non_negative=False)  # grid -4..3, s = 0.5
+    x = torch.tensor([[-3.0, -0.6, 0.2, 0.74, 2.5]])
+    q(x).sum().backward()
+    s, qmin, qmax = 0.5, -4, 3
+    expected = 0.0
+    for v in x.flatten().tolist():  # LSQ eq. 3
+        r = v / s
+        expected += qmin if r <= qmin else qmax if r >= qmax else round(r) - r
+    expected *= 1.0 / math.sqrt(x[0].numel() * qmax)  # gradient scale g
+    assert q.scale.grad.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_weight_quantizer_is_per_output_channel():
+    q = LSQQuantizer(4, "weight", channels=3)
+    w = torch.stack([torch.full((2, 3, 3), v) for v in (0.66, 6.6, 66.0)])
+    w[:, 0, 0, 0] = torch.tensor([1.4, 14.0, 140.0])
+    q.set_range(w.abs().reshape(3, -1).amax(1))
+    assert torch.allclose(q.scale.detach(), torch.tensor([0.2, 2.0, 20.0]))
+    y = q(w)
+    assert torch.allclose(y[:, 1, 1, 1], torch.tensor([0.6, 6.0, 60.0]), rtol=1e-5)  # 3.3 -> 3
+
+
+def test_conversion_replaces_layers_and_keeps_weights():
+    model = ToyResNet()
+    q = quantize_model(model, QuantizeOptions(BitWidths(4, 4)))
+    assert isinstance(q.conv1, QuantConv2d) and isinstance(q.conv2, QuantConv2d)
+    assert isinstance(q.fc, QuantLinear) and isinstance(q.add, QuantAdd)
+    assert torch.equal(q.conv2.weight, model.conv2.weight)
+    assert q.conv1.weight_quantizer.bits == 8 and q.fc.input_quantizer.bits == 8  # first / last
+    assert q.conv2.weight_quantizer.bits == 4 and q.add.quantizer_b.bits == 4
+    assert isinstance(model.conv1, nn.Conv2d) and not isinstance(model.conv1, QuantConv2d)
+    custom = quantize_model(model, QuantizeOptions(BitWidths(4, 4), layer_bits={"conv2": "w2a8"}))
+    assert (custom.conv2.weight_quantizer.bits, custom.conv2.input_quantizer.bits) == (2, 8)
+
+
+def test_residual_add_quantizers_follow_the_target():
+    """TensorRT: the conv branch feeds the Add unquantized (Conv+Add+ReLU fuse into one INT8
+    kernel), the skip input is quantized; ONNX Runtime: both, for QLinearConv + QLinearAdd."""
+    trt = quantize_model(ToyResNet(), QuantizeOptions(BitWidths(4, 4), target="tensorrt"))
+    assert trt.add.quantizer_a is None and isinstance(trt.add.quantizer_b, LSQQuantizer)
+    ort = quantize_model(ToyResNet(), QuantizeOptions(BitWidths(4, 4), target="onnxruntime"))
+    assert isinstance(ort.add.quantizer_a, LSQQuantizer)
+    assert isinstance(ort.add.quantizer_b, LSQQuantizer)
+
+
+def test_bitwidths_parse():
+    assert BitWidths.parse("4") == BitWidths(4, 4)
+    assert BitWidths.parse("W4A8").name == "w4a8"
+    with pytest.raises(UserError, match="wXaY"):
+        BitWidths.parse("int4")
+    with pytest.raises(UserError, match="2 to 8"):
+        BitWidths.parse("w1a8")
+
+
+def test_calibrators():
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(1, 20000, generator=g)
+    values[0, 0] = 40.0  # one outlier
+    grid = Grid(-1, 1, "int8")
+    assert max_calibrator(values, grid).item() == 40.0
+    assert percentile_calibrator(values, grid, 99.0).item() == pytest.approx(
+        2.576, abs=0.1
+    )  # |N(0, 1)| quantile
+
+    def error(amax):
+        return (fake_quantize(values, amax / grid.qmax, grid, 0) - values).pow(2).mean().item()
+
+    assert error(mse_calibrator(values, grid)) < 0.5 * error(max_calibrator(values, grid))
+
+
+def _calibrated(model, bits, target="tensorrt"):
+    torch.manual_seed(0)
+    q = quantize_model(model, QuantizeOptions(BitWidths.parse(bits), target=target))
+    x = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    calibrate(q, [x[:32], x[32:]])
+    return q.eval(), x
+
+
+def test_calibration_detects_non_negative_activations():
+    q, _ = _calibrated(ToyResNet(), "w4a4")
+    assert not bool(q.conv1.input_quantizer.non_negative)  # the image is signed
+    assert bool(q.conv2.input_quantizer.non_negative)  # after ReLU
+    assert bool(q.add.quantizer_b.non_negative)
+    both, _ = _calibrated(ToyResNet(), "w4a4", target="onnxruntime")
+    assert not bool(both.add.quantizer_a.non_negative)  # BN output: signed
+    assert all(bool(m.calibrated) for _, m in quantizers(q))
+
+
+@pytest.mark.parametrize("bits", ["w8a8", "w4a4", "w2a2"])
+def test_batchnorm_folding_keeps_the_integers(bits):
+    q, x = _calibrated(randomize_batchnorm(ToyResNet()).eval(), bits)
+    folded = fold_batchnorm(q)
+    assert isinstance(folded.bn2, nn.Identity) and folded.conv2.quantize_bias
+    deploy = to_deploy(q)
+    assert isinstance(deploy.conv2, DeployConv2d)
+    assert deploy.conv2.weight_int.dtype == torch.int8
+    integers = torch.round(
+        q.conv2.weight / q.conv2.weight_quantizer.step_size().reshape(-1, 1, 1, 1)
+    )
+    integers = integers.clamp(-weight_grid(int(bits[1])).qmax, weight_grid(int(bits[1])).qmax)
+    gain_sign = torch.sign(q.bn2.weight).reshape(-1, 1, 1, 1)
+    # w * g / (s * |g|) may land one ulp across a .5 tie that w / s did not: one step, rarely
+    moved = (deploy.conv2.weight_int.float() - integers * gain_sign).abs()
+    assert moved.max() <= 1 and (moved > 0).float().mean() < 0.01
+    with torch.no_grad():  # deploy form == folded fake-quant model, up to float summation order
+        torch.testing.assert_close(deploy(x), folded(x), atol=1e-6, rtol=0)
+
+
+def test_folded_bias_sits_on_the_accumulator_grid():
+    q, x = _calibrated(randomize_batchnorm(ToyResNet()).eval(), "w4a4")
+    conv = fold_batchnorm(q).conv2
+    step = conv.input_quantizer.step_size() * conv.weight_quantizer.step_size()
+    bias = conv.effective_bias().detach()
+    assert torch.allclose(bias / step, torch.round(bias / step), atol=1e-3)
+    assert (bias - conv.bias).abs().max() <= 0.5 * step.max() + 1e-6
+    assert not torch.equal(bias, conv.bias.detach())  # rounding really happened
+
+
+def test_export_form_refuses_train_mode():
+    q, _ = _calibrated(ToyResNet(), "w4a4")
+    with pytest.raises(UserError, match="train mode"):
+        to_deploy(q.train())
