@@ -1,0 +1,618 @@
+"""Deploy bundles: `qkd-deploy bundle RUN_DIR` and `qkd-deploy verify BUNDLE` (torch-free).
+
+A bundle is one student of a run packed for the device: the Q/DQ ONNX model, its labels and
+preprocessing, the numbers it must reproduce (expected logits of a few raw test images), the
+engine build recipe and a manifest with the sha256 of every file. It is written as a folder and
+as a ``.tar.gz`` of that folder. ``verify`` runs on the device without torch: it checks the
+hashes, preprocesses the sample images with numpy, runs them through ONNX Runtime or a TensorRT
+engine built there, and compares the logits with the expected ones.
+
+Imports stdlib, numpy, onnx and onnxruntime only; TensorRT is imported when an engine is run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+import onnx
+
+from qkd_deploy.bench.accuracy import accuracy, parity
+from qkd_deploy.data.preprocess import Preprocess
+from qkd_deploy.errors import UserError
+from qkd_deploy.export.tensorrt import (
+    TRT8_MAX_OPSET,
+    EngineBuildOptions,
+    ModelInput,
+    read_model_input,
+    trtexec_command,
+)
+from qkd_deploy.fileio import (
+    atomic_write,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    sha256_file,
+)
+from qkd_deploy.rundir import library_versions
+
+FORMAT = "qkd-deploy-bundle/1"
+MANIFEST = "manifest.json"
+# every file of a bundle except the manifest, which lists them
+CONTENTS = (
+    "model.onnx",
+    "labels.json",
+    "preprocess.json",
+    "expected.json",
+    "sample.npz",
+    "BUILD.md",
+)
+RUNTIMES = ("onnxruntime", "tensorrt")
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz")
+REPORT_KEYS = ("dataset", "class_names", "preprocess", "students")
+
+# ONNX Runtime on the device runs the same graph on the CPU: its integer Q/DQ arithmetic is
+# exact, only float summation order may differ between CPUs (x86 here, ARM on a Jetson).
+ONNXRUNTIME_TOLERANCE = {"max_abs_error": 1e-4, "min_agreement": 1.0}
+# TensorRT fuses each DQ -> Conv -> Q chain into an INT8 kernel with its own requantization
+# (scale products in another order, other kernels on each GPU), so an activation lying on a
+# rounding boundary can land one quantization step away, and that error travels to the logits.
+# A close call between two classes may then flip: allow one flip in the 16 sample images, and a
+# logit error of 10 % of the largest |expected logit| (a judgement; not measured on a device).
+TENSORRT_RELATIVE_ERROR = 0.1
+TENSORRT_MIN_AGREEMENT = 15 / 16
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """What ``make_bundle`` wrote."""
+
+    directory: Path
+    archive: Path
+    student: str
+
+
+# --- making a bundle -------------------------------------------------------------------------
+
+
+def select_student(report: dict[str, Any], name: str | None = None) -> dict[str, Any]:
+    """The student called ``name``, or by default the one with the fewest bits (w + a; the first
+    of equals)."""
+    students = report["students"]
+    if not students:
+        raise UserError("report.json lists no students; finish the run before bundling it")
+    if name is None:
+        return min(students, key=lambda s: s["w_bits"] + s["a_bits"])
+    for student in students:
+        if student["name"] == name:
+            return student
+    valid = ", ".join(s["name"] for s in students)
+    raise UserError(f"report.json has no student {name!r}; valid --student names: {valid}")
+
+
+def archive_path(directory: str | os.PathLike) -> Path:
+    """``bundle_x`` -> ``bundle_x.tar.gz`` (next to the folder)."""
+    directory = Path(directory)
+    return directory.with_name(directory.name + ".tar.gz")
+
+
+def make_bundle(
+    run_dir: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    student: str | None = None,
+) -> Bundle:
+    """Write the bundle of one student of ``run_dir`` to ``out`` (default
+    ``RUN_DIR/bundle_<student>``) and ``out.tar.gz``.
+
+    The folder is filled under a temporary name and renamed into place when complete; the archive
+    is written atomically after it. An existing non-empty ``out`` (or archive) is never touched.
+    """
+    run_dir = Path(run_dir)
+    report = _read_report(run_dir)
+    entry = select_student(report, student)
+    out = Path(out) if out is not None else run_dir / f"bundle_{entry['name']}"
+    archive = archive_path(out)
+    _refuse_existing(out, archive)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        _write_contents(staging, run_dir, report, entry)
+        _make_readable(staging)
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    atomic_write(archive, lambda tmp: _write_archive(out, tmp))
+    return Bundle(out, archive, entry["name"])
+
+
+def _read_report(run_dir: Path) -> dict[str, Any]:
+    report = _read_json(
+        run_dir / "report.json",
+        "give the directory of a finished run (python -m qkd_deploy.train_and_export)",
+    )
+    missing = [key for key in REPORT_KEYS if key not in report]
+    if missing:
+        raise UserError(
+            f"{run_dir / 'report.json'} lacks {missing}; re-run the export with this version of "
+            "qkd-deploy"
+        )
+    return report
+
+
+def _refuse_existing(out: Path, archive: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} already exists and is not empty; pass another --out or delete it")
+    if archive.exists():
+        raise UserError(f"{archive} already exists; pass another --out or delete it")
+
+
+def _write_contents(
+    folder: Path, run_dir: Path, report: dict[str, Any], entry: dict[str, Any]
+) -> None:
+    """Every file of the bundle, then the manifest."""
+    source = run_dir / entry["onnx_path"]
+    if not source.is_file():
+        raise UserError(f"{source} not found: the run of student {entry['name']} is incomplete")
+    model_path = folder / "model.onnx"
+    shutil.copyfile(source, model_path)
+    model = read_model_input(model_path)
+    images, labels = _read_sample(run_dir / "sample_batch.npz", model)
+    preprocess = Preprocess.from_dict(report["preprocess"])
+    logits, output_name = _onnxruntime_logits(model_path, preprocess.apply_numpy(images))
+    precision = "int4" if _has_int4_weights(model_path) else "int8"
+
+    atomic_write_json(folder / "labels.json", list(report["class_names"]))
+    atomic_write_json(
+        folder / "preprocess.json",
+        {
+            **preprocess.to_dict(),
+            "formula": "(pixels / 255 - mean) / std, per channel, float32",
+            "input_shape": list(model.chw),
+            "input_name": model.name,
+            "output_name": output_name,
+        },
+    )
+    expected = _expected(report, entry, logits, labels, precision)
+    atomic_write_json(folder / "expected.json", expected)
+    buffer = io.BytesIO()
+    np.savez(buffer, images=images, labels=labels, logits=logits)
+    atomic_write_bytes(folder / "sample.npz", buffer.getvalue())
+    atomic_write_text(folder / "BUILD.md", build_recipe(expected, model))
+    versions = library_versions()
+    atomic_write_json(
+        folder / MANIFEST,
+        {
+            "format": FORMAT,
+            "qkd_deploy_version": versions.get("qkd-deploy"),
+            "versions": versions,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "student": entry["name"],
+            "source": {"run_dir": str(run_dir.resolve()), "onnx_path": entry["onnx_path"]},
+            "files": {name: _file_entry(folder / name) for name in CONTENTS},
+        },
+    )
+
+
+def _file_entry(path: Path) -> dict[str, Any]:
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+def _read_sample(path: Path, model: ModelInput) -> tuple[np.ndarray, np.ndarray]:
+    if not path.is_file():
+        raise UserError(f"{path} not found: the run is incomplete or was made by an older version")
+    with np.load(path) as sample:
+        images, labels = sample["images"], sample["labels"]
+    if images.dtype != np.uint8 or images.shape[1:] != model.chw:
+        raise UserError(
+            f"{path}: images are {images.dtype} {images.shape}, but the model takes uint8 "
+            f"(N, {', '.join(map(str, model.chw))}) before preprocessing"
+        )
+    return images, labels
+
+
+def _onnxruntime_logits(model_path: Path, batch: np.ndarray) -> tuple[np.ndarray, str]:
+    """Logits of ``batch`` and the output name, from ONNX Runtime on the CPU."""
+    from qkd_deploy.runtime.onnxruntime import OnnxRuntimeRunner
+
+    runner = OnnxRuntimeRunner(model_path)
+    try:
+        return runner.run(batch), runner.session.get_outputs()[0].name
+    finally:
+        runner.close()
+
+
+def _has_int4_weights(model_path: Path) -> bool:
+    graph = onnx.load(str(model_path)).graph
+    return any(init.data_type == onnx.TensorProto.INT4 for init in graph.initializer)
+
+
+def _expected(
+    report: dict[str, Any],
+    entry: dict[str, Any],
+    logits: np.ndarray,
+    labels: np.ndarray,
+    precision: str,
+) -> dict[str, Any]:
+    return {
+        "student": entry["name"],
+        "arch": entry.get("arch"),
+        "method": entry["method"],
+        "w_bits": entry["w_bits"],
+        "a_bits": entry["a_bits"],
+        "target": report.get("target"),
+        "dataset": report["dataset"],
+        "test_samples": report.get("test_samples"),
+        "accuracy_onnx": entry["accuracy_onnx"],
+        "accuracy_torch": entry["accuracy_torch"],
+        "onnx_agreement": entry["onnx_agreement"],
+        "sample": {"images": len(labels), "accuracy": accuracy(logits, labels)},
+        "engine": {"precision": precision, "file": f"model.{precision}.engine"},
+        "tolerances": {
+            "onnxruntime": ONNXRUNTIME_TOLERANCE,
+            "tensorrt": {
+                "max_abs_error": TENSORRT_RELATIVE_ERROR * float(np.abs(logits).max()),
+                "min_agreement": TENSORRT_MIN_AGREEMENT,
+            },
+        },
+    }
+
+
+def build_recipe(expected: dict[str, Any], model: ModelInput) -> str:
+    """BUILD.md: how to build the engine on the device and verify the bundle."""
+    precision, engine = expected["engine"]["precision"], expected["engine"]["file"]
+    options = EngineBuildOptions(precision=precision)
+    trtexec = trtexec_command("model.onnx", engine, options, model.name, model.chw)
+    accuracy_onnx = 100 * expected["accuracy_onnx"]
+    return f"""# Deploy {expected["student"]} on the device
+
+W{expected["w_bits"]}A{expected["a_bits"]} student ({expected["method"]}, target \
+{expected["target"]}): {accuracy_onnx:.2f} % accuracy in ONNX Runtime on the \
+{expected["dataset"]} test split ({expected["test_samples"]} images).
+
+Nothing here needs torch. Install qkd-deploy without its training dependencies
+(`pip install --no-deps qkd-deploy` or `pip install --no-deps .` in its source tree) next to
+numpy, onnx and onnxruntime, and TensorRT's Python package (JetPack: python3-libnvinfer) with
+cuda-python for the engine. Run the commands below in this folder.
+
+## 1. Build the engine (TensorRT >= 10)
+
+```bash
+qkd-deploy build-engine model.onnx --precision {precision} --out {engine}
+```
+
+This writes `{engine}` and its sidecar `{engine}.json` (TensorRT version, GPU,
+hashes), which `verify` reads. The same engine with trtexec (no sidecar, so for timing only):
+
+```bash
+{trtexec}
+```
+
+{_tensorrt8_note(precision, model)}
+
+## 2. Verify
+
+```bash
+qkd-deploy verify .    # ONNX Runtime (CPU): logits equal up to 1e-4
+qkd-deploy verify . --engine {engine}    # TensorRT: argmax agreement >= 15/16
+```
+
+Both check the sha256 of every file against `manifest.json`, run the images of `sample.npz`
+after the preprocessing of `preprocess.json`, and compare the logits with the expected ones
+(tolerances in `expected.json`). Exit code 0 when everything passes, 1 otherwise.
+"""
+
+
+def _tensorrt8_note(precision: str, model: ModelInput) -> str:
+    heading = "## TensorRT 8.6 (JetPack 6.0)\n\n"
+    if precision == "int4":
+        return heading + "This model has INT4 weights, which need TensorRT >= 10."
+    if model.opset > TRT8_MAX_OPSET:
+        return heading + (
+            f"TensorRT 8.6 parses ONNX opset <= {TRT8_MAX_OPSET}, and this model is opset "
+            f"{model.opset}: export the student with opset {TRT8_MAX_OPSET}\n"
+            f"(`python -m qkd_deploy.train_and_export ... --set export.opset={TRT8_MAX_OPSET}`) "
+            "and bundle that run."
+        )
+    options = EngineBuildOptions(precision=precision, strongly_typed=False)
+    engine = f"model.{precision}.engine"
+    trtexec = trtexec_command("model.onnx", engine, options, model.name, model.chw)
+    return heading + (
+        "`qkd-deploy build-engine` detects TensorRT 8.6 and uses the INT8 builder flag; with "
+        f"trtexec:\n\n```bash\n{trtexec}\n```"
+    )
+
+
+def _make_readable(folder: Path) -> None:
+    """rwxr-xr-x / rw-r--r--, as in the archive (temporary files are created private)."""
+    folder.chmod(0o755)
+    for name in (*CONTENTS, MANIFEST):
+        (folder / name).chmod(0o644)
+
+
+def _write_archive(directory: Path, tmp: str) -> None:
+    with tarfile.open(tmp, "w:gz") as tar:
+        for name in (*CONTENTS, MANIFEST):
+            tar.add(directory / name, arcname=f"{directory.name}/{name}", filter=_anonymous)
+    os.chmod(tmp, 0o644)
+
+
+def _anonymous(info: tarfile.TarInfo) -> tarfile.TarInfo:
+    """No user or group names of the machine that made the bundle."""
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+# --- verifying a bundle ----------------------------------------------------------------------
+
+
+def verify_bundle(
+    bundle: str | os.PathLike,
+    runtime: str = "onnxruntime",
+    engine: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Check a bundle folder (or its ``.tar.gz``) on this machine; ``result["passed"]`` says
+    whether every check passed. ``engine`` (TensorRT only) defaults to the bundle's
+    ``model.<precision>.engine``."""
+    if runtime not in RUNTIMES:
+        raise UserError(f"unknown runtime {runtime!r}; choose from {RUNTIMES}")
+    if engine is not None and runtime != "tensorrt":
+        raise UserError("--engine is a TensorRT engine: use it with --runtime tensorrt")
+    bundle = Path(bundle)
+    if not bundle.exists():
+        raise UserError(f"bundle {bundle} not found; give a bundle folder or its .tar.gz")
+    if bundle.is_dir():
+        return _verify_folder(bundle, runtime, engine, bundle)
+    if not bundle.name.endswith(ARCHIVE_SUFFIXES):
+        raise UserError(f"{bundle} is neither a bundle folder nor a .tar.gz")
+    if runtime == "tensorrt" and engine is None:
+        raise UserError(
+            f"verifying the archive {bundle} with TensorRT needs --engine PATH (engines are "
+            "built on the device, see BUILD.md, and are not part of the archive)"
+        )
+    with tempfile.TemporaryDirectory(prefix="qkd-bundle-") as tmp:
+        return _verify_folder(extract_bundle(bundle, Path(tmp)), runtime, engine, bundle)
+
+
+def extract_bundle(archive: str | os.PathLike, destination: str | os.PathLike) -> Path:
+    """Extract a bundle archive into ``destination`` and return its folder.
+
+    Only regular files and folders under one top folder are accepted, so no member can land
+    outside ``destination`` (absolute paths, ``..``, links and devices are refused).
+    """
+    archive, destination = Path(archive), Path(destination)
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            members = tar.getmembers()
+            top = _top_folder(members, archive)
+            for member in members:
+                if member.isfile():
+                    _extract_file(tar, member, destination)
+    except (tarfile.TarError, EOFError, OSError) as error:
+        raise UserError(f"{archive}: cannot read it as a .tar.gz bundle ({error})") from None
+    return destination / top
+
+
+def _top_folder(members: list[tarfile.TarInfo], archive: Path) -> str:
+    tops = set()
+    for member in members:
+        path = PurePosixPath(member.name)
+        if path.is_absolute() or ".." in path.parts or not (member.isfile() or member.isdir()):
+            raise UserError(
+                f"{archive}: refusing member {member.name!r} (absolute path, '..', link or "
+                "device); a bundle holds plain files in one folder"
+            )
+        tops.add(path.parts[0])
+    if len(tops) != 1:
+        raise UserError(f"{archive}: a bundle archive holds one folder, found {sorted(tops)}")
+    return tops.pop()
+
+
+def _extract_file(tar: tarfile.TarFile, member: tarfile.TarInfo, destination: Path) -> None:
+    target = destination.joinpath(*PurePosixPath(member.name).parts)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tar.extractfile(member) as source, open(target, "wb") as sink:
+        shutil.copyfileobj(source, sink)
+
+
+def _verify_folder(
+    folder: Path, runtime: str, engine: str | os.PathLike | None, shown: Path
+) -> dict[str, Any]:
+    manifest = _read_json(folder / MANIFEST, "give a folder or archive made by qkd-deploy bundle")
+    if manifest.get("format") != FORMAT:
+        raise UserError(f"{folder / MANIFEST}: not a {FORMAT} manifest")
+    problems = _integrity_problems(folder, manifest["files"])
+    files = _check(
+        "files",
+        not problems,
+        "; ".join(problems) or f"{len(manifest['files'])} files match {MANIFEST}",
+    )
+    result: dict[str, Any] = {
+        "bundle": str(shown),
+        "student": manifest["student"],
+        "runtime": runtime,
+        "checks": [files],
+    }
+    if problems:
+        return {**result, "passed": False}
+    expected = _read_json(folder / "expected.json", "the bundle is damaged; make it again")
+    return {**result, **_compare(folder, expected, runtime, engine, files)}
+
+
+def _integrity_problems(folder: Path, files: dict[str, dict[str, Any]]) -> list[str]:
+    """Every file the manifest lists, and every file a bundle needs, must match its hash."""
+    problems = []
+    for name in sorted(set(CONTENTS) | set(files)):
+        path = folder / name
+        if name not in files:
+            problems.append(f"{name}: not listed in {MANIFEST}")
+        elif not path.is_file():
+            problems.append(f"{name}: missing")
+        elif sha256_file(path) != files[name]["sha256"]:
+            problems.append(f"{name}: sha256 differs from {MANIFEST} (changed after bundling)")
+    return problems
+
+
+def _compare(
+    folder: Path,
+    expected: dict[str, Any],
+    runtime: str,
+    engine: str | os.PathLike | None,
+    files: dict[str, Any],
+) -> dict[str, Any]:
+    """Run the sample and compare its logits with the expected ones."""
+    spec = _read_json(folder / "preprocess.json", "the bundle is damaged; make it again")
+    with np.load(folder / "sample.npz") as sample:
+        images, labels, reference = sample["images"], sample["labels"], sample["logits"]
+    batch = Preprocess.from_dict(spec).apply_numpy(images)
+    if runtime == "tensorrt":
+        engine = Path(engine) if engine is not None else folder / expected["engine"]["file"]
+        runner_name, logits = "tensorrt", _tensorrt_logits(folder, engine, batch)
+    else:
+        logits, _ = _onnxruntime_logits(folder / "model.onnx", batch)
+        runner_name = "onnxruntime_cpu"
+    match = parity(logits, reference)
+    tolerance = expected["tolerances"][runtime]
+    n = len(labels)
+    agreeing = round(match.agreement * n)
+    needed = tolerance["min_agreement"] * n
+    checks = [
+        files,
+        _check(
+            "agreement",
+            match.agreement >= tolerance["min_agreement"],
+            f"{agreeing}/{n} argmax agree with the expected logits (need >= {needed:g}/{n})",
+        ),
+        _check(
+            "max error",
+            match.max_abs_error <= tolerance["max_abs_error"],
+            f"{match.max_abs_error:.3g} largest logit difference "
+            f"(tolerance {tolerance['max_abs_error']:.3g})",
+        ),
+    ]
+    return {
+        "runner": runner_name,
+        "engine": str(engine) if runtime == "tensorrt" else None,
+        "checks": checks,
+        "agreement": match.agreement,
+        "max_abs_error": match.max_abs_error,
+        "sample_accuracy": accuracy(logits, labels),
+        "expected": expected,
+        "passed": all(check["passed"] for check in checks),
+    }
+
+
+def _tensorrt_logits(folder: Path, engine: Path, batch: np.ndarray) -> np.ndarray:
+    """Logits from the engine, after making sure it was built from this bundle's model."""
+    from qkd_deploy.runtime.base import run_in_batches
+    from qkd_deploy.runtime.engine_info import read_sidecar
+    from qkd_deploy.runtime.tensorrt import TensorRTRunner
+
+    if not engine.is_file():
+        raise UserError(
+            f"TensorRT engine {engine} not found; build it in the bundle folder as BUILD.md "
+            "says (qkd-deploy build-engine model.onnx ...) or pass --engine PATH"
+        )
+    sidecar = read_sidecar(engine)
+    if sidecar["onnx_sha256"] != sha256_file(folder / "model.onnx"):
+        raise UserError(
+            f"{engine} was built from another model than this bundle's model.onnx (sha256 in "
+            f"its sidecar differs); build it again: qkd-deploy build-engine model.onnx"
+        )
+    runner = TensorRTRunner(engine)
+    try:
+        return run_in_batches(runner, batch, int(sidecar["input_shapes"]["max"][0]))
+    finally:
+        runner.close()
+
+
+def _check(name: str, passed: bool, detail: str) -> dict[str, Any]:
+    return {"name": name, "passed": bool(passed), "detail": detail}
+
+
+def format_result(result: dict[str, Any]) -> str:
+    """The short text report of ``verify_bundle``."""
+    runner = result.get("runner", result["runtime"])
+    lines = [f"verify {result['bundle']} ({result['student']}) with {runner}"]
+    for check in result["checks"]:
+        status = "ok  " if check["passed"] else "FAIL"
+        lines.append(f"  {status}  {check['name']:<10} {check['detail']}")
+    if "expected" in result:
+        expected = result["expected"]
+        lines.append(
+            f"        {'accuracy':<10} {100 * result['sample_accuracy']:.1f} % on the sample "
+            f"labels (expected {100 * expected['sample']['accuracy']:.1f} %; "
+            f"{100 * expected['accuracy_onnx']:.2f} % on the {expected['dataset']} test split)"
+        )
+    else:
+        lines.append("        model not run: the files do not match the manifest")
+    lines.append("PASS" if result["passed"] else "FAIL")
+    return "\n".join(lines)
+
+
+def _read_json(path: Path, hint: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"{path} not found; {hint}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{path} is not valid JSON ({error}); {hint}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is not a JSON object; {hint}")
+    return data
+
+
+# --- commands --------------------------------------------------------------------------------
+
+
+def main_bundle(argv: list[str]) -> int:
+    """`qkd-deploy bundle RUN_DIR [--out DIR] [--student NAME]`."""
+    parser = argparse.ArgumentParser(
+        prog="qkd-deploy bundle",
+        description="Pack one student of a run for the device: model, preprocessing, labels, "
+        "expected outputs, build recipe and hashes (a folder and a .tar.gz of it).",
+    )
+    parser.add_argument("run_dir", help="a finished run directory (with report.json)")
+    parser.add_argument("--out", help="bundle folder (default: RUN_DIR/bundle_<student>)")
+    parser.add_argument("--student", help="student name in report.json (default: fewest bits)")
+    args = parser.parse_args(argv)
+    bundle = make_bundle(args.run_dir, args.out, args.student)
+    print(
+        f"wrote {bundle.directory} and {bundle.archive} (student {bundle.student}); on the "
+        f"device follow {bundle.directory.name}/BUILD.md, then run 'qkd-deploy verify .' there"
+    )
+    return 0
+
+
+def main_verify(argv: list[str]) -> int:
+    """`qkd-deploy verify BUNDLE`: 0 when every check passes, 1 otherwise."""
+    parser = argparse.ArgumentParser(
+        prog="qkd-deploy verify",
+        description="Check a deploy bundle on this machine: file hashes, then the sample images "
+        "through ONNX Runtime or a TensorRT engine against the expected logits.",
+    )
+    parser.add_argument("bundle", help="bundle folder or its .tar.gz")
+    parser.add_argument(
+        "--runtime", choices=RUNTIMES, help="default: tensorrt with --engine, else onnxruntime"
+    )
+    parser.add_argument(
+        "--engine",
+        help="TensorRT engine built from the bundle's model.onnx by qkd-deploy build-engine "
+        "(default with --runtime tensorrt: the bundle's model.<precision>.engine)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = parser.parse_args(argv)
+    runtime = args.runtime or ("tensorrt" if args.engine else "onnxruntime")
+    result = verify_bundle(args.bundle, runtime, args.engine)
+    print(json.dumps(result, indent=2) if args.json else format_result(result))
+    return 0 if result["passed"] else 1

@@ -1,0 +1,173 @@
+"""Graph passes on exported ONNX models, each a small function from model to model.
+
+- ``to_opset17``: TensorRT 8.6 (JetPack 6.0) parses opset <= 17. onnx's version converter alone
+  leaves opset-18 Reduce* nodes invalid (axes as an input, ``noop_with_empty_axes``), so this
+  pass rewrites them and refuses ops whose opset-18 form it does not know.
+- ``pack_int4_weights``: weights of <= 4 bits feeding MatMul/Gemm become INT4 initializers
+  behind DequantizeLinear (opset 21); TensorRT takes INT4 only as weight-only GEMM quantization,
+  so conv weights stay on their INT8 container.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper, version_converter
+
+from qkd_deploy.errors import UserError
+
+# ops whose opset-17 and opset-18 definitions are the same for what the exporter writes
+_SAME_IN_17 = {
+    "Add",
+    "AveragePool",
+    "BatchNormalization",
+    "Cast",
+    "Clip",
+    "Concat",
+    "Constant",
+    "Conv",
+    "DequantizeLinear",
+    "Div",
+    "Flatten",
+    "Gemm",
+    "GlobalAveragePool",
+    "HardSigmoid",
+    "HardSwish",
+    "Identity",
+    "MatMul",
+    "MaxPool",
+    "Mul",
+    "QuantizeLinear",
+    "Relu",
+    "Reshape",
+    "Shape",
+    "Sigmoid",
+    "Softmax",
+    "Squeeze",
+    "Sub",
+    "Transpose",
+    "Unsqueeze",
+    "Gather",
+}
+# Reduce ops whose axes moved from attribute to input in opset 18
+_REDUCE_18 = {
+    "ReduceMean",
+    "ReduceMax",
+    "ReduceMin",
+    "ReduceProd",
+    "ReduceL1",
+    "ReduceL2",
+    "ReduceLogSum",
+    "ReduceLogSumExp",
+    "ReduceSumSquare",
+}
+
+
+def opset(model: onnx.ModelProto) -> int:
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def to_opset17(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same graph at opset 17, for TensorRT 8.6 (JetPack 6.0)."""
+    if opset(model) <= 17:
+        return model
+    if opset(model) > 18:
+        raise UserError(
+            f"down-conversion to opset 17 starts from opset 18, not {opset(model)}; "
+            "export with opset 18 (INT4 weights need 21 and TensorRT >= 10)"
+        )
+    unknown = sorted({n.op_type for n in model.graph.node} - _SAME_IN_17 - _REDUCE_18)
+    if unknown:
+        raise UserError(
+            f"cannot down-convert ops {unknown} to opset 17 (their opset-18 form "
+            "differs); deploy with TensorRT >= 10, which reads opset 18"
+        )
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    constants = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type in _REDUCE_18:
+            _axes_input_to_attribute(node, constants)
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = 17
+    _drop_unused_initializers(model)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _axes_input_to_attribute(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> None:
+    attrs = {a.name: a for a in node.attribute}
+    noop = attrs.pop("noop_with_empty_axes", None)
+    axes_name = node.input[1] if len(node.input) > 1 and node.input[1] else None
+    if axes_name is None:
+        if noop is not None and noop.i:
+            raise UserError(
+                f"{node.name}: a Reduce with noop_with_empty_axes=1 has no opset-17 form"
+            )
+        axes = None
+    elif axes_name in constants:
+        axes = [int(a) for a in constants[axes_name].reshape(-1)]
+    else:
+        raise UserError(
+            f"{node.name}: reduction axes come from a computed tensor; opset 17 needs them constant"
+        )
+    del node.input[1:]
+    del node.attribute[:]
+    node.attribute.extend(attrs.values())
+    if axes is not None:
+        node.attribute.append(helper.make_attribute("axes", axes))
+
+
+def pack_int4_weights(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+    """Store the named integer weights (values in -8..7) as INT4, at opset 21. Each must feed a
+    DequantizeLinear whose output is a MatMul/Gemm weight."""
+    if not names:
+        return model
+    model = version_converter.convert_version(model, 21) if opset(model) < 21 else model
+    consumers = _consumers(model)
+    initializers = {i.name: i for i in model.graph.initializer}
+    for name in sorted(names):
+        dq = _single_dequantize_of_gemm_weight(name, consumers)
+        values = numpy_helper.to_array(initializers[name])
+        if values.min() < -8 or values.max() > 7:
+            raise ValueError(f"{name} holds values outside the INT4 range -8..7")
+        initializers[name].CopyFrom(
+            helper.make_tensor(
+                name, onnx.TensorProto.INT4, values.shape, values.reshape(-1).tolist()
+            )
+        )
+        del dq.input[2:]  # the zero point defaults to 0 and would have to be INT4 too
+    _drop_unused_initializers(model)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return consumers
+
+
+def _single_dequantize_of_gemm_weight(name: str, consumers: dict) -> onnx.NodeProto:
+    users = consumers.get(name, [])
+    if len(users) != 1 or users[0].op_type != "DequantizeLinear" or users[0].input[0] != name:
+        raise ValueError(f"{name} is not the input of exactly one DequantizeLinear")
+    dq = users[0]
+    targets = consumers.get(dq.output[0], [])
+    if not targets or any(
+        t.op_type not in ("MatMul", "Gemm") or t.input[1] != dq.output[0] for t in targets
+    ):
+        raise ValueError(
+            f"{name} does not feed a MatMul/Gemm weight; TensorRT takes INT4 "
+            "only as weight-only GEMM quantization"
+        )
+    return dq
+
+
+def _drop_unused_initializers(model: onnx.ModelProto) -> None:
+    used = {name for node in model.graph.node for name in node.input}
+    kept = [i for i in model.graph.initializer if i.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)

@@ -1,0 +1,143 @@
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, numpy_helper
+from toy import ToyResNet, randomize_batchnorm
+
+from qkd_deploy.bench.accuracy import parity
+from qkd_deploy.calib.calibrate import calibrate
+from qkd_deploy.errors import UserError
+from qkd_deploy.export.onnx import export_onnx
+from qkd_deploy.quant.convert import BitWidths, QuantizeOptions, quantize_model
+from qkd_deploy.quant.deploy import to_deploy
+from qkd_deploy.quant.fold import fold_batchnorm
+from qkd_deploy.runtime.onnxruntime import OnnxRuntimeRunner
+
+
+def _export(tmp_path, bits, target="tensorrt"):
+    torch.manual_seed(0)
+    model = randomize_batchnorm(ToyResNet()).eval()
+    q = quantize_model(model, QuantizeOptions(BitWidths.parse(bits), target=target))
+    x = torch.randn(96, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    calibrate(q, [x[:48], x[48:]])
+    q.eval()
+    path = export_onnx(to_deploy(q), x, tmp_path / f"{bits}_{target}.onnx")
+    return q, x, path
+
+
+def _initializers(model):
+    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+
+
+@pytest.mark.parametrize("target", ["tensorrt", "onnxruntime"])
+@pytest.mark.parametrize("bits", ["w8a8", "w4a4", "w2a2", "w4a8"])
+def test_onnx_graph_computes_exactly_the_fake_quant_model(tmp_path, bits, target):
+    """The exported graph computes the BN-folded fake-quant model, both as written and after
+    ONNX Runtime's rewrites into integer kernels (which re-quantize biases to INT32: lossless
+    because the folded biases already sit on that grid)."""
+    q, x, path = _export(tmp_path, bits, target)
+    with torch.no_grad():
+        reference = fold_batchnorm(q)(x).numpy()
+    for optimize in (False, True):
+        result = parity(OnnxRuntimeRunner(path, optimize=optimize).run(x.numpy()), reference)
+        assert result.agreement == 1.0
+        assert result.max_abs_error < 1e-4
+
+
+def test_weights_are_int8_initializers_behind_dequantize(tmp_path):
+    _, _, path = _export(tmp_path, "w4a4")
+    model = onnx.load(path)
+    inits = _initializers(model)
+    conv_weights = [n.input[1] for n in model.graph.node if n.op_type == "Conv"]
+    producers = {o: n for n in model.graph.node for o in n.output}
+    for name in conv_weights:
+        dq = producers[name]
+        assert dq.op_type == "DequantizeLinear"
+        assert inits[dq.input[0]].dtype == np.int8
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+        assert axis == 0 and inits[dq.input[1]].ndim == 1  # per output channel
+    float_tensors = [v for v in inits.values() if v.dtype == np.float32 and v.ndim == 4]
+    assert not float_tensors  # no float copy of any conv weight
+
+
+def test_sub_8_bit_activations_are_clipped_to_their_grid(tmp_path):
+    _, _, path = _export(tmp_path, "w4a4")
+    model = onnx.load(path)
+    inits = _initializers(model)
+    clips = [n for n in model.graph.node if n.op_type == "Clip"]
+    assert clips
+    for clip in clips:  # the bounds are whole multiples of the scale of the Q that follows
+        q = next(
+            n
+            for n in model.graph.node
+            if n.op_type == "QuantizeLinear" and n.input[0] == clip.output[0]
+        )
+        scale = inits[q.input[1]]
+        low, high = inits[clip.input[1]] / scale, inits[clip.input[2]] / scale
+        assert (round(float(low)), round(float(high))) in ((-8, 7), (0, 15))
+
+
+def test_target_decides_the_activation_container(tmp_path):
+    def zero_point_types(path):
+        model = onnx.load(path)
+        inits = {i.name: i.data_type for i in model.graph.initializer}
+        return {inits[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+
+    assert zero_point_types(_export(tmp_path, "w8a8", "tensorrt")[2]) == {TensorProto.INT8}
+    assert TensorProto.UINT8 in zero_point_types(_export(tmp_path, "w8a8", "onnxruntime")[2])
+
+
+def test_export_is_one_file_with_a_dynamic_batch(tmp_path):
+    _, x, path = _export(tmp_path, "w8a8")
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no side .data file, no temp file
+    model = onnx.load(path)
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    runner = OnnxRuntimeRunner(path)
+    assert runner.run(x[:5].numpy()).shape == (5, 10)
+    assert runner.run(x[:1].numpy()).shape == (1, 10)
+
+
+def test_export_refuses_train_mode(tmp_path):
+    with pytest.raises(UserError, match="train mode"):
+        export_onnx(ToyResNet().train(), torch.zeros(2, 1, 8, 8), tmp_path / "m.onnx")
+    assert not list(tmp_path.iterdir())
+
+
+def test_sample_layout_does_not_leak_into_the_graph(tmp_path):
+    odd = torch.randn(2, 8, 8, 1).permute(0, 3, 1, 2)  # strides (64, 1, 8, 1), "contiguous"
+    model = ToyResNet().eval()
+    path = export_onnx(model, odd, tmp_path / "m.onnx")
+    ops = {n.op_type for n in onnx.load(path).graph.node}
+    assert not ops & {"Gather", "Range", "Shape"}, ops
+
+
+def test_int8_file_is_small_and_carries_no_debug_info(tmp_path):
+    torch.manual_seed(0)
+    model = ToyResNet(width=64).eval()
+    x = torch.randn(8, 1, 8, 8)
+    float_path = export_onnx(model, x, tmp_path / "float.onnx")
+    q = quantize_model(model, QuantizeOptions(BitWidths(8, 8)))
+    calibrate(q, [x])
+    int8_path = export_onnx(to_deploy(q.eval()), x, tmp_path / "int8.onnx")
+    assert not any(n.metadata_props for n in onnx.load(int8_path).graph.node)
+    assert int8_path.stat().st_size <= 0.3 * float_path.stat().st_size
+
+
+@pytest.mark.parametrize("arch", ["resnet8", "mobilenetv2"])
+def test_tensorrt_export_passes_the_linter_with_conv_add_fusion(tmp_path, arch):
+    from qkd_deploy.export.lint import lint_model
+    from qkd_deploy.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(arch, 1, 10).eval()
+    x = torch.randn(8, 1, 16, 16)
+    q = quantize_model(model, QuantizeOptions(BitWidths(4, 4), target="tensorrt"))
+    calibrate(q, [x])
+    graph = onnx.load(export_onnx(to_deploy(q.eval()), x, tmp_path / "m.onnx"))
+    findings = lint_model(graph)
+    assert not [f for f in findings if f.severity == "error"], findings
+    assert not [f for f in findings if f.rule.startswith("FUSE-")], findings
+    producers = {o: n.op_type for n in graph.graph.node for o in n.output}
+    adds = [n for n in graph.graph.node if n.op_type == "Add"]
+    assert adds and all("Conv" in {producers.get(i) for i in n.input} for n in adds)
