@@ -1,0 +1,1 @@
+"""Accuracy, latency and reports (torch-free)."""

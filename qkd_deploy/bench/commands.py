@@ -1,0 +1,66 @@
+"""`qkd-deploy bench MODEL.onnx` and `qkd-deploy report RUN_DIR` (torch-free)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from qkd_deploy.errors import UserError
+
+
+def bench_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="qkd-deploy bench", description="ONNX Runtime latency of an ONNX classifier"
+    )
+    p.add_argument("model", help="path of the .onnx model")
+    p.add_argument("--batch-sizes", default="1,32", help="comma-separated (default 1,32)")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--iterations", type=int, default=50)
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads, 0 = all cores")
+    p.add_argument("--providers", default="cpu", help="cpu (default) or auto (CUDA/TensorRT EPs)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    args = p.parse_args(argv)
+    from qkd_deploy.bench.latency import measure_latency
+    from qkd_deploy.runtime.onnxruntime import OnnxRuntimeRunner
+
+    runner = OnnxRuntimeRunner(args.model, providers=args.providers, threads=args.threads)
+    shape = runner.session.get_inputs()[0].shape[1:]
+    if not all(isinstance(d, int) for d in shape):
+        raise UserError(f"{args.model}: input shape {shape} has symbolic non-batch dimensions")
+    try:
+        batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    except ValueError as error:
+        raise UserError(f"--batch-sizes {args.batch_sizes!r}: give integers like 1,8,32") from error
+    sample = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    rows = measure_latency(runner, sample, batch_sizes, args.warmup, args.iterations)
+    if args.json:
+        print(json.dumps({"model": args.model, "runner": runner.name, "latency_ms": rows}))
+    else:
+        for r in rows:
+            print(
+                f"{runner.name} batch {r['batch']:>4}: p50 {r['p50']:.3f} ms, p90 {r['p90']:.3f} ms"
+            )
+    return 0
+
+
+def report_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="qkd-deploy report", description="re-render report.md of a run and print its table"
+    )
+    p.add_argument("run_dir")
+    args = p.parse_args(argv)
+    from qkd_deploy.bench.report import summary_table, write_report
+
+    path = Path(args.run_dir) / "report.json"
+    if not path.is_file():
+        raise UserError(f"{path} not found; give the directory of a finished run")
+    try:
+        report = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path} is not valid JSON ({error})") from error
+    write_report(Path(args.run_dir), report)
+    print(summary_table(report))
+    return 0

@@ -1,0 +1,88 @@
+"""``report.json`` (DESIGN.md schema, stable keys) and its Markdown rendering."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qkd_deploy.fileio import atomic_write_json, atomic_write_text
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+def _latency_cell(latency: dict, batch: int) -> str:
+    for row in latency.get("onnxruntime_cpu", []):
+        if row["batch"] == batch:
+            return f"{row['p50']:.3f} / {row['p90']:.3f}"
+    return "-"
+
+
+def summary_table(report: dict) -> str:
+    """A Markdown table: one row per model (teacher, float references, students)."""
+    batches = sorted(
+        {r["batch"] for s in report["students"] for r in s["latency_ms"].get("onnxruntime_cpu", [])}
+    )
+    head = ["model", "method", "bits", "acc torch %", "acc onnx %", "agreement %", "onnx KiB"]
+    head += [f"ORT b{b} p50/p90 ms" for b in batches]
+    rows = [head, ["---"] * len(head)]
+    teacher = report["teacher"]
+    rows.append(
+        [f"teacher {teacher['arch']}", "-", "float", _pct(teacher["accuracy"]), "-", "-", "-"]
+        + ["-"] * len(batches)
+    )
+    for ref in report.get("float_references", []):
+        rows.append(
+            [
+                f"{ref['name']} {ref['arch']}",
+                "-",
+                "float",
+                _pct(ref["accuracy_torch"]),
+                _pct(ref.get("accuracy_onnx")),
+                "-",
+                f"{ref['onnx_bytes'] / 1024:.1f}",
+            ]
+            + [_latency_cell(ref["latency_ms"], b) for b in batches]
+        )
+    for s in report["students"]:
+        rows.append(
+            [
+                s["name"],
+                s["method"],
+                f"w{s['w_bits']}a{s['a_bits']}",
+                _pct(s["accuracy_torch"]),
+                _pct(s["accuracy_onnx"]),
+                _pct(s["onnx_agreement"]),
+                f"{s['onnx_bytes'] / 1024:.1f}",
+            ]
+            + [_latency_cell(s["latency_ms"], b) for b in batches]
+        )
+    return "\n".join("| " + " | ".join(str(c) for c in row) + " |" for row in rows)
+
+
+def render_markdown(report: dict) -> str:
+    env = report.get("environment", {})
+    lines = [
+        f"# qkd-deploy report: {report['dataset']}",
+        "",
+        f"Test split: {report.get('test_samples', '?')} images. Accuracies in %, latency in ms per "
+        f"batch (ONNX Runtime CPU, {env.get('threads', '?')} threads). Agreement: argmax of the "
+        "ONNX model vs the torch fake-quant model on the test split.",
+        "",
+        summary_table(report),
+        "",
+        f"Machine: {env.get('machine', '?')}; torch {env.get('torch', '?')}, "
+        f"onnxruntime {env.get('onnxruntime', '?')}.",
+        "",
+    ]
+    for s in report["students"]:
+        lines.append(
+            f"- `{s['name']}`: max |logit| error ONNX vs torch {s['onnx_max_abs_error']:.4g}, "
+            f"file `{s['onnx_path']}`"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_report(run_dir: Path, report: dict) -> None:
+    atomic_write_json(run_dir / "report.json", report)
+    atomic_write_text(run_dir / "report.md", render_markdown(report))

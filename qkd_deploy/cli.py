@@ -1,0 +1,57 @@
+"""`qkd-deploy <command> ...`: one entry point, each command imported only when it runs.
+
+Commands are looked up in ``COMMANDS`` (name -> "module:function"); each function takes the
+remaining argv. Lazy imports keep torch-free commands (lint, build-engine, verify) torch-free.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from qkd_deploy.errors import UserError
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": (
+        "qkd_deploy.train_and_export:main",
+        "train, distil, export, check and bench: the whole pipeline",
+    ),
+    "lint": ("qkd_deploy.export.lint:main", "check a Q/DQ ONNX model against TensorRT's rules"),
+    "bench": ("qkd_deploy.bench.commands:bench_main", "ONNX Runtime latency of an ONNX model"),
+    "report": ("qkd_deploy.bench.commands:report_main", "re-render and print a run's report"),
+    "methods": ("qkd_deploy.distill.catalog:main", "list the distillation methods and options"),
+    "bundle": ("qkd_deploy.export.bundle:main_bundle", "pack one student for the device"),
+    "verify": ("qkd_deploy.export.bundle:main_verify", "check a deploy bundle on the device"),
+    "build-engine": (
+        "qkd_deploy.export.tensorrt:main",
+        "build a TensorRT engine (+ sidecar, trtexec line) from ONNX",
+    ),
+}
+
+
+def _usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "usage: qkd-deploy <command> [options]\n\ncommands:\n" + "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"qkd-deploy: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, function_name = COMMANDS[name][0].split(":")
+    command = getattr(importlib.import_module(module_name), function_name)
+    try:
+        return int(command(rest) or 0)
+    except UserError as error:
+        print(f"qkd-deploy {name}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,309 @@
+"""The stages of a run: data -> teacher -> float student -> KD-QAT students -> export -> bench.
+
+Each stage writes its files into the run directory and is skipped when they exist, so a killed
+run resumes where it stopped (a half-trained model resumes from its last epoch checkpoint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from qkd_deploy.bench.accuracy import accuracy, parity
+from qkd_deploy.bench.latency import measure_latency
+from qkd_deploy.calib.calibrate import calibrate
+from qkd_deploy.config import Config, TeacherConfig, TrainConfig
+from qkd_deploy.data import BatchLoader, DatasetSplits, Preprocess, stratified_subset
+from qkd_deploy.distill import build_distiller
+from qkd_deploy.distill.base import MethodContext, method_class
+from qkd_deploy.errors import UserError
+from qkd_deploy.export.onnx import export_onnx
+from qkd_deploy.fileio import atomic_write_bytes
+from qkd_deploy.models import build_model, load_user_model
+from qkd_deploy.quant.convert import BitWidths, QuantizeOptions, quantize_model
+from qkd_deploy.quant.deploy import to_deploy
+from qkd_deploy.quant.fold import fold_batchnorm
+from qkd_deploy.rundir import RunDir
+from qkd_deploy.runtime.base import run_in_batches
+from qkd_deploy.runtime.onnxruntime import OnnxRuntimeRunner
+from qkd_deploy.train.evaluate import predict
+from qkd_deploy.train.loop import StepsOnly, fit
+
+EVAL_BATCH = 256
+
+
+@dataclasses.dataclass
+class Context:
+    """What every stage needs: the config, the data, its preprocessing, the run directory."""
+
+    config: Config
+    data: DatasetSplits
+    preprocess: Preprocess
+    run: RunDir
+
+    def train_loader(self, batch_size: int, seed_offset: int) -> BatchLoader:
+        augment = self.data.augment if self.config.data.augment else None
+        return BatchLoader(
+            self.data.train,
+            self.preprocess,
+            batch_size,
+            shuffle=True,
+            augment=augment,
+            seed=self.config.seed + seed_offset,
+            drop_last=True,
+        )
+
+    def test_loader(self) -> BatchLoader:
+        return BatchLoader(self.data.test, self.preprocess, EVAL_BATCH)
+
+    def test_images(self) -> np.ndarray:
+        return self.preprocess.apply(self.data.test.images).numpy()
+
+    @property
+    def test_labels(self) -> np.ndarray:
+        return self.data.test.labels.numpy()
+
+
+def save_state(model: nn.Module, path: Path) -> None:
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_state(model: nn.Module, path: Path) -> nn.Module:
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model
+
+
+def train_float(
+    ctx: Context, stage: str, model: nn.Module, cfg: TrainConfig, seed_offset: int, progress: bool
+) -> tuple[nn.Module, list]:
+    """Train ``model`` in float with cross-entropy (or load it if this stage already finished)."""
+    folder = ctx.run.stage(stage)
+    final = folder / "model.pt"
+    if final.exists():
+        return load_state(model, final).eval(), []
+    distiller = build_distiller("none", model, [])
+    history = fit(
+        distiller,
+        ctx.train_loader(cfg.batch_size, seed_offset),
+        cfg,
+        folder / "checkpoint.pt",
+        desc=stage,
+        progress=progress,
+    )
+    save_state(model, final)
+    return model.eval(), history
+
+
+def teachers_stage(ctx: Context, progress: bool) -> tuple[list[nn.Module], list[dict]]:
+    """The configured teachers (the user's, or zoo models trained here), or the method's default
+    architectures when none are configured; each with its test accuracy."""
+    configs = ctx.config.teachers or [
+        TeacherConfig(arch=arch)
+        for arch in method_class(ctx.config.student.method).default_teachers
+    ]
+    teachers, infos = [], []
+    for i, cfg in enumerate(configs):
+        stage = "teacher" if i == 0 else f"teacher_{i}"
+        if cfg.module:
+            teacher = load_user_model(cfg.module, cfg.checkpoint).eval()
+            _check_classifier(teacher, ctx, f"teacher {cfg.module}")
+            arch = cfg.module
+        else:
+            if cfg.checkpoint:
+                raise UserError(
+                    f"teachers[{i}]: a checkpoint needs its module "
+                    f"(--teacher MODULE:FACTORY --teacher-checkpoint PATH)"
+                )
+            torch.manual_seed(ctx.config.seed + 100 * i)
+            teacher = build_model(cfg.arch, ctx.data.in_channels, ctx.data.num_classes)
+            teacher, _ = train_float(
+                ctx, stage, teacher, ctx.config.teacher_train, 100 * i, progress
+            )
+            arch = cfg.arch
+        logits, labels = predict(teacher, ctx.test_loader())
+        teachers.append(teacher)
+        infos.append({"arch": arch, "accuracy": accuracy(logits, labels)})
+    return teachers, infos
+
+
+def _check_classifier(model: nn.Module, ctx: Context, what: str) -> None:
+    sample = ctx.preprocess.apply(ctx.data.test.images[:2])
+    try:
+        with torch.no_grad():
+            out = model(sample)
+    except Exception as error:
+        raise UserError(
+            f"{what} failed on a {tuple(sample.shape)} batch of {ctx.data.name} ({error}); "
+            f"check its input channels/size and the --normalize preprocessing"
+        ) from error
+    if out.dim() != 2 or out.shape[1] != ctx.data.num_classes:
+        raise UserError(
+            f"{what} returns shape {tuple(out.shape)}; expected (N, "
+            f"{ctx.data.num_classes}) logits for {ctx.data.name}"
+        )
+
+
+def float_student_stage(ctx: Context, progress: bool) -> nn.Module:
+    torch.manual_seed(ctx.config.seed + 1)
+    model = build_model(ctx.config.student.arch, ctx.data.in_channels, ctx.data.num_classes)
+    if not ctx.config.student.float_reference:
+        return model
+    model, _ = train_float(ctx, "student_float", model, ctx.config.student.float_train, 1, progress)
+    return model
+
+
+def quantized_student_stage(
+    ctx: Context,
+    bits: BitWidths,
+    float_student: nn.Module,
+    teachers: list[nn.Module],
+    progress: bool,
+) -> nn.Module:
+    """Quantize, calibrate and distil one student; returns the eval-mode fake-quant model."""
+    cfg, qcfg = ctx.config.student, ctx.config.quant
+    folder = ctx.run.stage(bits.name)
+    torch.manual_seed(ctx.config.seed + 2)
+    options = QuantizeOptions(
+        bits, qcfg.target, qcfg.first_last_bits, qcfg.layer_bits, qcfg.learn_scales
+    )
+    student = quantize_model(float_student, options)
+    final = folder / "model.pt"
+    if final.exists():
+        _mark_calibrated(student)
+        return load_state(student, final).eval()
+    data_free = method_class(cfg.method).data_free
+    subset = stratified_subset(ctx.data.train, ctx.config.data.calibration_size, ctx.config.seed)
+    batches = [] if data_free else [x for x, _ in BatchLoader(subset, ctx.preprocess, EVAL_BATCH)]
+
+    def calibrate_on(model: nn.Module, images: list[torch.Tensor]) -> None:
+        calibrate(
+            model, images, qcfg.weight_calibrator, qcfg.activation_calibrator, qcfg.percentile
+        )
+
+    def calibrated(model: nn.Module) -> nn.Module:
+        """Calibrated on real images; left for the method to calibrate when it is data-free."""
+        if batches:
+            calibrate_on(model, batches)
+        return model
+
+    def quantize_at(model: nn.Module, b: int) -> nn.Module:
+        return calibrated(quantize_model(model, dataclasses.replace(options, bits=BitWidths(b, b))))
+
+    real_loader = ctx.train_loader(cfg.train.batch_size, 2)
+    loader = StepsOnly(len(real_loader)) if data_free else real_loader
+    context = MethodContext(
+        num_classes=ctx.data.num_classes,
+        input_shape=(ctx.data.in_channels, *ctx.data.image_size),
+        steps_per_epoch=len(loader),
+        epochs=cfg.train.epochs,
+        make_student=lambda: calibrated(quantize_model(float_student, options)),
+        quantize=quantize_at,
+        calibration_batches=batches,
+        calibrate=calibrate_on,
+    )
+    calibrated(student)
+    distiller = build_distiller(cfg.method, student, teachers, cfg.method_options, context)
+    fit(
+        distiller,
+        loader,
+        cfg.train,
+        folder / "checkpoint.pt",
+        desc=f"{bits.name} {cfg.method}",
+        progress=progress,
+    )
+    save_state(distiller.export_model(), final)
+    return load_state(student, final).eval()
+
+
+def _mark_calibrated(model: nn.Module) -> None:
+    """Loading a saved fake-quant model restores its step sizes; nothing to calibrate."""
+    for name, buffer in model.named_buffers():
+        if name.endswith("calibrated"):
+            buffer.fill_(True)
+
+
+def _logits(model: nn.Module, images: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return np.concatenate(
+            [
+                model(torch.from_numpy(images[i : i + EVAL_BATCH])).numpy()
+                for i in range(0, len(images), EVAL_BATCH)
+            ]
+        )
+
+
+def export_stage(ctx: Context, model: nn.Module, name: str, quantized: bool) -> dict:
+    """Export to ONNX, check parity in ONNX Runtime, measure accuracy and latency.
+
+    A quantized model is compared in its BN-folded form with INT32-grid biases, which is the
+    arithmetic the exported model performs; the unfolded QAT model's accuracy is reported too.
+    """
+    images, labels = ctx.test_images(), ctx.test_labels
+    folder = ctx.run.stage(name)
+    extra = {}
+    if quantized:
+        extra["accuracy_qat"] = accuracy(_logits(model, images), labels)
+        model = fold_batchnorm(model)
+    reference = _logits(model, images)
+    deploy = to_deploy(model) if quantized else model.eval()
+    export = ctx.config.export
+    path = export_onnx(
+        deploy,
+        torch.from_numpy(images[:2]),
+        folder / "model.onnx",
+        export.opset,
+        export.int4_gemm_weights,
+    )
+    bench = ctx.config.bench
+    runner = OnnxRuntimeRunner(path, threads=bench.threads)
+    logits = run_in_batches(runner, images, EVAL_BATCH)
+    match = parity(logits, reference)
+    result = {
+        "accuracy_torch": accuracy(reference, labels),
+        "accuracy_onnx": accuracy(logits, labels),
+        "onnx_agreement": match.agreement,
+        "onnx_max_abs_error": match.max_abs_error,
+        "onnx_path": str(path.relative_to(ctx.run.root)),
+        "onnx_bytes": path.stat().st_size,
+        **extra,
+    }
+    if quantized and match.agreement < ctx.config.export.min_agreement:
+        raise RuntimeError(
+            f"{name}: ONNX Runtime agrees with the torch fake-quant model on only "
+            f"{100 * match.agreement:.2f} % of the test split (max logit error "
+            f"{match.max_abs_error:.4g}); the export is wrong, see {path}"
+        )
+    result["latency_ms"] = {
+        "onnxruntime_cpu": measure_latency(
+            runner, images[0], bench.batch_sizes, bench.warmup, bench.iterations
+        )
+    }
+    runner.close()
+    return result
+
+
+def timed(timings: dict, name: str):
+    """Context manager recording a stage's wall time (seconds) in ``timings``."""
+
+    class _Timer:
+        def __enter__(self):
+            self.start = time.perf_counter()
+
+        def __exit__(self, *exc):
+            timings[name] = round(time.perf_counter() - self.start, 2)
+
+    return _Timer()
+
+
+def write_report_files(ctx: Context, report: dict) -> None:
+    from qkd_deploy.bench.report import write_report
+
+    write_report(ctx.run.root, report)

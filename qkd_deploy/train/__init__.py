@@ -1,0 +1,1 @@
+"""The training loop: optimiser, schedule, checkpoints, resume. Knows nothing of methods."""

@@ -1,0 +1,151 @@
+"""``fit``: trains a Distiller for a number of epochs, one atomic checkpoint per epoch.
+
+A run killed mid-way resumes from the last finished epoch with the same optimiser, schedule,
+RNG state and data order (the loader's order depends only on seed and epoch), so a resumed run
+gives the same numbers as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from qkd_deploy.config import TrainConfig
+from qkd_deploy.distill.base import Distiller
+from qkd_deploy.errors import UserError
+from qkd_deploy.fileio import atomic_write_bytes
+from qkd_deploy.train.optim import build_optimizer, build_scheduler
+
+
+@dataclass
+class EpochStats:
+    epoch: int
+    loss: float
+    train_accuracy: float
+    losses: dict[str, float]
+
+
+class StepsOnly:
+    """The loader of a data-free method: ``steps`` batches of ``(None, None)`` per epoch, so the
+    method generates its own images and never sees the training set."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def set_epoch(self, epoch: int) -> None:
+        """Nothing depends on the epoch."""
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        return iter([(None, None)] * self.steps)
+
+
+def fit(
+    distiller: Distiller,
+    loader,
+    cfg: TrainConfig,
+    checkpoint: Path,
+    desc: str = "train",
+    progress: bool = True,
+) -> list[dict]:
+    """Train ``distiller`` with ``loader`` (a ``data.BatchLoader``); returns per-epoch stats.
+
+    If ``checkpoint`` exists, training resumes after the epoch it holds.
+    """
+    if cfg.epochs < 1:
+        raise UserError(f"{desc}: epochs must be >= 1, got {cfg.epochs}")
+    optimizer = build_optimizer(distiller.parameter_groups(), cfg)
+    scheduler = build_scheduler(optimizer, cfg, len(loader))
+    history: list[dict] = []
+    start = 0
+    if checkpoint.exists():
+        start, history = _load_checkpoint(checkpoint, distiller, optimizer, scheduler)
+    total_steps = cfg.epochs * len(loader)
+    for epoch in range(start, cfg.epochs):
+        loader.set_epoch(epoch)
+        distiller.train()
+        stats = _train_epoch(
+            distiller, loader, optimizer, scheduler, epoch, cfg.epochs, total_steps, desc, progress
+        )
+        history.append(stats.__dict__)
+        _save_checkpoint(checkpoint, distiller, optimizer, scheduler, epoch + 1, history)
+    distiller.eval()
+    return history
+
+
+def _train_epoch(
+    distiller, loader, optimizer, scheduler, epoch, epochs, total_steps, desc, progress
+) -> EpochStats:
+    seen = correct = 0
+    loss_sum = 0.0
+    term_sums: dict[str, float] = {}
+    bar = tqdm(
+        loader,
+        desc=f"{desc} {epoch + 1}/{epochs}",
+        leave=True,
+        disable=not progress,
+        dynamic_ncols=True,
+        mininterval=0.5,
+    )
+    for step, (images, labels) in enumerate(bar):
+        done = (epoch * len(loader) + step) / total_steps
+        logits, terms = distiller.forward_train(images, labels, done)
+        loss = sum(terms.values())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"{desc}: loss became {loss.item()} at epoch {epoch + 1}, step {step}"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        distiller.after_step()
+        n = logits.shape[0]
+        seen += n
+        if labels is not None:  # data-free methods train on generated images
+            correct += (logits.argmax(1) == labels).sum().item()
+        loss_sum += loss.item() * n
+        for name, value in terms.items():
+            term_sums[name] = term_sums.get(name, 0.0) + value.item() * n
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+    bar.close()
+    return EpochStats(
+        epoch + 1, loss_sum / seen, correct / seen, {k: v / seen for k, v in term_sums.items()}
+    )
+
+
+def _save_checkpoint(
+    path: Path, distiller, optimizer, scheduler, epoch: int, history: list
+) -> None:
+    state = {
+        "epoch": epoch,
+        "model": distiller.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": torch.get_rng_state(),
+        "history": history,
+    }
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _load_checkpoint(path: Path, distiller, optimizer, scheduler) -> tuple[int, list]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        distiller.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    except (RuntimeError, KeyError, ValueError) as error:
+        raise UserError(
+            f"checkpoint {path} does not match this run's model/config ({error}); "
+            f"resume with the config it was made with, or delete it to start over"
+        ) from error
+    torch.set_rng_state(state["rng"])
+    return int(state["epoch"]), list(state["history"])

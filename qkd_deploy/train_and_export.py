@@ -1,0 +1,275 @@
+"""``python -m qkd_deploy.train_and_export``: the whole pipeline in one command.
+
+With no arguments it trains a float teacher on the embedded digits data, distils it into W8A8 and
+W4A4 students with KD inside QAT, exports them as Q/DQ ONNX, checks them in ONNX Runtime, measures
+accuracy and latency, and writes ``report.json``, ``report.md`` and ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from qkd_deploy.config import Config, load_config, save_config, to_dict
+from qkd_deploy.errors import UserError
+
+# CLI flag -> the config keys it sets (``--epochs`` sets every training stage's epochs)
+FLAG_KEYS = {
+    "data": ["data.spec"],
+    "normalize": ["data.normalize"],
+    "student_arch": ["student.arch"],
+    "method": ["student.method"],
+    "target": ["quant.target"],
+    "seed": ["seed"],
+    "epochs": ["teacher_train.epochs", "student.float_train.epochs", "student.train.epochs"],
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m qkd_deploy.train_and_export",
+        description="Train a teacher, distil low-bit students with QAT, export Q/DQ ONNX, "
+        "check and benchmark them.",
+    )
+    p.add_argument("--out", help="run directory (default runs/<timestamp>)")
+    p.add_argument("--config", help="YAML config file (see README); flags override it")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its files")
+    p.add_argument(
+        "--data",
+        help="digits | fashion-mnist[:DIR] | mnist:DIR | cifar10:DIR | cifar100:DIR | folder:DIR",
+    )
+    p.add_argument(
+        "--normalize",
+        metavar="MEAN,STD",
+        help="input normalisation on [0,1] pixels, one value or m1/m2/m3 per channel",
+    )
+    p.add_argument(
+        "--teacher-arch",
+        help="zoo model(s) to train as teachers, comma-separated (default: the method's)",
+    )
+    p.add_argument(
+        "--teacher",
+        action="append",
+        default=[],
+        metavar="MODULE:FACTORY",
+        help="your own teacher model (repeat for several)",
+    )
+    p.add_argument(
+        "--teacher-checkpoint",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="weights of the --teacher at the same position",
+    )
+    p.add_argument("--student-arch", help="zoo model for the students (default resnet8)")
+    p.add_argument("--bits", help="students to make: 8,4 (= w8a8,w4a4) or w4a8,...")
+    p.add_argument("--method", help="distillation method (default kd-decay)")
+    p.add_argument("--target", choices=["tensorrt", "onnxruntime"], help="export target")
+    p.add_argument("--epochs", type=int, help="epochs of every training stage")
+    p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any config key, e.g. --set student.train.lr=0.02 (repeatable)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace) -> Config:
+    overrides = []
+    for flag, keys in FLAG_KEYS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            overrides += [f"{key}={value}" for key in keys]
+    teachers = _teacher_entries(args)
+    if teachers:
+        overrides.append("teachers=" + json.dumps(teachers))
+    if args.bits:
+        overrides.append("student.bits=[" + ",".join(_bit_names(args.bits)) + "]")
+    if args.no_progress:
+        overrides.append("progress=false")
+    return load_config(args.config, overrides + args.set)
+
+
+def _teacher_entries(args: argparse.Namespace) -> list[dict]:
+    """``--teacher``/``--teacher-checkpoint`` pairs (by position), then ``--teacher-arch``."""
+    if len(args.teacher_checkpoint) > len(args.teacher):
+        raise UserError("--teacher-checkpoint needs a --teacher MODULE:FACTORY for it")
+    checkpoints = args.teacher_checkpoint + [None] * (
+        len(args.teacher) - len(args.teacher_checkpoint)
+    )
+    entries = [
+        {"module": m, "checkpoint": c} for m, c in zip(args.teacher, checkpoints, strict=True)
+    ]
+    if args.teacher_arch:
+        entries += [{"arch": a.strip()} for a in args.teacher_arch.split(",") if a.strip()]
+    return entries
+
+
+def _bit_names(text: str) -> list[str]:
+    from qkd_deploy.quant.convert import BitWidths
+
+    return [BitWidths.parse(part).name for part in text.split(",") if part.strip()]
+
+
+def prepare_run_dir(args: argparse.Namespace) -> tuple[Config, Path]:
+    """A new run directory, or the existing one of ``--resume`` with the config it was made with."""
+    if args.resume:
+        root = Path(args.resume)
+        if not (root / "config.yaml").is_file():
+            raise UserError(f"--resume {root}: no config.yaml there; give the directory of a run")
+        config = load_config(str(root / "config.yaml"))
+        return config, root
+    config = build_config(args)
+    root = Path(args.out or config.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}")
+    if root.exists() and any(root.iterdir()):
+        raise UserError(
+            f"run directory {root} is not empty; use --resume {root} to continue it "
+            f"or --out to choose a new one"
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    config.out = str(root)
+    save_config(config, root / "config.yaml")
+    return config, root
+
+
+def run(config: Config, root: Path) -> dict:
+    """Every stage; returns the report."""
+    import torch
+
+    from qkd_deploy import pipeline as P
+    from qkd_deploy.data import (
+        load_dataset,
+        normalization_stats,
+        parse_normalize,
+        stratified_subset,
+    )
+    from qkd_deploy.quant.convert import BitWidths
+    from qkd_deploy.rundir import RunDir, library_versions, machine_description, write_manifest
+
+    timings: dict[str, float] = {}
+    progress = config.progress
+    with P.timed(timings, "data"):
+        data = load_dataset(config.data.spec, config.data.image_size)
+        if config.data.train_limit:
+            data.train = stratified_subset(data.train, config.data.train_limit, config.seed)
+        preprocess = (
+            parse_normalize(config.data.normalize, data.in_channels)
+            if config.data.normalize
+            else normalization_stats(data.train.images.numpy())
+        )
+    ctx = P.Context(config, data, preprocess, RunDir(root))
+    bit_list = [BitWidths.parse(b) for b in config.student.bits]
+    _save_sample_batch(ctx)
+    with P.timed(timings, "teachers"):
+        teachers, teacher_infos = P.teachers_stage(ctx, progress)
+    with P.timed(timings, "student_float"):
+        float_student = P.float_student_stage(ctx, progress)
+    references = []
+    if config.student.float_reference:
+        with P.timed(timings, "export_student_float"):
+            ref = P.export_stage(ctx, float_student, "student_float", quantized=False)
+        references.append({"name": "student_float", "arch": config.student.arch, **ref})
+    students = []
+    for bits in bit_list:
+        with P.timed(timings, f"train_{bits.name}"):
+            student = P.quantized_student_stage(ctx, bits, float_student, teachers, progress)
+        with P.timed(timings, f"export_{bits.name}"):
+            result = P.export_stage(ctx, student, bits.name, quantized=True)
+        students.append(
+            {
+                "name": f"{config.student.arch}_{bits.name}",
+                "arch": config.student.arch,
+                "method": config.student.method,
+                "w_bits": bits.w,
+                "a_bits": bits.a,
+                **result,
+                "engine": None,
+            }
+        )
+    report = {
+        "dataset": data.name,
+        "test_samples": len(data.test),
+        "num_classes": data.num_classes,
+        "class_names": data.class_names,
+        "preprocess": preprocess.to_dict(),
+        "input_shape": [data.in_channels, *data.image_size],
+        "target": config.quant.target,
+        "teacher": max(teacher_infos, key=lambda t: t["accuracy"]),
+        "teachers": teacher_infos,
+        "data_free": _data_free(config),
+        "float_references": references,
+        "students": students,
+        "timings_s": timings,
+        "environment": {
+            "machine": machine_description(),
+            "threads": torch.get_num_threads(),
+            **library_versions(),
+        },
+    }
+    P.write_report_files(ctx, report)
+    write_manifest(root, inputs=_inputs(config), config=to_dict(config))
+    return report
+
+
+def _data_free(config: Config) -> bool:
+    """Whether the students never saw a training image (they are still measured on the real
+    test split, and calibrated on generated images)."""
+    from qkd_deploy.distill.base import method_class
+
+    return method_class(config.student.method).data_free
+
+
+def _save_sample_batch(ctx) -> None:
+    """A few raw test images with labels, for deploy bundles and quick checks."""
+    from qkd_deploy.fileio import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    np.savez(
+        buffer, images=ctx.data.test.images[:16].numpy(), labels=ctx.data.test.labels[:16].numpy()
+    )
+    atomic_write_bytes(ctx.run.root / "sample_batch.npz", buffer.getvalue())
+
+
+def _inputs(config: Config) -> dict:
+    from qkd_deploy.fileio import sha256_file
+
+    checkpoints = [t.checkpoint for t in config.teachers if t.checkpoint]
+    return {
+        "data": config.data.spec,
+        "teacher_checkpoints": [
+            {"path": path, "sha256": sha256_file(path)}
+            for path in checkpoints
+            if os.path.isfile(path)
+        ],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+        config, root = prepare_run_dir(args)
+        report = run(config, root)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    from qkd_deploy.bench.report import summary_table
+
+    print()
+    print(summary_table(report))
+    print(f"\nRun directory: {root}  (report.json, report.md, manifest.json, */model.onnx)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

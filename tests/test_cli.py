@@ -1,0 +1,106 @@
+"""The CLI, and the rule that deployment-side modules work without torch (a Jetson often has
+no usable torch)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from qkd_deploy.cli import main
+
+
+def _tiny_onnx(path):
+    weight = numpy_helper.from_array(np.ones((3, 4), np.float32), "w")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Flatten", ["images"], ["flat"]),
+            helper.make_node("Gemm", ["flat", "w"], ["logits"], transB=1),
+        ],
+        "tiny",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 1, 2, 2])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])],
+        [weight],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    return path
+
+
+TORCH_FREE = """
+import sys
+sys.modules["torch"] = None  # any import of torch now fails
+import qkd_deploy.cli, qkd_deploy.runtime.onnxruntime, qkd_deploy.bench.latency
+import qkd_deploy.bench.report, qkd_deploy.bench.accuracy, qkd_deploy.bench.commands
+import qkd_deploy.export.lint, qkd_deploy.data.preprocess, qkd_deploy.rundir
+sys.exit(qkd_deploy.cli.main(["bench", sys.argv[1], "--batch-sizes", "1,3", "--iterations", "2",
+                              "--json"]))
+"""
+
+
+def test_deployment_side_runs_without_torch(tmp_path):
+    model = _tiny_onnx(tmp_path / "tiny.onnx")
+    done = subprocess.run(
+        [sys.executable, "-c", TORCH_FREE, str(model)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert [r["batch"] for r in result["latency_ms"]] == [1, 3]
+
+
+def test_unknown_command_and_help(capsys):
+    assert main(["frobnicate"]) == 2
+    assert "unknown command" in capsys.readouterr().err
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("train", "lint", "bench", "report"))
+
+
+def test_user_errors_are_one_line_without_traceback(tmp_path, capsys):
+    assert main(["bench", str(tmp_path / "missing.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "missing.onnx" in err and "Traceback" not in err
+    assert main(["report", str(tmp_path)]) == 2
+    assert "report.json" in capsys.readouterr().err
+
+
+def test_report_command_rerenders_markdown(tmp_path, capsys):
+    report = {
+        "dataset": "digits",
+        "test_samples": 2,
+        "teacher": {"arch": "resnet20", "accuracy": 0.5},
+        "students": [
+            {
+                "name": "resnet8_w4a4",
+                "method": "kd",
+                "w_bits": 4,
+                "a_bits": 4,
+                "accuracy_torch": 0.5,
+                "accuracy_onnx": 0.5,
+                "onnx_agreement": 1.0,
+                "onnx_max_abs_error": 0.0,
+                "onnx_path": "w4a4/model.onnx",
+                "onnx_bytes": 2048,
+                "latency_ms": {"onnxruntime_cpu": [{"batch": 1, "p50": 1.0, "p90": 2.0}]},
+                "engine": None,
+            }
+        ],
+    }
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    assert main(["report", str(tmp_path)]) == 0
+    assert "| resnet8_w4a4 | kd | w4a4 | 50.00 | 50.00 | 100.00 | 2.0 | 1.000 / 2.000 |" in (
+        capsys.readouterr().out
+    )
+    assert (tmp_path / "report.md").is_file()
+
+
+def test_methods_lists_every_registered_method_with_its_options(capsys):
+    from qkd_deploy.distill import METHODS
+
+    assert main(["methods", "--json"]) == 0
+    entries = json.loads(capsys.readouterr().out)
+    assert [e["name"] for e in entries] == sorted(METHODS)
+    kd = next(e for e in entries if e["name"] == "kd-decay")
+    assert kd["options"] == {"tau": 4.0, "soft_start": 0.5, "schedule": "linear"}
+    assert next(e for e in entries if e["name"] == "none")["needs_teachers"] == 0

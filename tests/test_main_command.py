@@ -1,0 +1,166 @@
+"""The main command end to end on a tiny config: real data, training, export, ONNX Runtime."""
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import onnx
+import pytest
+import torch
+
+from qkd_deploy.fileio import sha256_file
+from qkd_deploy.train_and_export import main
+
+TINY = """
+teachers: [{arch: resnet8}]
+teacher_train: {epochs: 2, batch_size: 128, lr: 0.1}
+student:
+  arch: resnet8
+  bits: [w8a8, w4a4]
+  float_train: {epochs: 2, batch_size: 128, lr: 0.1}
+  train: {epochs: 1, batch_size: 128, lr: 0.01, warmup_epochs: 0}
+data: {calibration_size: 128}
+bench: {batch_sizes: [1, 4], warmup: 1, iterations: 3}
+progress: false
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    config = root / "tiny.yaml"
+    config.write_text(TINY)
+    out = root / "run"
+    assert main(["--config", str(config), "--out", str(out)]) == 0
+    return config, out
+
+
+def test_report_follows_the_schema(tiny_run):
+    _, out = tiny_run
+    report = json.loads((out / "report.json").read_text())
+    assert report["dataset"] == "digits" and report["test_samples"] == 360
+    assert report["teacher"]["arch"] == "resnet8" and 0.5 < report["teacher"]["accuracy"] <= 1
+    assert [s["name"] for s in report["students"]] == ["resnet8_w8a8", "resnet8_w4a4"]
+    for s in report["students"]:
+        assert s["method"] == "kd-decay" and (s["w_bits"], s["a_bits"]) in ((8, 8), (4, 4))
+        assert 0 <= s["accuracy_torch"] <= 1 and 0 <= s["accuracy_onnx"] <= 1
+        assert s["onnx_agreement"] >= 0.99
+        assert (out / s["onnx_path"]).stat().st_size == s["onnx_bytes"]
+        rows = s["latency_ms"]["onnxruntime_cpu"]
+        assert [r["batch"] for r in rows] == [1, 4] and all(r["p90"] >= r["p50"] > 0 for r in rows)
+        assert s["engine"] is None
+    assert report["preprocess"]["mean"] and report["input_shape"] == [1, 8, 8]
+    assert "| resnet8_w4a4 |" in (out / "report.md").read_text()
+
+
+def test_onnx_files_are_quantized_and_self_contained(tiny_run):
+    _, out = tiny_run
+    model = onnx.load(out / "w4a4" / "model.onnx")
+    ops = {n.op_type for n in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm"} <= ops
+    assert not list(out.rglob("*.data"))
+
+
+def test_manifest_hashes_every_file(tiny_run):
+    _, out = tiny_run
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["versions"]["torch"] == torch.__version__
+    assert manifest["config"]["student"]["bits"] == ["w8a8", "w4a4"]
+    files = manifest["files"]
+    assert {"report.json", "config.yaml", "w8a8/model.onnx", "teacher/model.pt"} <= set(files)
+    for name, entry in files.items():
+        assert sha256_file(out / name) == entry["sha256"], name
+
+
+def test_resume_finishes_a_killed_run_with_the_same_numbers(tiny_run, tmp_path):
+    _, out = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    (copy / "w4a4" / "model.pt").unlink()  # killed after its last checkpoint, before the end
+    for name in ("report.json", "report.md", "manifest.json", "w4a4/model.onnx"):
+        (copy / name).unlink()
+    assert main(["--resume", str(copy)]) == 0
+    before = json.loads((out / "report.json").read_text())["students"]
+    after = json.loads((copy / "report.json").read_text())["students"]
+    for a, b in zip(before, after, strict=True):
+        assert (a["accuracy_torch"], a["accuracy_onnx"]) == (
+            b["accuracy_torch"],
+            b["accuracy_onnx"],
+        )
+
+
+def test_existing_run_directory_is_not_overwritten(tiny_run, capsys):
+    config, out = tiny_run
+    before = (out / "report.json").read_bytes()
+    assert main(["--config", str(config), "--out", str(out)]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert (out / "report.json").read_bytes() == before
+
+
+def test_bad_input_is_one_clear_error(tmp_path, capsys):
+    assert main(["--data", "cifar10:/no/such/dir", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "/no/such/dir" in err and "Traceback" not in err
+    assert main(["--bits", "w1a8", "--out", str(tmp_path / "r2")]) == 2
+    assert "2 to 8" in capsys.readouterr().err
+
+
+def test_user_teacher_from_module_and_checkpoint(tiny_run, tmp_path, monkeypatch):
+    """--teacher MODULE:FACTORY with --teacher-checkpoint replaces teacher training."""
+    _, out = tiny_run
+    (tmp_path / "my_models.py").write_text(
+        textwrap.dedent("""
+        from qkd_deploy.models import build_model
+        def teacher():
+            return build_model("resnet8", 1, 10)
+    """)
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    run = tmp_path / "user_run"
+    code = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qkd_deploy.train_and_export",
+            "--teacher",
+            "my_models:teacher",
+            "--teacher-checkpoint",
+            str(out / "teacher" / "model.pt"),
+            "--bits",
+            "8",
+            "--epochs",
+            "1",
+            "--set",
+            "bench.iterations=2",
+            "--set",
+            "bench.batch_sizes=[1]",
+            "--no-progress",
+            "--out",
+            str(run),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert code.returncode == 0, code.stderr[-2000:]
+    user = json.loads((run / "report.json").read_text())["teacher"]
+    trained = json.loads((out / "report.json").read_text())["teacher"]
+    assert user == {"arch": "my_models:teacher", "accuracy": trained["accuracy"]}
+    assert not (run / "teacher").exists()
+
+
+def test_same_seed_same_numbers(tiny_run, tmp_path):
+    config, out = tiny_run
+    assert main(["--config", str(config), "--out", str(tmp_path / "again")]) == 0
+
+    def numbers(root):
+        report = json.loads((root / "report.json").read_text())
+        return [report["teacher"]["accuracy"]] + [
+            (s["accuracy_torch"], s["accuracy_onnx"], s["onnx_max_abs_error"])
+            for s in report["students"]
+        ]
+
+    assert numbers(out) == numbers(tmp_path / "again")

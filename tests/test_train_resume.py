@@ -1,0 +1,91 @@
+"""A killed training run resumes from its last checkpoint and ends where an unbroken run ends."""
+
+import pytest
+import torch
+
+from qkd_deploy.config import TrainConfig
+from qkd_deploy.data import BatchLoader, load_dataset, normalization_stats
+from qkd_deploy.distill import build_distiller
+from qkd_deploy.errors import UserError
+from qkd_deploy.models import build_model
+from qkd_deploy.train.loop import fit
+from qkd_deploy.train.optim import warmup_cosine
+
+
+@pytest.fixture(scope="module")
+def digits():
+    data = load_dataset("digits")
+    return data, normalization_stats(data.train.images.numpy())
+
+
+def _setup(digits):
+    data, preprocess = digits
+    torch.manual_seed(0)
+    model = build_model("resnet8", 1, 10)
+    loader = BatchLoader(data.train, preprocess, 128, shuffle=True, augment=data.augment, seed=3)
+    return build_distiller("none", model, []), loader
+
+
+class _Killed(Exception):
+    pass
+
+
+class _DyingLoader:
+    """Behaves like the loader, but the process "dies" when epoch ``die_at`` starts."""
+
+    def __init__(self, loader, die_at):
+        self.loader, self.die_at, self.epoch = loader, die_at, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+        self.loader.set_epoch(epoch)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        if self.epoch == self.die_at:
+            raise _Killed
+        return iter(self.loader)
+
+
+def test_resume_gives_the_same_weights_as_an_unbroken_run(tmp_path, digits):
+    cfg = TrainConfig(epochs=3, batch_size=128, lr=0.05, warmup_epochs=0.5)
+    distiller, loader = _setup(digits)
+    unbroken = fit(distiller, loader, cfg, tmp_path / "a.pt", progress=False)
+    expected = {k: v.clone() for k, v in distiller.state_dict().items()}
+
+    distiller, loader = _setup(digits)
+    with pytest.raises(_Killed):
+        fit(distiller, _DyingLoader(loader, die_at=2), cfg, tmp_path / "b.pt", progress=False)
+    assert torch.load(tmp_path / "b.pt", weights_only=True)["epoch"] == 2
+    distiller, loader = _setup(digits)  # a new process: fresh model, same config
+    resumed = fit(distiller, loader, cfg, tmp_path / "b.pt", progress=False)
+
+    assert [h["loss"] for h in resumed] == [h["loss"] for h in unbroken]
+    for key, value in distiller.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+    assert not list(tmp_path.glob(".*tmp"))  # atomic writes leave no temporaries
+
+
+def test_training_lowers_the_loss(tmp_path, digits):
+    distiller, loader = _setup(digits)
+    history = fit(
+        distiller, loader, TrainConfig(epochs=3, lr=0.05), tmp_path / "c.pt", progress=False
+    )
+    assert history[-1]["loss"] < 0.7 * history[0]["loss"]
+
+
+def test_checkpoint_of_another_model_is_refused_and_kept(tmp_path, digits):
+    distiller, loader = _setup(digits)
+    fit(distiller, loader, TrainConfig(epochs=1), tmp_path / "d.pt", progress=False)
+    before = (tmp_path / "d.pt").read_bytes()
+    other = build_distiller("none", build_model("resnet14", 1, 10), [])
+    with pytest.raises(UserError, match="does not match"):
+        fit(other, loader, TrainConfig(epochs=2), tmp_path / "d.pt", progress=False)
+    assert (tmp_path / "d.pt").read_bytes() == before
+
+
+def test_warmup_then_cosine():
+    factor = warmup_cosine(total_steps=10, warmup_steps=2)
+    assert [round(factor(s), 3) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
