@@ -2,7 +2,10 @@
 
 # importing a method module registers its methods
 from qkd_deploy.distill import (  # noqa: F401, E402
+    dafl,
+    feature,
     logit,
+    speq,
 )
 from qkd_deploy.distill.base import METHODS, Distiller, build_distiller, register_method
 
