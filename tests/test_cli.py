@@ -65,6 +65,14 @@ def test_user_errors_are_one_line_without_traceback(tmp_path, capsys):
     assert "report.json" in capsys.readouterr().err
 
 
+def test_bench_takes_an_engine_to_the_tensorrt_runner(tmp_path, capsys):
+    engine = tmp_path / "model.int8.engine"
+    engine.write_bytes(b"not an engine")
+    assert main(["bench", str(engine)]) == 2
+    err = capsys.readouterr().err
+    assert "model.int8.engine.json" in err and "build-engine" in err  # sidecar checked first
+
+
 def test_report_command_rerenders_markdown(tmp_path, capsys):
     report = {
         "dataset": "digits",

@@ -10,32 +10,36 @@ import numpy as np
 
 from qkd_deploy.errors import UserError
 
+ENGINE_SUFFIXES = (".engine", ".plan")
+
 
 def bench_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
-        prog="qkd-deploy bench", description="ONNX Runtime latency of an ONNX classifier"
+        prog="qkd-deploy bench",
+        description="latency of an ONNX classifier in ONNX Runtime or of a TensorRT engine",
     )
-    p.add_argument("model", help="path of the .onnx model")
+    p.add_argument("model", help="an .onnx model, or a TensorRT .engine/.plan with its sidecar")
     p.add_argument("--batch-sizes", default="1,32", help="comma-separated (default 1,32)")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--iterations", type=int, default=50)
     p.add_argument("--threads", type=int, default=0, help="intra-op threads, 0 = all cores")
-    p.add_argument("--providers", default="cpu", help="cpu (default) or auto (CUDA/TensorRT EPs)")
+    p.add_argument(
+        "--providers", default="cpu", help="ONNX Runtime: cpu (default) or auto (CUDA/TensorRT EPs)"
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     args = p.parse_args(argv)
     from qkd_deploy.bench.latency import measure_latency
-    from qkd_deploy.runtime.onnxruntime import OnnxRuntimeRunner
 
-    runner = OnnxRuntimeRunner(args.model, providers=args.providers, threads=args.threads)
-    shape = runner.session.get_inputs()[0].shape[1:]
-    if not all(isinstance(d, int) for d in shape):
-        raise UserError(f"{args.model}: input shape {shape} has symbolic non-batch dimensions")
     try:
         batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     except ValueError as error:
         raise UserError(f"--batch-sizes {args.batch_sizes!r}: give integers like 1,8,32") from error
-    sample = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    rows = measure_latency(runner, sample, batch_sizes, args.warmup, args.iterations)
+    runner = _open_runner(args.model, args.providers, args.threads)
+    try:
+        sample = np.random.default_rng(0).standard_normal(runner.input_shape).astype(np.float32)
+        rows = measure_latency(runner, sample, batch_sizes, args.warmup, args.iterations)
+    finally:
+        runner.close()
     if args.json:
         print(json.dumps({"model": args.model, "runner": runner.name, "latency_ms": rows}))
     else:
@@ -44,6 +48,17 @@ def bench_main(argv: list[str]) -> int:
                 f"{runner.name} batch {r['batch']:>4}: p50 {r['p50']:.3f} ms, p90 {r['p90']:.3f} ms"
             )
     return 0
+
+
+def _open_runner(model: str, providers: str, threads: int):
+    """A TensorRT runner for a serialized engine, else an ONNX Runtime runner."""
+    if Path(model).suffix in ENGINE_SUFFIXES:
+        from qkd_deploy.runtime.tensorrt import TensorRTRunner
+
+        return TensorRTRunner(model)
+    from qkd_deploy.runtime.onnxruntime import OnnxRuntimeRunner
+
+    return OnnxRuntimeRunner(model, providers=providers, threads=threads)
 
 
 def report_main(argv: list[str]) -> int:

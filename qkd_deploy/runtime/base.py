@@ -12,6 +12,7 @@ class Runner(Protocol):
     """Runs a classifier on a float32 NCHW batch and returns float32 logits ``(N, classes)``."""
 
     name: str
+    input_shape: tuple[int, ...]  # one sample's shape (C, H, W), without the batch dimension
 
     def run(self, batch: np.ndarray) -> np.ndarray: ...
 

@@ -48,7 +48,9 @@ class OnnxRuntimeRunner:
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         self.providers = _resolve_providers(providers, ort.get_available_providers())
         self.session = ort.InferenceSession(str(model_path), options, providers=self.providers)
-        self.input_name = self.session.get_inputs()[0].name
+        model_input = self.session.get_inputs()[0]
+        self.input_name = model_input.name
+        self.input_shape = _sample_shape(model_input.shape, model_path)
         self.name = "onnxruntime_" + self.providers[0].replace("ExecutionProvider", "").lower()
 
     def run(self, batch: np.ndarray) -> np.ndarray:
@@ -57,6 +59,17 @@ class OnnxRuntimeRunner:
 
     def close(self) -> None:
         self.session = None
+
+
+def _sample_shape(shape: list, model_path: Path) -> tuple[int, ...]:
+    """The input's shape without the batch dimension, which must be fixed (only N may vary)."""
+    sample = shape[1:]
+    if not all(isinstance(d, int) for d in sample):
+        raise UserError(
+            f"{model_path}: input shape {shape} has symbolic dimensions besides the batch; "
+            f"export with a fixed image size"
+        )
+    return tuple(sample)
 
 
 def _resolve_providers(providers: str | list[str], available: list[str]) -> list[str]:

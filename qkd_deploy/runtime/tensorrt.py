@@ -223,6 +223,7 @@ class TensorRTRunner:
         # (min, opt, max) shapes of profile 0 (ICudaEngine.get_tensor_profile_shape)
         minimum, _, maximum = self._engine.get_tensor_profile_shape(self._input, 0)
         self._min_shape, self._max_shape = tuple(minimum), tuple(maximum)
+        self.input_shape = self._max_shape[1:]
         self._input_dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(self._input)))
         self._output_dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(self._output)))
         self._bind_buffers()
