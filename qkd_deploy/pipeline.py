@@ -151,9 +151,14 @@ def _check_classifier(model: nn.Module, ctx: Context, what: str) -> None:
         )
 
 
-def float_student_stage(ctx: Context, progress: bool) -> nn.Module:
+def untrained_student(ctx: Context) -> nn.Module:
+    """The student architecture, freshly initialised (the same weights for the same seed)."""
     torch.manual_seed(ctx.config.seed + 1)
-    model = build_model(ctx.config.student.arch, ctx.data.in_channels, ctx.data.num_classes)
+    return build_model(ctx.config.student.arch, ctx.data.in_channels, ctx.data.num_classes)
+
+
+def float_student_stage(ctx: Context, progress: bool) -> nn.Module:
+    model = untrained_student(ctx)
     if not ctx.config.student.float_reference:
         return model
     model, _ = train_float(ctx, "student_float", model, ctx.config.student.float_train, 1, progress)
@@ -167,19 +172,24 @@ def quantized_student_stage(
     teachers: list[nn.Module],
     progress: bool,
 ) -> nn.Module:
-    """Quantize, calibrate and distil one student; returns the eval-mode fake-quant model."""
+    """Quantize, calibrate and distil one student; returns the eval-mode fake-quant model.
+
+    The student starts from the float student, except for a data-free method: the float student
+    learnt from the training images, so that student starts from fresh weights (the float
+    student stays in the report as the reference)."""
     cfg, qcfg = ctx.config.student, ctx.config.quant
     folder = ctx.run.stage(bits.name)
+    data_free = method_class(cfg.method).data_free
+    start = untrained_student(ctx) if data_free else float_student
     torch.manual_seed(ctx.config.seed + 2)
     options = QuantizeOptions(
         bits, qcfg.target, qcfg.first_last_bits, qcfg.layer_bits, qcfg.learn_scales
     )
-    student = quantize_model(float_student, options)
+    student = quantize_model(start, options)
     final = folder / "model.pt"
     if final.exists():
         _mark_calibrated(student)
         return load_state(student, final).eval()
-    data_free = method_class(cfg.method).data_free
     subset = stratified_subset(ctx.data.train, ctx.config.data.calibration_size, ctx.config.seed)
     batches = [] if data_free else [x for x, _ in BatchLoader(subset, ctx.preprocess, EVAL_BATCH)]
 
@@ -204,7 +214,7 @@ def quantized_student_stage(
         input_shape=(ctx.data.in_channels, *ctx.data.image_size),
         steps_per_epoch=len(loader),
         epochs=cfg.train.epochs,
-        make_student=lambda: calibrated(quantize_model(float_student, options)),
+        make_student=lambda: calibrated(quantize_model(start, options)),
         quantize=quantize_at,
         calibration_batches=batches,
         calibrate=calibrate_on,

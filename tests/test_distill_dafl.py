@@ -186,3 +186,43 @@ def test_main_command_end_to_end(tmp_path):
     student = report["students"][0]
     assert student["method"] == "dafl" and report["data_free"] is True
     assert student["onnx_agreement"] >= 0.99
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize(("method", "starts_from_float"), [("dafl", False), ("kd", True)])
+def test_data_free_student_does_not_start_from_the_float_student(
+    method, starts_from_float, tmp_path, monkeypatch
+):
+    """The float student learnt from the training images, so a data-free method must not
+    start from it."""
+    from qkd_deploy import pipeline as P
+    from qkd_deploy.config import load_config
+    from qkd_deploy.data import load_dataset, normalization_stats
+    from qkd_deploy.quant.convert import BitWidths
+    from qkd_deploy.rundir import RunDir
+
+    data = load_dataset("digits")
+    config = load_config(overrides=[f"student.method={method}", "progress=false"])
+    ctx = P.Context(config, data, normalization_stats(data.train.images.numpy()), RunDir(tmp_path))
+    float_student = P.untrained_student(ctx)
+    with torch.no_grad():
+        for p in float_student.parameters():
+            p.add_(1.0)  # stands for training
+    captured = {}
+
+    def capture(name, student, teachers, options, context):
+        captured["student"] = student
+        raise _Stop
+
+    monkeypatch.setattr(P, "build_distiller", capture)
+    with pytest.raises(_Stop):
+        P.quantized_student_stage(ctx, BitWidths.parse("w4a4"), float_student, [], False)
+    started = captured["student"].state_dict()
+    trained = float_student.state_dict()
+    fresh = P.untrained_student(ctx).state_dict()
+    key = next(k for k in trained if k.endswith("conv.weight") or k.endswith(".weight"))
+    assert torch.equal(started[key], trained[key]) is starts_from_float
+    assert torch.equal(started[key], fresh[key]) is not starts_from_float
