@@ -1,0 +1,143 @@
+"""Issue-2 targets on the embedded digits data, over several seeds.
+
+For each seed: a float teacher (resnet8x4) and a float student (resnet8), then QAT students that
+start from the float student: W8A8 and W4A4 with kd-decay (the default), W4A4 with plain QAT
+(`none`) and with Hinton `kd`. Teacher and float student are trained once per seed and shared by
+the methods (each method's run directory gets a copy, which the pipeline treats as finished
+stages). Accuracies are those of the exported ONNX models in ONNX Runtime on the test split.
+
+    python benchmarks/kd_vs_qat.py [--seeds 0 1 2] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from qkd_deploy.config import load_config, save_config
+from qkd_deploy.rundir import library_versions, machine_description
+from qkd_deploy.train_and_export import run
+
+RUNS = [  # (method, bits)
+    ("kd-decay", ["w8a8", "w4a4"]),
+    ("none", ["w8a8", "w4a4"]),
+    ("kd", ["w4a4"]),
+]
+
+
+def run_seed(seed: int, work: Path) -> dict[str, float]:
+    results: dict[str, float] = {}
+    first = None
+    for method, bits in RUNS:
+        root = work / f"seed{seed}" / method
+        if root.exists():
+            shutil.rmtree(root)
+        root.mkdir(parents=True)
+        if first is not None:  # share the teacher and the float student of this seed
+            for stage in ("teacher", "student_float"):
+                shutil.copytree(first / stage, root / stage)
+        config = load_config(
+            overrides=[
+                f"seed={seed}",
+                f"student.method={method}",
+                f"student.bits=[{','.join(bits)}]",
+                "progress=false",
+                f"out={root}",
+            ]
+        )
+        save_config(config, root / "config.yaml")
+        report = run(config, root)
+        first = first or root
+        results["teacher"] = report["teacher"]["accuracy"]
+        results["float"] = report["float_references"][0]["accuracy_onnx"]
+        for s in report["students"]:
+            results[f"{method}/w{s['w_bits']}a{s['a_bits']}"] = s["accuracy_onnx"]
+            results[f"{method}/w{s['w_bits']}a{s['a_bits']}/agreement"] = s["onnx_agreement"]
+    return results
+
+
+def summarize(per_seed: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    keys = per_seed[0].keys()
+    return {
+        k: {
+            "mean": statistics.mean(r[k] for r in per_seed),
+            "std": statistics.pstdev(r[k] for r in per_seed),
+            "values": [r[k] for r in per_seed],
+        }
+        for k in keys
+    }
+
+
+def targets(summary: dict) -> list[tuple[str, bool, str]]:
+    mean = {k: v["mean"] for k, v in summary.items()}
+    gap8 = 100 * (mean["float"] - mean["kd-decay/w8a8"])
+    gap4 = 100 * (mean["float"] - mean["kd-decay/w4a4"])
+    kd_vs_qat = 100 * (mean["kd-decay/w4a4"] - mean["none/w4a4"])
+    agreement = min(min(v["values"]) for k, v in summary.items() if k.endswith("agreement"))
+    return [
+        ("W8A8 within 0.5 points of float", gap8 <= 0.5, f"float - W8A8 = {gap8:+.2f} points"),
+        ("W4A4 within 1.5 points of float", gap4 <= 1.5, f"float - W4A4 = {gap4:+.2f} points"),
+        ("W4A4 KD >= plain QAT", kd_vs_qat >= 0, f"kd-decay - none = {kd_vs_qat:+.2f} points"),
+        ("ONNX agreement >= 99.5 %", agreement >= 0.995, f"lowest {100 * agreement:.2f} %"),
+    ]
+
+
+def markdown(summary: dict, checks: list, seeds: list[int], seconds: float) -> str:
+    lines = [
+        "# KD vs plain QAT on digits (issue 2 targets)",
+        "",
+        f"Machine: {machine_description()}; "
+        + ", ".join(f"{k} {v}" for k, v in library_versions().items() if k != "qkd-deploy"),
+        f"Seeds {seeds}; wall time {seconds / 60:.1f} min. Accuracy of the exported ONNX model in "
+        "ONNX Runtime on the 360-image test split, mean ± std over seeds (%). Default config: "
+        "teacher resnet8x4, student resnet8, 30 epochs float, 30 epochs QAT from the float "
+        "student.",
+        "",
+        "| model | accuracy % | per seed |",
+        "| --- | --- | --- |",
+    ]
+    for key, v in summary.items():
+        if key.endswith("agreement"):
+            continue
+        per = " / ".join(f"{100 * x:.2f}" for x in v["values"])
+        lines.append(f"| {key} | {100 * v['mean']:.2f} ± {100 * v['std']:.2f} | {per} |")
+    lines += ["", "| target | met | measured |", "| --- | --- | --- |"]
+    lines += [f"| {name} | {'yes' if ok else 'NO'} | {detail} |" for name, ok, detail in checks]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--work", default="runs/bench-kd-vs-qat")
+    args = p.parse_args(argv)
+    start = time.perf_counter()
+    per_seed = [run_seed(seed, Path(args.work)) for seed in args.seeds]
+    seconds = time.perf_counter() - start
+    summary = summarize(per_seed)
+    checks = targets(summary)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "machine": machine_description(),
+        "versions": library_versions(),
+        "seeds": args.seeds,
+        "wall_time_s": round(seconds, 1),
+        "summary": summary,
+        "targets": [{"target": n, "met": ok, "measured": d} for n, ok, d in checks],
+    }
+    (out / "kd_vs_qat.json").write_text(json.dumps(payload, indent=2) + "\n")
+    text = markdown(summary, checks, args.seeds, seconds)
+    (out / "kd_vs_qat.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
