@@ -135,8 +135,11 @@ def onnx_signature(model: nn.Module, tmp_path, name: str) -> tuple[dict, set, li
     graph = onnx.load(path).graph
     ops = Counter(n.op_type for n in graph.node)
     compute = {op: ops[op] for op in ("Conv", "Gemm", "MatMul", "Add")}
-    weights = sorted(tuple(i.dims) for i in graph.initializer
-                     if i.data_type == onnx.TensorProto.INT8 and len(i.dims) >= 2)
+    weights = sorted(
+        tuple(i.dims)
+        for i in graph.initializer
+        if i.data_type == onnx.TensorProto.INT8 and len(i.dims) >= 2
+    )
     return compute, set(ops), weights
 
 

@@ -10,7 +10,7 @@ from qkd_deploy.errors import UserError
 from qkd_deploy.models import MODELS, Add, available_models, build_model
 
 CONFIGS = [(1, 10, 8), (3, 100, 32)]  # (in_channels, classes, input size)
-STAGE_STRIDES = {"mobilenetv2": (1, 2, 4, 8)}  # resnets: (1, 2, 4)
+STAGE_STRIDES = {"mobilenetv2": (1, 2, 4, 8), "resnet18": (1, 2, 4, 8)}  # CIFAR resnets: (1, 2, 4)
 RESIDUAL_BLOCKS = {
     "resnet8": 3,
     "resnet14": 6,
@@ -19,6 +19,7 @@ RESIDUAL_BLOCKS = {
     "resnet56": 27,
     "resnet8x4": 3,
     "resnet32x4": 15,
+    "resnet18": 8,
     "mobilenetv2": 10,
 }
 
@@ -75,6 +76,7 @@ def test_shapes_and_features(name, in_channels, classes, size):
         ("resnet56", 10, 0.86e6),
         ("resnet8x4", 100, 1.23e6),
         ("resnet32x4", 100, 7.43e6),
+        ("resnet18", 10, 11.17e6),  # the CIFAR ResNet-18 (3x3 stem, no max-pool)
     ],
 )
 def test_parameter_counts_match_references(name, classes, expected):

@@ -85,7 +85,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qkd_deploy.calib.calibrate import calibrate
 from qkd_deploy.distill.base import (
     Distiller,
     MethodContext,
@@ -94,9 +93,8 @@ from qkd_deploy.distill.base import (
     trainable,
 )
 from qkd_deploy.distill.dafl import logits_and_features
-from qkd_deploy.distill.generators import ImageGenerator
+from qkd_deploy.distill.generators import ImageGenerator, calibrate_once
 from qkd_deploy.errors import UserError
-from qkd_deploy.quant.modules import quantizers
 
 LR_DECAY = 0.1  # the reference's MultiStepLR gamma
 
@@ -305,14 +303,6 @@ def feature_dim(model: nn.Module) -> int:
             "classifier head is an nn.Linear"
         )
     return linears[-1].in_features
-
-
-def calibrate_once(student: nn.Module, images: torch.Tensor, context: MethodContext | None) -> None:
-    """Calibrate ``student`` on ``images`` (the run's calibrators when the context has them)
-    unless every quantizer is calibrated already."""
-    if not all(bool(q.calibrated) for _, q in quantizers(student)):
-        calibrate_on = context.calibrate if context and context.calibrate else calibrate
-        calibrate_on(student, [images])
 
 
 @contextlib.contextmanager

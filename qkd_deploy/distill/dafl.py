@@ -46,12 +46,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qkd_deploy.calib.calibrate import calibrate
 from qkd_deploy.distill.base import Distiller, MethodOptions, register_method
-from qkd_deploy.distill.generators import ImageGenerator
+from qkd_deploy.distill.generators import ImageGenerator, calibrate_once
 from qkd_deploy.distill.losses import kd_kl
 from qkd_deploy.errors import UserError
-from qkd_deploy.quant.modules import quantizers
 
 
 @dataclasses.dataclass
@@ -147,7 +145,7 @@ class DAFL(Distiller):
         teacher_logits, features = logits_and_features(self.teachers[0], generated)
         self._step_generator(sum(generator_losses(teacher_logits, features, self.options).values()))
         generated = generated.detach()
-        self._calibrate_student_once(generated)
+        calibrate_once(self.student, generated, self.context)
         logits = self.student(generated)
         return logits, {"kd": kd_kl(logits, teacher_logits.detach(), self.options.tau)}
 
@@ -156,13 +154,6 @@ class DAFL(Distiller):
         loss.backward()
         self.generator_optimizer.step()
         self.generator_optimizer.zero_grad(set_to_none=True)
-
-    def _calibrate_student_once(self, generated: torch.Tensor) -> None:
-        if not all(bool(q.calibrated) for _, q in quantizers(self.student)):
-            calibrate_on = (
-                self.context.calibrate if self.context and self.context.calibrate else calibrate
-            )
-            calibrate_on(self.student, [generated])
 
     def get_extra_state(self) -> dict[str, Any]:
         """The generator's Adam state, saved with the module's ``state_dict``."""

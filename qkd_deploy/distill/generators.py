@@ -14,6 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qkd_deploy.calib.calibrate import calibrate
+from qkd_deploy.distill.base import MethodContext
+from qkd_deploy.quant.modules import quantizers
+
 # The reference writes ``nn.BatchNorm2d(channels, 0.8)``: the positional 0.8 is the epsilon (a
 # quirk of the DCGAN code it descends from). Kept, since DAFL's published numbers were made so.
 HIDDEN_BN_EPS = 0.8
@@ -76,3 +80,12 @@ def _conv_bn_lrelu(in_channels: int, out_channels: int) -> nn.Sequential:
         nn.BatchNorm2d(out_channels, eps=HIDDEN_BN_EPS),
         nn.LeakyReLU(0.2),
     )
+
+
+def calibrate_once(student: nn.Module, images: torch.Tensor, context: MethodContext | None) -> None:
+    """Calibrate a data-free student's quantizers on the first generated ``images`` (with the
+    run's calibrators when the context has them), unless every quantizer is calibrated already:
+    the pipeline has no real images to calibrate it on."""
+    if not all(bool(q.calibrated) for _, q in quantizers(student)):
+        calibrate_on = context.calibrate if context and context.calibrate else calibrate
+        calibrate_on(student, [images])
