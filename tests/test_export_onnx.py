@@ -141,3 +141,29 @@ def test_tensorrt_export_passes_the_linter_with_conv_add_fusion(tmp_path, arch):
     producers = {o: n.op_type for n in graph.graph.node for o in n.output}
     adds = [n for n in graph.graph.node if n.op_type == "Add"]
     assert adds and all("Conv" in {producers.get(i) for i in n.input} for n in adds)
+
+
+def test_onnxruntime_target_fuses_every_conv_and_add_into_integer_kernels(tmp_path):
+    """With one quantizer per tensor (the block input's readers share it) and a quantized pool
+    input, ONNX Runtime's optimizer turns every Conv into QLinearConv and every residual Add
+    into QLinearAdd, as for its own quantize_static output, and the numbers do not move."""
+    import onnxruntime as ort
+
+    from qkd_deploy.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("resnet8", 1, 10).eval()
+    x = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    q = quantize_model(model, QuantizeOptions(BitWidths(8, 8), target="onnxruntime"))
+    calibrate(q, [x])
+    path = export_onnx(to_deploy(q.eval()), x, tmp_path / "m.onnx")
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+    assert ops.count("QLinearConv") == 9 and "Conv" not in ops
+    assert ops.count("QLinearAdd") == 3 and "Add" not in ops
+    with torch.no_grad():
+        reference = fold_batchnorm(q)(x).numpy()
+    result = parity(OnnxRuntimeRunner(path).run(x.numpy()), reference)
+    assert result.agreement == 1.0 and result.max_abs_error < 1e-4

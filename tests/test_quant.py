@@ -8,11 +8,12 @@ from toy import ToyResNet, randomize_batchnorm
 from qkd_deploy.calib.calibrate import calibrate
 from qkd_deploy.calib.calibrators import max_calibrator, mse_calibrator, percentile_calibrator
 from qkd_deploy.errors import UserError
+from qkd_deploy.models import build_model
 from qkd_deploy.quant.convert import BitWidths, QuantizeOptions, quantize_model
 from qkd_deploy.quant.deploy import DeployConv2d, to_deploy
 from qkd_deploy.quant.fold import fold_batchnorm
 from qkd_deploy.quant.grid import Grid, activation_grid, weight_grid
-from qkd_deploy.quant.modules import QuantAdd, QuantConv2d, QuantLinear, quantizers
+from qkd_deploy.quant.modules import QuantAdd, QuantAvgPool, QuantConv2d, QuantLinear, quantizers
 from qkd_deploy.quant.quantizer import LSQQuantizer, fake_quantize
 
 
@@ -94,6 +95,23 @@ def test_residual_add_quantizers_follow_the_target():
     ort = quantize_model(ToyResNet(), QuantizeOptions(BitWidths(4, 4), target="onnxruntime"))
     assert isinstance(ort.add.quantizer_a, LSQQuantizer)
     assert isinstance(ort.add.quantizer_b, LSQQuantizer)
+
+
+@pytest.mark.parametrize("target", ["tensorrt", "onnxruntime"])
+def test_readers_of_one_tensor_share_a_quantizer_for_onnxruntime(target):
+    """A block input read by the first conv and by the identity skip of the add, or by the
+    first conv and the 1x1 shortcut conv, is quantized once for ONNX Runtime (one scale)."""
+    model = build_model("resnet8", 1, 10)
+    q = quantize_model(model, QuantizeOptions(BitWidths(4, 4), target=target))
+    identity_block, projection_block = q.stages[0][0], q.stages[1][0]
+    shared = target == "onnxruntime"
+    first_conv = identity_block.conv1.input_quantizer
+    assert (first_conv is identity_block.add.quantizer_b) is shared
+    projection = projection_block.conv1.input_quantizer
+    assert (projection is projection_block.shortcut[0].input_quantizer) is shared
+    assert projection_block.add.quantizer_a is not projection  # the conv branch: its own
+    assert isinstance(q.pool, QuantAvgPool) is shared
+    assert len(quantizers(q)) == len({id(m) for _, m in quantizers(q)})
 
 
 def test_bitwidths_parse():

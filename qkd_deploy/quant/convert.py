@@ -6,13 +6,20 @@ import copy
 import fnmatch
 from dataclasses import dataclass, field
 
-from torch import nn
+from torch import fx, nn
 
 from qkd_deploy.errors import UserError
 from qkd_deploy.models.layers import Add
 from qkd_deploy.quant.graph import module_of, trace
 from qkd_deploy.quant.grid import check_bits
-from qkd_deploy.quant.modules import QuantAdd, QuantConv2d, QuantLinear, replace_submodule
+from qkd_deploy.quant.modules import (
+    QuantAdd,
+    QuantAvgPool,
+    QuantConv2d,
+    QuantLinear,
+    replace_submodule,
+)
+from qkd_deploy.quant.quantizer import LSQQuantizer
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,7 @@ def quantize_model(model: nn.Module, options: QuantizeOptions) -> nn.Module:
         raise UserError("the model has no Conv2d or Linear layer to quantize")
     first_last = _first_conv_and_last_linear(model)
     add_inputs = _add_inputs_to_quantize(model, options.target)
+    consumers = _input_consumers(model) if options.target == "onnxruntime" else []
     for name in names:
         bits = _bits_for(name, first_last, options)
         module = model.get_submodule(name)
@@ -76,7 +84,84 @@ def quantize_model(model: nn.Module, options: QuantizeOptions) -> nn.Module:
         else:
             new = _quantized(module, bits, options)
         replace_submodule(model, name, new)
+    if options.target == "onnxruntime":
+        _tie_quantizers(model, consumers)
+        _quantize_global_pools(model, options)
     return model
+
+
+def _quantize_global_pools(model: nn.Module, options: QuantizeOptions) -> None:
+    """Quantize the input of each global average pool (see ``QuantAvgPool``), at the head's
+    bit-width: the pooled tensor feeds the last linear layer."""
+    bits = options.first_last_bits or options.bits.a
+    pools = [
+        n
+        for n, m in model.named_modules()
+        if type(m) is nn.AdaptiveAvgPool2d and m.output_size in (1, (1, 1))
+    ]
+    for name in pools:
+        pool = model.get_submodule(name)
+        replace_submodule(
+            model, name, QuantAvgPool(pool, bits, options.target, options.learn_scales)
+        )
+
+
+def _input_consumers(model: nn.Module) -> list[list[tuple[str, int]]]:
+    """For each tensor read by more than one Conv2d/Linear/Add input, those inputs as
+    ``(module name, argument index)``; empty when the model cannot be traced."""
+    try:
+        graph = trace(model, "find tensors read by several layers")
+    except UserError:
+        return []
+    modules = dict(model.named_modules())
+    readers: dict[fx.Node, list[tuple[str, int]]] = {}
+    for node in graph.nodes:
+        module = module_of(node, modules)
+        if type(module) in (nn.Conv2d, nn.Linear, Add):
+            for index, arg in enumerate(node.args[: 2 if type(module) is Add else 1]):
+                readers.setdefault(_through_identities(arg, modules), []).append(
+                    (node.target, index)
+                )
+    return [group for group in readers.values() if len(group) > 1]
+
+
+def _through_identities(node: object, modules: dict[str, nn.Module]) -> object:
+    """The node whose value ``node`` passes on unchanged (an identity shortcut), else ``node``."""
+    while isinstance(module_of(node, modules), nn.Identity):
+        node = node.args[0]
+    return node
+
+
+def _input_quantizer(module: nn.Module, index: int) -> LSQQuantizer | None:
+    if isinstance(module, QuantAdd):
+        return module.quantizer_a if index == 0 else module.quantizer_b
+    return module.input_quantizer
+
+
+def _tie_quantizers(model: nn.Module, consumers: list[list[tuple[str, int]]]) -> None:
+    """Make the quantizers that read one tensor at one bit-width a single shared module.
+
+    A block's input feeds its first conv, and its shortcut conv or the residual add: with one
+    quantizer per reader, the tensor would be quantized twice with different scales. Shared, the
+    export quantizes it once, and ONNX Runtime can drop the ReLU before that single UINT8
+    QuantizeLinear and fuse the add into QLinearAdd (what its own ``quantize_static`` does)."""
+    for group in consumers:
+        shared: dict[int, LSQQuantizer] = {}
+        for name, index in group:
+            module = model.get_submodule(name)
+            quantizer = _input_quantizer(module, index)
+            if quantizer is None:
+                continue
+            first = shared.setdefault(quantizer.bits, quantizer)
+            if first is not quantizer:
+                _set_input_quantizer(module, index, first)
+
+
+def _set_input_quantizer(module: nn.Module, index: int, quantizer: LSQQuantizer) -> None:
+    if isinstance(module, QuantAdd):
+        setattr(module, "quantizer_a" if index == 0 else "quantizer_b", quantizer)
+    else:
+        module.input_quantizer = quantizer
 
 
 def _add_inputs_to_quantize(model: nn.Module, target: str) -> dict[str, tuple[bool, bool]]:

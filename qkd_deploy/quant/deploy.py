@@ -9,6 +9,7 @@ exactly what the folded fake-quant model computes.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from qkd_deploy.errors import UserError
 from qkd_deploy.quant.fold import fold_batchnorm
 from qkd_deploy.quant.modules import (
     QuantAdd,
+    QuantAvgPool,
     QuantConv2d,
     QuantLinear,
     replace_submodule,
@@ -64,11 +66,14 @@ class _IntegerWeights(nn.Module):
         )
 
 
+Freeze = Callable[[LSQQuantizer], FrozenQuantizer]
+
+
 class DeployConv2d(_IntegerWeights):
-    def __init__(self, conv: QuantConv2d) -> None:
+    def __init__(self, conv: QuantConv2d, freeze: Freeze = FrozenQuantizer) -> None:
         q, scale, bias = _integer_weights(conv)
         super().__init__(q, scale, bias, conv.weight_quantizer.bits)
-        self.input_quantizer = FrozenQuantizer(conv.input_quantizer)
+        self.input_quantizer = freeze(conv.input_quantizer)
         self.stride, self.padding = conv.stride, conv.padding
         self.dilation, self.groups = conv.dilation, conv.groups
 
@@ -80,24 +85,34 @@ class DeployConv2d(_IntegerWeights):
 
 
 class DeployLinear(_IntegerWeights):
-    def __init__(self, linear: QuantLinear) -> None:
+    def __init__(self, linear: QuantLinear, freeze: Freeze = FrozenQuantizer) -> None:
         q, scale, bias = _integer_weights(linear)
         super().__init__(q, scale, bias, linear.weight_quantizer.bits)
-        self.input_quantizer = FrozenQuantizer(linear.input_quantizer)
+        self.input_quantizer = freeze(linear.input_quantizer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.input_quantizer(x), self.weight(), self.bias)
 
 
 class DeployAdd(nn.Module):
-    def __init__(self, add: QuantAdd) -> None:
+    def __init__(self, add: QuantAdd, freeze: Freeze = FrozenQuantizer) -> None:
         super().__init__()
-        self.quantizer_a = None if add.quantizer_a is None else FrozenQuantizer(add.quantizer_a)
-        self.quantizer_b = None if add.quantizer_b is None else FrozenQuantizer(add.quantizer_b)
+        self.quantizer_a = None if add.quantizer_a is None else freeze(add.quantizer_a)
+        self.quantizer_b = None if add.quantizer_b is None else freeze(add.quantizer_b)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         a = a if self.quantizer_a is None else self.quantizer_a(a)
         return a + (b if self.quantizer_b is None else self.quantizer_b(b))
+
+
+class DeployAvgPool(nn.Module):
+    def __init__(self, pool: QuantAvgPool, freeze: Freeze = FrozenQuantizer) -> None:
+        super().__init__()
+        self.pool = pool.pool
+        self.input_quantizer = freeze(pool.input_quantizer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.input_quantizer(x))
 
 
 def _integer_weights(
@@ -124,11 +139,22 @@ def to_deploy(model: nn.Module) -> nn.Module:
         raise UserError(f"quantizers {uncalibrated[:5]} were never calibrated; calibrate first")
     folded = fold_batchnorm(model)
     deploy = copy.deepcopy(folded)
+    frozen: dict[int, FrozenQuantizer] = {}
+
+    def freeze(quantizer: LSQQuantizer) -> FrozenQuantizer:
+        """One frozen quantizer per quantizer: a quantizer shared by several layers (tied, see
+        ``quant.convert``) stays shared, so the export quantizes its tensor once."""
+        if id(quantizer) not in frozen:
+            frozen[id(quantizer)] = FrozenQuantizer(quantizer)
+        return frozen[id(quantizer)]
+
+    deploy_types = {
+        QuantConv2d: DeployConv2d,
+        QuantLinear: DeployLinear,
+        QuantAdd: DeployAdd,
+        QuantAvgPool: DeployAvgPool,
+    }
     for name, module in folded.named_modules():
-        if isinstance(module, QuantConv2d):
-            replace_submodule(deploy, name, DeployConv2d(module))
-        elif isinstance(module, QuantLinear):
-            replace_submodule(deploy, name, DeployLinear(module))
-        elif isinstance(module, QuantAdd):
-            replace_submodule(deploy, name, DeployAdd(module))
+        if type(module) in deploy_types:
+            replace_submodule(deploy, name, deploy_types[type(module)](module, freeze))
     return deploy.eval()

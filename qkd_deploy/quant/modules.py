@@ -127,6 +127,22 @@ class QuantAdd(Add):
         return _maybe(self.quantizer_a, a) + _maybe(self.quantizer_b, b)
 
 
+class QuantAvgPool(nn.Module):
+    """Global average pooling of a quantized input (the ``onnxruntime`` target only).
+
+    The last block's output feeds nothing else that quantizes it; quantized here, ONNX Runtime
+    fuses that block's residual add into QLinearAdd too, as in its own ``quantize_static``
+    placement. TensorRT does not need it (it fuses the pool itself)."""
+
+    def __init__(self, pool: nn.Module, a_bits: int, target: str, learn_scale: bool = True):
+        super().__init__()
+        self.pool = pool
+        self.input_quantizer = _activation_quantizer(a_bits, target, learn_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.input_quantizer(x))
+
+
 def _activation_quantizer(bits: int, target: str, learn_scale: bool) -> LSQQuantizer:
     return LSQQuantizer(bits, "activation", target=target, learn_scale=learn_scale)
 
@@ -135,7 +151,7 @@ def _maybe(quantizer: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
     return x if quantizer is None else quantizer(x)
 
 
-QUANT_MODULES = (QuantConv2d, QuantLinear, QuantAdd)
+QUANT_MODULES = (QuantConv2d, QuantLinear, QuantAdd, QuantAvgPool)
 
 
 def quantizers(model: nn.Module) -> list[tuple[str, LSQQuantizer]]:
