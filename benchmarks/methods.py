@@ -1,0 +1,354 @@
+"""Issue-4 ranking table: every distillation method at W4A4 and W2A2 on Fashion-MNIST.
+
+One student architecture, one epoch budget for every method, several seeds. Per seed, one pool
+run trains the teachers and the float student once; every method's run directory gets copies of
+them (the pipeline treats copied stages as finished), so all methods distil from the same
+teachers and start QAT from the same float student. Baselines in the same table: the float
+student, plain QAT (`none`) and ONNX Runtime's `quantize_static` PTQ at INT8 (QDQ format, its CPU
+defaults: UINT8 activations, INT8 per-channel weights) with MinMax, Entropy and Percentile
+calibration on the pipeline's calibration images. Every accuracy is that of the exported ONNX
+model in ONNX Runtime on the full 10 000-image test split.
+
+    python benchmarks/methods.py [--seeds 0 1] [--train-limit 2000] [--epochs 3]
+        [--teacher-epochs 6] [--methods kd cmt-kd ...] [--out benchmarks/results]
+
+Interrupted, it resumes: finished methods are read back, a half-trained one continues from its
+checkpoints. Needs Debian's `dataset-fashion-mnist` (`apt-get install -y dataset-fashion-mnist`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
+
+from qkd_deploy.config import load_config, save_config
+from qkd_deploy.data import Preprocess, load_dataset, stratified_subset
+from qkd_deploy.rundir import library_versions, machine_description
+from qkd_deploy.runtime.base import run_in_batches
+from qkd_deploy.runtime.onnxruntime import OnnxRuntimeRunner
+from qkd_deploy.train_and_export import run
+
+LOW_BITS = ["w4a4", "w2a2"]
+# method -> (teachers it distils from, bit-widths); teachers are the first n of the seed's pool
+METHODS = {
+    "kd": (1, ["w8a8", *LOW_BITS]),
+    "kd-decay": (1, LOW_BITS),
+    "avg-teachers": (2, LOW_BITS),
+    "cmt-kd": (3, ["w8a8", *LOW_BITS]),
+    "dml": (1, LOW_BITS),
+    "pcl": (1, LOW_BITS),
+    "dkel": (1, LOW_BITS),
+    "feed": (2, LOW_BITS),
+    "indistill": (1, LOW_BITS),
+    "speq": (1, LOW_BITS),
+    "dafl": (1, LOW_BITS),
+    "cdfkd-mfs": (2, LOW_BITS),
+}
+# methods without a teacher (online, self) still get the pool's first teacher: the report's
+# reference accuracy, never used in their loss
+POOL_METHOD = "none"
+PTQ_METHODS = {
+    "MinMax": CalibrationMethod.MinMax,
+    "Entropy": CalibrationMethod.Entropy,
+    "Percentile": CalibrationMethod.Percentile,
+}
+FLOAT_STAGES = ("student_float",)
+
+
+def teacher_stage(i: int) -> str:
+    return "teacher" if i == 0 else f"teacher_{i}"
+
+
+def base_overrides(args: argparse.Namespace, seed: int, root: Path) -> list[str]:
+    epochs = args.epochs
+    return [
+        f"seed={seed}",
+        f"out={root}",
+        "progress=false",
+        f"data.spec={args.data}",
+        f"data.train_limit={args.train_limit}",
+        f"teacher_train.epochs={args.teacher_epochs}",
+        f"student.arch={args.student}",
+        f"student.float_train.epochs={args.teacher_epochs}",
+        f"student.train.epochs={epochs}",
+        "bench.batch_sizes=[1]",
+        "bench.iterations=5",
+        "bench.warmup=2",
+    ]
+
+
+def run_method(
+    args: argparse.Namespace, seed: int, method: str, teachers: int, bits: list[str], pool: Path
+) -> tuple[dict, Path]:
+    root = Path(args.work) / f"seed{seed}" / method
+    if (root / "report.json").is_file():  # finished earlier: the benchmark resumes
+        return json.loads((root / "report.json").read_text()), root
+    if (root / "config.yaml").is_file():  # interrupted: the pipeline resumes from its files
+        return run(load_config(str(root / "config.yaml")), root), root
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    if pool != root:
+        for stage in [teacher_stage(i) for i in range(teachers)] + list(FLOAT_STAGES):
+            shutil.copytree(pool / stage, root / stage)
+    overrides = base_overrides(args, seed, root) + [
+        f"student.method={method}",
+        f"student.bits=[{','.join(bits)}]",
+        f"teachers=[{','.join('{arch: ' + args.teacher + '}' for _ in range(teachers))}]",
+    ]
+    config = load_config(overrides=overrides)
+    save_config(config, root / "config.yaml")
+    return run(config, root), root
+
+
+class _Images(CalibrationDataReader):
+    """Calibration batches of equal size (ONNX Runtime's histogram calibrators stack them)."""
+
+    def __init__(self, images: np.ndarray, input_name: str, batch: int = 64) -> None:
+        full = len(images) - len(images) % batch or len(images)
+        self._batches = iter([{input_name: images[i : i + batch]} for i in range(0, full, batch)])
+
+    def get_next(self):
+        return next(self._batches, None)
+
+
+def ptq_accuracies(pool: Path, args: argparse.Namespace, seed: int) -> dict[str, float]:
+    """ONNX Runtime quantize_static of the float student, each calibration method, on the same
+    calibration images as the pipeline; accuracy in ONNX Runtime on the test split."""
+    report = json.loads((pool / "report.json").read_text())
+    preprocess = Preprocess.from_dict(report["preprocess"])
+    data = load_dataset(args.data)
+    train = stratified_subset(data.train, args.train_limit, seed)
+    calibration = stratified_subset(train, 512, seed)
+    calib_images = preprocess.apply_numpy(calibration.images.numpy())
+    test_images = preprocess.apply_numpy(data.test.images.numpy())
+    labels = data.test.labels.numpy()
+    float_model = pool / "student_float" / "model.onnx"
+    input_name = OnnxRuntimeRunner(float_model).input_name
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, method in PTQ_METHODS.items():
+            out = Path(tmp) / f"{name}.onnx"
+            quantize_static(
+                str(float_model),
+                str(out),
+                _Images(calib_images, input_name),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=method,
+            )
+            logits = run_in_batches(OnnxRuntimeRunner(out), test_images, 500)
+            results[f"ptq-{name}/int8"] = float((logits.argmax(1) == labels).mean())
+    return results
+
+
+def run_seed(args: argparse.Namespace, seed: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Accuracies (key ``method/wXaY``) and wall seconds per method for one seed."""
+    pool_root = Path(args.work) / f"seed{seed}" / POOL_METHOD
+    pool_teachers = max(METHODS[m][0] for m in args.methods)
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    report, pool = run_method(args, seed, POOL_METHOD, pool_teachers, LOW_BITS, pool_root)
+    seconds[POOL_METHOD] = time.perf_counter() - start
+    results = {f"teacher_{i}": t["accuracy"] for i, t in enumerate(report["teachers"])}
+    results["float"] = report["float_references"][0]["accuracy_onnx"]
+    results.update(_student_accuracies(report))
+    results.update(ptq_accuracies(pool, args, seed))
+    for method in args.methods:
+        teachers, bits = METHODS[method]
+        start = time.perf_counter()
+        report, _ = run_method(args, seed, method, teachers, bits, pool)
+        seconds[method] = time.perf_counter() - start
+        results.update(_student_accuracies(report))
+        print(f"seed {seed} {method}: {_student_accuracies(report)}", flush=True)
+    return results, seconds
+
+
+def _student_accuracies(report: dict) -> dict[str, float]:
+    out = {}
+    for s in report["students"]:
+        key = f"{s['method']}/w{s['w_bits']}a{s['a_bits']}"
+        out[key] = s["accuracy_onnx"]
+        out[key + "/agreement"] = s["onnx_agreement"]
+    return out
+
+
+def summarize(per_seed: list[dict[str, float]]) -> dict[str, dict]:
+    keys = [k for k in per_seed[0] if all(k in r for r in per_seed)]
+    return {
+        k: {
+            "mean": statistics.mean(r[k] for r in per_seed),
+            "std": statistics.pstdev(r[k] for r in per_seed),
+            "values": [r[k] for r in per_seed],
+        }
+        for k in keys
+    }
+
+
+def _mean(summary: dict, key: str) -> float | None:
+    return summary[key]["mean"] if key in summary else None
+
+
+def best_distillation(summary: dict, bits: str) -> tuple[str, float]:
+    """The distillation method (not ``none``) with the best mean accuracy at ``bits``."""
+    candidates = {
+        k.split("/")[0]: v["mean"]
+        for k, v in summary.items()
+        if k.endswith(f"/{bits}") and not k.startswith((POOL_METHOD + "/", "ptq-"))
+    }
+    method = max(candidates, key=candidates.get)
+    return method, candidates[method]
+
+
+def targets(summary: dict) -> list[tuple[str, bool, str]]:
+    checks = []
+    best2, acc2 = best_distillation(summary, "w2a2")
+    qat2 = _mean(summary, "none/w2a2")
+    gain = 100 * (acc2 - qat2)
+    checks.append(
+        (
+            "W2A2: best distillation beats plain QAT by >= 2 points",
+            gain >= 2,
+            f"{best2} - none = {gain:+.2f} points",
+        )
+    )
+    best4, acc4 = best_distillation(summary, "w4a4")
+    gap = 100 * (summary["float"]["mean"] - acc4)
+    checks.append(
+        (
+            "W4A4: best distillation within 0.5 points of the float student",
+            gap <= 0.5,
+            f"float - {best4} = {gap:+.2f} points",
+        )
+    )
+    never = [
+        m
+        for m in {k.split("/")[0] for k in summary if "/w" in k}
+        if m not in ("kd", POOL_METHOD)
+        and not any(
+            summary[k]["mean"] > summary.get("kd/" + k.split("/")[1], {"mean": 1.0})["mean"]
+            for k in summary
+            if k.startswith(m + "/w") and not k.endswith("agreement")
+        )
+    ]
+    checks.append(
+        (
+            "methods that beat kd nowhere (shown, not hidden)",
+            True,
+            ", ".join(sorted(never)) or "none",
+        )
+    )
+    return checks
+
+
+def markdown(summary: dict, checks: list, args: argparse.Namespace, seconds: float) -> str:
+    columns = ["w8a8", "w4a4", "w2a2"]
+    rows = sorted(
+        {k.split("/")[0] for k in summary if "/w" in k and not k.startswith("ptq-")},
+        key=lambda m: -(_mean(summary, f"{m}/w2a2") or 0),
+    )
+    lines = [
+        "# Distillation methods on Fashion-MNIST (issue 4 ranking table)",
+        "",
+        f"Machine: {machine_description()}; "
+        + ", ".join(f"{k} {v}" for k, v in library_versions().items() if k != "qkd-deploy"),
+        "",
+        f"Budget: student {args.student}, teachers {args.teacher} (pool of "
+        f"{max(METHODS[m][0] for m in args.methods)}, trained once per seed), "
+        f"{args.train_limit} stratified training images (28x28, augmentation on), "
+        f"{args.teacher_epochs} epochs for teachers and the float student, **{args.epochs} QAT "
+        f"epochs for every method**, seeds {args.seeds}; full table wall time "
+        f"{seconds / 60:.1f} min. Accuracy (%) of the exported ONNX model in ONNX Runtime on the "
+        "10 000 test images, mean ± std over seeds. Rows sorted by W2A2 accuracy.",
+        "",
+        "| method | float | " + " | ".join(c.upper() for c in columns) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in columns) + " |",
+        f"| float student (baseline) | {_cell(summary, 'float')} | | | |",
+    ]
+    for method in rows:
+        label = f"{method} (plain QAT baseline)" if method == POOL_METHOD else method
+        cells = [_cell(summary, f"{method}/{c}") for c in columns]
+        lines.append(f"| {label} | | " + " | ".join(cells) + " |")
+    for name in PTQ_METHODS:  # UINT8 activations, INT8 per-channel weights: W8A8
+        lines.append(
+            f"| ORT quantize_static {name} (PTQ, baseline) | | "
+            f"{_cell(summary, f'ptq-{name}/int8')} | | |"
+        )
+    teachers = [k for k in summary if k.startswith("teacher_")]
+    lines += [
+        "",
+        "Teachers (float): " + ", ".join(f"{k} {_cell(summary, k)}" for k in teachers) + ".",
+        "",
+        "| target | met | measured |",
+        "| --- | --- | --- |",
+    ]
+    lines += [f"| {name} | {'yes' if ok else 'NO'} | {detail} |" for name, ok, detail in checks]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(summary: dict, key: str) -> str:
+    if key not in summary:
+        return ""
+    v = summary[key]
+    return f"{100 * v['mean']:.2f} ± {100 * v['std']:.2f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default="fashion-mnist")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--student", default="resnet8")
+    p.add_argument("--teacher", default="resnet20")
+    p.add_argument("--train-limit", type=int, default=2000)
+    p.add_argument("--epochs", type=int, default=3, help="QAT epochs, every method")
+    p.add_argument("--teacher-epochs", type=int, default=6)
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--work", default="runs/bench-methods")
+    args = p.parse_args(argv)
+    start = time.perf_counter()
+    per_seed, timing = [], []
+    for seed in args.seeds:
+        results, seconds = run_seed(args, seed)
+        per_seed.append(results)
+        timing.append(seconds)
+    seconds = time.perf_counter() - start
+    summary = summarize(per_seed)
+    checks = targets(summary)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "machine": machine_description(),
+        "versions": library_versions(),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "work")},
+        "wall_time_s": round(seconds, 1),
+        "method_wall_time_s": timing,
+        "summary": summary,
+        "targets": [{"target": n, "met": ok, "measured": d} for n, ok, d in checks],
+    }
+    (out / "methods.json").write_text(json.dumps(payload, indent=2) + "\n")
+    text = markdown(summary, checks, args, seconds)
+    (out / "methods.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
