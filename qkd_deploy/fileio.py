@@ -48,3 +48,22 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def load_onnx_graph(path: str | os.PathLike) -> Any:
+    """The ``onnx.ModelProto`` in ``path`` without external weight data (enough to inspect the
+    graph); a missing or unreadable file is one UserError naming it."""
+    import onnx
+
+    from qkd_deploy.errors import UserError
+
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"{path}: no such model file; pass the path of an .onnx model")
+    try:
+        return onnx.load(str(file), load_external_data=False)
+    except Exception as error:  # protobuf DecodeError, OSError, ...
+        raise UserError(
+            f"{path}: cannot read it as ONNX ({type(error).__name__}: {error}); "
+            "pass a valid .onnx model"
+        ) from error

@@ -37,7 +37,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from qkd_deploy.errors import UserError
+from qkd_deploy.fileio import load_onnx_graph
 
 SEVERITIES = ("error", "warning", "info")
 Q_OP, DQ_OP = "QuantizeLinear", "DequantizeLinear"
@@ -1038,17 +1038,8 @@ def _lint(g: _Graph) -> list[Finding]:
 
 def lint_file(path: str) -> list[Finding]:
     """Lint an .onnx file (external weight data is not read)."""
-    file = Path(path)
-    if not file.is_file():
-        raise UserError(f"{path}: no such model file; pass the path of an .onnx model")
-    try:
-        model = onnx.load(str(file), load_external_data=False)
-    except Exception as error:  # protobuf DecodeError, OSError, ...
-        raise UserError(
-            f"{path}: cannot read it as ONNX ({type(error).__name__}: {error}); "
-            "pass a valid .onnx model"
-        ) from error
-    return _lint(_Graph(model, file))
+    model = load_onnx_graph(path)
+    return _lint(_Graph(model, Path(path)))
 
 
 def format_findings(findings: list[Finding]) -> str:

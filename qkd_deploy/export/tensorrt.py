@@ -25,10 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import onnx
-
 from qkd_deploy.errors import UserError
-from qkd_deploy.fileio import atomic_write_bytes, atomic_write_text, sha256_file
+from qkd_deploy.fileio import (
+    atomic_write_bytes,
+    atomic_write_text,
+    load_onnx_graph,
+    sha256_file,
+)
 from qkd_deploy.runtime import engine_info
 from qkd_deploy.runtime.tensorrt import import_tensorrt, open_device
 
@@ -66,14 +69,7 @@ class ModelInput:
 def read_model_input(onnx_path: str | os.PathLike) -> ModelInput:
     """Input name, CHW shape, opset and Q/DQ presence of an ONNX classifier (weights not read)."""
     path = Path(onnx_path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such model file; pass the path of an exported .onnx model")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as error:  # protobuf DecodeError, OSError, ...
-        raise UserError(
-            f"{path}: cannot read it as ONNX ({type(error).__name__}: {error})"
-        ) from error
+    model = load_onnx_graph(path)
     graph = model.graph
     initializers = {init.name for init in graph.initializer}
     inputs = [value for value in graph.input if value.name not in initializers]
