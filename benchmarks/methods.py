@@ -292,6 +292,9 @@ def markdown(summary: dict, checks: list, args: argparse.Namespace, seconds: flo
             f"{_cell(summary, f'ptq-{name}/int8')} | | |"
         )
     teachers = [k for k in summary if k.startswith("teacher_")]
+    missing = [m for m in METHODS if m not in args.methods]
+    if missing:
+        lines += ["", f"**Partial table**: not in this run: {', '.join(missing)}."]
     lines += [
         "",
         "Teachers (float): " + ", ".join(f"{k} {_cell(summary, k)}" for k in teachers) + ".",
