@@ -9,8 +9,14 @@ defaults: UINT8 activations, INT8 per-channel weights) with MinMax, Entropy and 
 calibration on the pipeline's calibration images. Every accuracy is that of the exported ONNX
 model in ONNX Runtime on the full 10 000-image test split.
 
-    python benchmarks/methods.py [--seeds 0 1] [--train-limit 2000] [--epochs 3]
+    python benchmarks/methods.py [--seeds 0 1] [--jobs 2] [--train-limit 2000] [--epochs 3]
         [--teacher-epochs 6] [--methods kd cmt-kd ...] [--out benchmarks/results]
+
+Seeds run in parallel processes (``--jobs``), each with its share of the CPU cores: on 2 cores two
+single-threaded trainings of this small student get through more work than one two-threaded one.
+Data-free methods generate as many images per step as the others read (the training batch, 64)
+instead of their papers' 512/256: the same number of steps and images for every method is the
+one budget of the table.
 
 Interrupted, it resumes: finished methods are read back, a half-trained one continues from its
 checkpoints. Needs Debian's `dataset-fashion-mnist` (`apt-get install -y dataset-fashion-mnist`).
@@ -20,14 +26,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
+import torch
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -68,6 +78,8 @@ PTQ_METHODS = {
     "Percentile": CalibrationMethod.Percentile,
 }
 FLOAT_STAGES = ("student_float",)
+DATA_FREE = ("dafl", "cdfkd-mfs")
+TRAIN_BATCH = 64  # the pipeline's default training batch; data-free methods generate this many
 
 
 def teacher_stage(i: int) -> str:
@@ -111,6 +123,8 @@ def run_method(
         f"student.bits=[{','.join(bits)}]",
         f"teachers=[{','.join('{arch: ' + args.teacher + '}' for _ in range(teachers))}]",
     ]
+    if method in DATA_FREE:
+        overrides.append(f"student.method_options.batch_size={TRAIN_BATCH}")
     config = load_config(overrides=overrides)
     save_config(config, root / "config.yaml")
     return run(config, root), root
@@ -157,6 +171,23 @@ def ptq_accuracies(pool: Path, args: argparse.Namespace, seed: int) -> dict[str,
             logits = run_in_batches(OnnxRuntimeRunner(out), test_images, 500)
             results[f"ptq-{name}/int8"] = float((logits.argmax(1) == labels).mean())
     return results
+
+
+def run_seeds(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    """Every seed, ``args.jobs`` at a time in separate processes sharing the CPU cores."""
+    jobs = max(1, min(args.jobs, len(args.seeds)))
+    if jobs == 1:
+        outcomes = [run_seed(args, seed) for seed in args.seeds]
+    else:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        with ProcessPoolExecutor(
+            jobs,
+            mp_context=get_context("spawn"),
+            initializer=torch.set_num_threads,
+            initargs=(threads,),
+        ) as pool:
+            outcomes = list(pool.map(run_seed, [args] * len(args.seeds), args.seeds))
+    return [r for r, _ in outcomes], [s for _, s in outcomes]
 
 
 def run_seed(args: argparse.Namespace, seed: int) -> tuple[dict[str, float], dict[str, float]]:
@@ -317,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="fashion-mnist")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--jobs", type=int, default=2, help="seeds trained in parallel processes")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--student", default="resnet8")
     p.add_argument("--teacher", default="resnet20")
@@ -327,11 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default="runs/bench-methods")
     args = p.parse_args(argv)
     start = time.perf_counter()
-    per_seed, timing = [], []
-    for seed in args.seeds:
-        results, seconds = run_seed(args, seed)
-        per_seed.append(results)
-        timing.append(seconds)
+    per_seed, timing = run_seeds(args)
     seconds = time.perf_counter() - start
     summary = summarize(per_seed)
     checks = targets(summary)
