@@ -26,6 +26,13 @@ def _export(tmp_path, bits, target="tensorrt"):
     return q, x, path
 
 
+def dequantized_initializer_type(model, name: str) -> int:
+    """The element type of the initializer a DequantizeLinear turns into tensor ``name``."""
+    dq = next(n for n in model.graph.node if n.output[0] == name)
+    assert dq.op_type == "DequantizeLinear"
+    return next(i.data_type for i in model.graph.initializer if i.name == dq.input[0])
+
+
 def _initializers(model):
     return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
 
@@ -143,10 +150,11 @@ def test_tensorrt_export_passes_the_linter_with_conv_add_fusion(tmp_path, arch):
     assert adds and all("Conv" in {producers.get(i) for i in n.input} for n in adds)
 
 
-def test_onnxruntime_target_fuses_every_conv_and_add_into_integer_kernels(tmp_path):
-    """With one quantizer per tensor (the block input's readers share it) and a quantized pool
-    input, ONNX Runtime's optimizer turns every Conv into QLinearConv and every residual Add
-    into QLinearAdd, as for its own quantize_static output, and the numbers do not move."""
+def test_onnxruntime_target_runs_every_layer_on_integer_kernels(tmp_path):
+    """With one quantizer per tensor (the block input's readers share it), a quantized pool input
+    and output and an INT32 head bias, ONNX Runtime's optimizer turns every Conv into QLinearConv,
+    every residual Add into QLinearAdd, the pool into QLinearGlobalAveragePool and the head into
+    QGemm: no float layer is left, and the numbers do not move."""
     import onnxruntime as ort
 
     from qkd_deploy.models import build_model
@@ -163,6 +171,11 @@ def test_onnxruntime_target_fuses_every_conv_and_add_into_integer_kernels(tmp_pa
     ops = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
     assert ops.count("QLinearConv") == 9 and "Conv" not in ops
     assert ops.count("QLinearAdd") == 3 and "Add" not in ops
+    assert ops.count("QLinearGlobalAveragePool") == 1 and "ReduceMean" not in ops
+    assert ops.count("QGemm") == 1 and "Gemm" not in ops
+    assert "DequantizeLinear" not in ops  # QGemm writes the float logits itself
+    head_bias = next(n for n in onnx.load(path).graph.node if n.op_type == "Gemm").input[2]
+    assert dequantized_initializer_type(onnx.load(path), head_bias) == TensorProto.INT32
     with torch.no_grad():
         reference = fold_batchnorm(q)(x).numpy()
     result = parity(OnnxRuntimeRunner(path).run(x.numpy()), reference)

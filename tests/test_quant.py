@@ -111,6 +111,8 @@ def test_readers_of_one_tensor_share_a_quantizer_for_onnxruntime(target):
     assert (projection is projection_block.shortcut[0].input_quantizer) is shared
     assert projection_block.add.quantizer_a is not projection  # the conv branch: its own
     assert isinstance(q.pool, QuantAvgPool) is shared
+    if shared:  # the pooled tensor is quantized once, with the head's quantizer
+        assert q.pool.output_quantizer is q.fc.input_quantizer
     assert len(quantizers(q)) == len({id(m) for _, m in quantizers(q)})
 
 

@@ -46,9 +46,14 @@ def _dequantize(q, scale, zero_point, axis: int):
     return op.DequantizeLinear(q, scale, zero_point, axis=axis)
 
 
+def _global_average_pool(x):
+    return op.GlobalAveragePool(x)
+
+
 TRANSLATIONS = {
     torch.ops.qkd.quantize_dequantize.default: _quantize_dequantize,
     torch.ops.qkd.dequantize.default: _dequantize,
+    torch.ops.qkd.global_average_pool.default: _global_average_pool,
 }
 
 

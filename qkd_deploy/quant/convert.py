@@ -6,6 +6,7 @@ import copy
 import fnmatch
 from dataclasses import dataclass, field
 
+import torch
 from torch import fx, nn
 
 from qkd_deploy.errors import UserError
@@ -75,7 +76,10 @@ def quantize_model(model: nn.Module, options: QuantizeOptions) -> nn.Module:
         raise UserError("the model has no Conv2d or Linear layer to quantize")
     first_last = _first_conv_and_last_linear(model)
     add_inputs = _add_inputs_to_quantize(model, options.target)
-    consumers = _input_consumers(model) if options.target == "onnxruntime" else []
+    ort_target = options.target == "onnxruntime"
+    graph = _trace_or_none(model, "find what reads each tensor") if ort_target else None
+    consumers = _input_consumers(graph, model) if graph else []
+    heads = _pool_heads(graph, model) if graph else {}
     for name in names:
         bits = _bits_for(name, first_last, options)
         module = model.get_submodule(name)
@@ -84,35 +88,63 @@ def quantize_model(model: nn.Module, options: QuantizeOptions) -> nn.Module:
         else:
             new = _quantized(module, bits, options)
         replace_submodule(model, name, new)
-    if options.target == "onnxruntime":
+    if ort_target:
         _tie_quantizers(model, consumers)
-        _quantize_global_pools(model, options)
+        _quantize_global_pools(model, options, heads)
     return model
 
 
-def _quantize_global_pools(model: nn.Module, options: QuantizeOptions) -> None:
+def _is_global_pool(module: nn.Module | None) -> bool:
+    return type(module) is nn.AdaptiveAvgPool2d and module.output_size in (1, (1, 1))
+
+
+def _quantize_global_pools(model: nn.Module, options: QuantizeOptions, heads: dict) -> None:
     """Quantize the input of each global average pool (see ``QuantAvgPool``), at the head's
-    bit-width: the pooled tensor feeds the last linear layer."""
+    bit-width: the pooled tensor feeds the last linear layer. A pool whose output goes straight
+    (through a flatten) into a quantized Linear quantizes its output with that layer's input
+    quantizer, shared."""
     bits = options.first_last_bits or options.bits.a
-    pools = [
-        n
-        for n, m in model.named_modules()
-        if type(m) is nn.AdaptiveAvgPool2d and m.output_size in (1, (1, 1))
-    ]
+    pools = [n for n, m in model.named_modules() if _is_global_pool(m)]
     for name in pools:
-        pool = model.get_submodule(name)
-        replace_submodule(
-            model, name, QuantAvgPool(pool, bits, options.target, options.learn_scales)
-        )
+        pool = QuantAvgPool(model.get_submodule(name), bits, options.target, options.learn_scales)
+        head = model.get_submodule(heads[name]) if name in heads else None
+        if isinstance(head, QuantLinear):
+            pool.output_quantizer = head.input_quantizer
+        replace_submodule(model, name, pool)
 
 
-def _input_consumers(model: nn.Module) -> list[list[tuple[str, int]]]:
-    """For each tensor read by more than one Conv2d/Linear/Add input, those inputs as
-    ``(module name, argument index)``; empty when the model cannot be traced."""
+def _trace_or_none(model: nn.Module, purpose: str) -> fx.Graph | None:
+    """The model's graph, or None when it cannot be traced (the passes that need it then leave
+    the placement as it is: still exact, less fused)."""
     try:
-        graph = trace(model, "find tensors read by several layers")
+        return trace(model, purpose)
     except UserError:
-        return []
+        return None
+
+
+_FLATTENS = {torch.flatten, "flatten", "view", "reshape"}
+
+
+def _pool_heads(graph: fx.Graph, model: nn.Module) -> dict[str, str]:
+    """Global average pool -> the Linear that reads its output through at most flattens/views."""
+    modules = dict(model.named_modules())
+    heads = {}
+    for node in graph.nodes:
+        if not _is_global_pool(module_of(node, modules)):
+            continue
+        reader = node
+        while len(reader.users) == 1:
+            reader = next(iter(reader.users))
+            if reader.op == "call_module" or reader.target not in _FLATTENS:
+                break
+        if type(module_of(reader, modules)) is nn.Linear:
+            heads[node.target] = reader.target
+    return heads
+
+
+def _input_consumers(graph: fx.Graph, model: nn.Module) -> list[list[tuple[str, int]]]:
+    """For each tensor read by more than one Conv2d/Linear/Add input, those inputs as
+    ``(module name, argument index)``."""
     modules = dict(model.named_modules())
     readers: dict[fx.Node, list[tuple[str, int]]] = {}
     for node in graph.nodes:

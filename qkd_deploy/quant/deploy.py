@@ -1,9 +1,12 @@
 """The deploy form of a fake-quant model: what ``export/onnx.py`` exports.
 
-The model is BN-folded first (``quant.fold``), then weights become integer buffers with
-per-channel scales, biases their INT32-grid values, and quantizers frozen
-``qkd::quantize_dequantize`` calls with tensor scales and zero points. The deploy model computes
-exactly what the folded fake-quant model computes.
+The model is BN-folded first (``quant.fold``, which also puts every bias on the INT32 grid of its
+layer's accumulator), then weights become integer buffers with per-channel scales and quantizers
+frozen ``qkd::quantize_dequantize`` calls with tensor scales and zero points. On the
+``onnxruntime`` target a Linear's bias is stored as INT32 behind a DequantizeLinear (scale =
+input scale x weight scale, as ONNX Runtime's ``quantize_static`` writes it): ONNX Runtime runs
+the layer as an integer QGemm only then (its Conv fusion quantizes a float bias itself). The
+deploy model computes exactly what the folded fake-quant model computes.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from qkd_deploy.quant.modules import (
 from qkd_deploy.quant.quantizer import LSQQuantizer
 
 _TORCH_DTYPES = {"int8": torch.int8, "uint8": torch.uint8}
+INT32_RANGE = (-(2**31), 2**31 - 1)
 
 
 class FrozenQuantizer(nn.Module):
@@ -89,9 +93,21 @@ class DeployLinear(_IntegerWeights):
         q, scale, bias = _integer_weights(linear)
         super().__init__(q, scale, bias, linear.weight_quantizer.bits)
         self.input_quantizer = freeze(linear.input_quantizer)
+        self.integer_bias = bias is not None and linear.input_quantizer.target == "onnxruntime"
+        if self.integer_bias:
+            self.register_buffer("bias_scale", self.input_quantizer.scale * self.weight_scale)
+            grid = torch.round(self.bias.double() / self.bias_scale.double())
+            self.bias = grid.clamp(*INT32_RANGE).to(torch.int32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.input_quantizer(x), self.weight(), self.bias)
+        return F.linear(self.input_quantizer(x), self.weight(), self.effective_bias())
+
+    def effective_bias(self) -> torch.Tensor | None:
+        """The float bias, or the INT32 one dequantized (zero point 0)."""
+        if not self.integer_bias:
+            return self.bias
+        zero_point = torch.zeros(self.bias.shape, dtype=torch.int32)
+        return torch.ops.qkd.dequantize(self.bias, self.bias_scale, zero_point, 0)
 
 
 class DeployAdd(nn.Module):
@@ -106,13 +122,19 @@ class DeployAdd(nn.Module):
 
 
 class DeployAvgPool(nn.Module):
+    """Exported as ``Q/DQ -> GlobalAveragePool [-> Q/DQ]``, which ONNX Runtime fuses into
+    QLinearGlobalAveragePool when the output is quantized."""
+
     def __init__(self, pool: QuantAvgPool, freeze: Freeze = FrozenQuantizer) -> None:
         super().__init__()
-        self.pool = pool.pool
         self.input_quantizer = freeze(pool.input_quantizer)
+        self.output_quantizer = (
+            None if pool.output_quantizer is None else freeze(pool.output_quantizer)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.input_quantizer(x))
+        x = torch.ops.qkd.global_average_pool(self.input_quantizer(x))
+        return x if self.output_quantizer is None else self.output_quantizer(x)
 
 
 def _integer_weights(

@@ -132,15 +132,20 @@ class QuantAvgPool(nn.Module):
 
     The last block's output feeds nothing else that quantizes it; quantized here, ONNX Runtime
     fuses that block's residual add into QLinearAdd too, as in its own ``quantize_static``
-    placement. TensorRT does not need it (it fuses the pool itself)."""
+    placement. ``output_quantizer`` is the head's input quantizer (shared, see
+    ``quant.convert``): the pooled tensor is quantized where the pool writes it, so ONNX Runtime
+    runs the pool as QLinearGlobalAveragePool, and the head quantizing it again is exact (an
+    already quantized value does not move). TensorRT does not need it (it fuses the pool itself).
+    """
 
     def __init__(self, pool: nn.Module, a_bits: int, target: str, learn_scale: bool = True):
         super().__init__()
         self.pool = pool
         self.input_quantizer = _activation_quantizer(a_bits, target, learn_scale)
+        self.output_quantizer: LSQQuantizer | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.input_quantizer(x))
+        return _maybe(self.output_quantizer, self.pool(self.input_quantizer(x)))
 
 
 def _activation_quantizer(bits: int, target: str, learn_scale: bool) -> LSQQuantizer:

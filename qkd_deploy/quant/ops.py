@@ -1,9 +1,11 @@
 """Custom torch ops that mark quantization in an exported graph.
 
-``qkd::quantize_dequantize`` (activations) and ``qkd::dequantize`` (integer weights) run in eager
-torch with exactly the numerics of ONNX QuantizeLinear/DequantizeLinear, and ``export/onnx.py``
-translates them to those ONNX ops. torch's own fake-quant ops cannot be used: they export only for
-full 8-bit ranges and drop a narrower clamp silently.
+``qkd::quantize_dequantize`` (activations) and ``qkd::dequantize`` (integer weights and biases) run
+in eager torch with exactly the numerics of ONNX QuantizeLinear/DequantizeLinear, and
+``export/onnx.py`` translates them to those ONNX ops; ``qkd::global_average_pool`` becomes ONNX
+GlobalAveragePool (the exporter would write ReduceMean, which ONNX Runtime cannot run on
+integers). torch's own fake-quant ops cannot be used: they export only for full 8-bit ranges and
+drop a narrower clamp silently.
 """
 
 from __future__ import annotations
@@ -47,10 +49,22 @@ def _(x, scale, zero_point, qmin, qmax, axis, clip):
 def dequantize(
     q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int
 ) -> torch.Tensor:
-    """``q * scale`` for integer weights ``q`` (zero point 0), per channel along ``axis``."""
+    """``q * scale`` for integer weights or biases ``q`` (zero point 0), per channel along
+    ``axis``."""
     return q.to(torch.float32) * _broadcast(scale, q.dim(), axis)
 
 
 @dequantize.register_fake
 def _(q, scale, zero_point, axis):
     return torch.empty(q.shape, dtype=torch.float32, device=q.device)
+
+
+@torch.library.custom_op("qkd::global_average_pool", mutates_args=())
+def global_average_pool(x: torch.Tensor) -> torch.Tensor:
+    """The mean over the spatial dimensions of an ``N, C, H, W`` tensor, keeping them as 1x1."""
+    return x.mean((2, 3), keepdim=True)
+
+
+@global_average_pool.register_fake
+def _(x):
+    return x.new_empty((x.shape[0], x.shape[1], 1, 1))
