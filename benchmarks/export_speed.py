@@ -8,13 +8,12 @@ ONNX Runtime CPU p50 per batch, all models measured in the same process, one aft
 Speed does not depend on what the weights are, so the networks are freshly initialised and
 calibrated on random images. Also counted: convolutions ONNX Runtime runs as integer kernels.
 
-    python benchmarks/export_speed.py [--iterations 50] [--out benchmarks/results]
+    python benchmarks/export_speed.py [--rounds 7] [--out benchmarks/results]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -30,6 +29,7 @@ from onnxruntime.quantization import (
     QuantType,
     quantize_static,
 )
+from results_io import machine_line, targets_table, write_results
 from torch import nn
 
 from qkd_deploy.bench.latency import measure_latency
@@ -38,12 +38,11 @@ from qkd_deploy.export.onnx import INPUT_NAME, export_onnx
 from qkd_deploy.models import build_model
 from qkd_deploy.quant.convert import BitWidths, QuantizeOptions, quantize_model
 from qkd_deploy.quant.deploy import to_deploy
-from qkd_deploy.rundir import library_versions, machine_description
 from qkd_deploy.runtime.onnxruntime import OnnxRuntimeRunner
 
-NETWORKS = {  # name -> (zoo arch, input C, H, W)
-    "resnet18 (64-512 ch, 3x32x32)": ("resnet18", (3, 32, 32)),
-    "default student resnet8 (1x8x8)": ("resnet8", (1, 8, 8)),
+NETWORKS = {  # name -> (zoo arch, input C, H, W, timed runs per round and batch)
+    "resnet18 (64-512 ch, 3x32x32)": ("resnet18", (3, 32, 32), 20),
+    "default student resnet8 (1x8x8)": ("resnet8", (1, 8, 8), 300),
 }
 
 
@@ -93,19 +92,35 @@ def build_variants(arch: str, shape: tuple[int, int, int], folder: Path) -> dict
     return paths
 
 
-def measure(paths: dict[str, Path], shape, iterations: int) -> dict[str, dict]:
+def measure(paths: dict[str, Path], shape, iterations: int, rounds: int) -> dict[str, dict]:
+    """Latency of every model, in ``rounds`` interleaved rounds (model A, B, C, A, B, C, ...):
+    a slow spell of the machine then hits every model alike. Reported: the median over rounds
+    of each round's p50 / p90 / mean."""
     sample = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    runners = {name: OnnxRuntimeRunner(path) for name, path in paths.items()}
+    per_round: dict[str, list[list[dict]]] = {name: [] for name in paths}
+    for _ in range(rounds):
+        for name, runner in runners.items():
+            per_round[name].append(
+                measure_latency(runner, sample, [1, 32], warmup=20, iterations=iterations)
+            )
     rows = {}
     for name, path in paths.items():
-        runner = OnnxRuntimeRunner(path)
-        latency = measure_latency(runner, sample, [1, 32], warmup=20, iterations=iterations)
         fused, convs = integer_convs(path)
         rows[name] = {
-            "latency_ms": latency,
+            "latency_ms": _median_over_rounds(per_round[name]),
             "bytes": path.stat().st_size,
             "integer_convs": f"{fused}/{convs}",
         }
     return rows
+
+
+def _median_over_rounds(rounds: list[list[dict]]) -> list[dict]:
+    return [
+        {"batch": entries[0]["batch"]}
+        | {k: round(float(np.median([e[k] for e in entries])), 4) for k in ("p50", "p90", "mean")}
+        for entries in zip(*rounds, strict=True)
+    ]
 
 
 def p50(row: dict, batch: int) -> float:
@@ -141,13 +156,15 @@ def targets(results: dict) -> list[tuple[str, bool, str]]:
     return checks
 
 
-def markdown(results: dict, checks: list, iterations: int) -> str:
+def markdown(results: dict, checks: list, args: argparse.Namespace) -> str:
     lines = [
         "# INT8 ONNX speed in ONNX Runtime (CPU)",
         "",
-        f"Machine: {machine_description()}; "
-        + ", ".join(f"{k} {v}" for k, v in library_versions().items() if k != "qkd-deploy"),
-        f"ONNX Runtime CPU, all cores, p50 of {iterations} runs per batch (ms).",
+        machine_line(),
+        f"ONNX Runtime CPU, all cores; per batch (ms): median over {args.rounds} interleaved "
+        "rounds of the p50 of "
+        + ", ".join(f"{n} runs ({net.split()[0]})" for net, (*_, n) in NETWORKS.items())
+        + ".",
         "",
     ]
     for net, rows in results.items():
@@ -163,40 +180,25 @@ def markdown(results: dict, checks: list, iterations: int) -> str:
                 f"{row['integer_convs']} | {row['bytes'] / 1024:.0f} |"
             )
         lines.append("")
-    lines += ["| target | met | measured |", "| --- | --- | --- |"]
-    lines += [f"| {n} | {'yes' if ok else 'NO'} | {d} |" for n, ok, d in checks]
+    lines += targets_table(checks)
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--iterations", type=int, default=50)
+    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds over the models")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for net, (arch, shape) in NETWORKS.items():
+        for net, (arch, shape, iterations) in NETWORKS.items():
             folder = Path(tmp) / arch
             folder.mkdir()
-            results[net] = measure(build_variants(arch, shape, folder), shape, args.iterations)
+            paths = build_variants(arch, shape, folder)
+            results[net] = measure(paths, shape, iterations, args.rounds)
     checks = targets(results)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "export_speed.json").write_text(
-        json.dumps(
-            {
-                "machine": machine_description(),
-                "versions": library_versions(),
-                "results": results,
-                "targets": [{"target": n, "met": ok, "measured": d} for n, ok, d in checks],
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    text = markdown(results, checks, args.iterations)
-    (out / "export_speed.md").write_text(text)
-    print(text)
+    text = markdown(results, checks, args)
+    write_results(args.out, "export_speed", {"results": results}, checks, text)
     return 0
 
 

@@ -12,15 +12,14 @@ stages). Accuracies are those of the exported ONNX models in ONNX Runtime on the
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
 
+from results_io import machine_line, summarize, targets_table, write_results
+
 from qkd_deploy.config import load_config, save_config
-from qkd_deploy.rundir import library_versions, machine_description
 from qkd_deploy.train_and_export import run
 
 RUNS = [  # (method, bits)
@@ -61,18 +60,6 @@ def run_seed(seed: int, work: Path) -> dict[str, float]:
     return results
 
 
-def summarize(per_seed: list[dict[str, float]]) -> dict[str, dict[str, float]]:
-    keys = per_seed[0].keys()
-    return {
-        k: {
-            "mean": statistics.mean(r[k] for r in per_seed),
-            "std": statistics.pstdev(r[k] for r in per_seed),
-            "values": [r[k] for r in per_seed],
-        }
-        for k in keys
-    }
-
-
 def targets(summary: dict) -> list[tuple[str, bool, str]]:
     mean = {k: v["mean"] for k, v in summary.items()}
     gap8 = 100 * (mean["float"] - mean["kd-decay/w8a8"])
@@ -91,8 +78,7 @@ def markdown(summary: dict, checks: list, seeds: list[int], seconds: float) -> s
     lines = [
         "# KD vs plain QAT on digits (issue 2 targets)",
         "",
-        f"Machine: {machine_description()}; "
-        + ", ".join(f"{k} {v}" for k, v in library_versions().items() if k != "qkd-deploy"),
+        machine_line(),
         f"Seeds {seeds}; wall time {seconds / 60:.1f} min. Accuracy of the exported ONNX model in "
         "ONNX Runtime on the 360-image test split, mean ± std over seeds (%). Default config: "
         "teacher resnet8x4, student resnet8, 30 epochs float, 30 epochs QAT from the float "
@@ -106,8 +92,7 @@ def markdown(summary: dict, checks: list, seeds: list[int], seconds: float) -> s
             continue
         per = " / ".join(f"{100 * x:.2f}" for x in v["values"])
         lines.append(f"| {key} | {100 * v['mean']:.2f} ± {100 * v['std']:.2f} | {per} |")
-    lines += ["", "| target | met | measured |", "| --- | --- | --- |"]
-    lines += [f"| {name} | {'yes' if ok else 'NO'} | {detail} |" for name, ok, detail in checks]
+    lines += ["", *targets_table(checks)]
     return "\n".join(lines) + "\n"
 
 
@@ -122,20 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - start
     summary = summarize(per_seed)
     checks = targets(summary)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "machine": machine_description(),
-        "versions": library_versions(),
-        "seeds": args.seeds,
-        "wall_time_s": round(seconds, 1),
-        "summary": summary,
-        "targets": [{"target": n, "met": ok, "measured": d} for n, ok, d in checks],
-    }
-    (out / "kd_vs_qat.json").write_text(json.dumps(payload, indent=2) + "\n")
+    payload = {"seeds": args.seeds, "wall_time_s": round(seconds, 1), "summary": summary}
     text = markdown(summary, checks, args.seeds, seconds)
-    (out / "kd_vs_qat.md").write_text(text)
-    print(text)
+    write_results(args.out, "kd_vs_qat", payload, checks, text)
     return 0
 
 

@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -45,10 +44,10 @@ from onnxruntime.quantization import (
     QuantType,
     quantize_static,
 )
+from results_io import machine_line, summarize, targets_table, write_results
 
 from qkd_deploy.config import load_config, save_config
 from qkd_deploy.data import Preprocess, load_dataset, stratified_subset
-from qkd_deploy.rundir import library_versions, machine_description
 from qkd_deploy.runtime.base import run_in_batches
 from qkd_deploy.runtime.onnxruntime import OnnxRuntimeRunner
 from qkd_deploy.train_and_export import run
@@ -221,18 +220,6 @@ def _student_accuracies(report: dict) -> dict[str, float]:
     return out
 
 
-def summarize(per_seed: list[dict[str, float]]) -> dict[str, dict]:
-    keys = [k for k in per_seed[0] if all(k in r for r in per_seed)]
-    return {
-        k: {
-            "mean": statistics.mean(r[k] for r in per_seed),
-            "std": statistics.pstdev(r[k] for r in per_seed),
-            "values": [r[k] for r in per_seed],
-        }
-        for k in keys
-    }
-
-
 def _mean(summary: dict, key: str) -> float | None:
     return summary[key]["mean"] if key in summary else None
 
@@ -298,8 +285,7 @@ def markdown(summary: dict, checks: list, args: argparse.Namespace, seconds: flo
     lines = [
         "# Distillation methods on Fashion-MNIST (issue 4 ranking table)",
         "",
-        f"Machine: {machine_description()}; "
-        + ", ".join(f"{k} {v}" for k, v in library_versions().items() if k != "qkd-deploy"),
+        machine_line(),
         "",
         f"Budget: student {args.student}, teachers {args.teacher} (pool of "
         f"{max(METHODS[m][0] for m in args.methods)}, trained once per seed), "
@@ -330,10 +316,8 @@ def markdown(summary: dict, checks: list, args: argparse.Namespace, seconds: flo
         "",
         "Teachers (float): " + ", ".join(f"{k} {_cell(summary, k)}" for k in teachers) + ".",
         "",
-        "| target | met | measured |",
-        "| --- | --- | --- |",
+        *targets_table(checks),
     ]
-    lines += [f"| {name} | {'yes' if ok else 'NO'} | {detail} |" for name, ok, detail in checks]
     return "\n".join(lines) + "\n"
 
 
@@ -363,21 +347,14 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - start
     summary = summarize(per_seed)
     checks = targets(summary)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     payload = {
-        "machine": machine_description(),
-        "versions": library_versions(),
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "work")},
         "wall_time_s": round(seconds, 1),
         "method_wall_time_s": timing,
         "summary": summary,
-        "targets": [{"target": n, "met": ok, "measured": d} for n, ok, d in checks],
     }
-    (out / "methods.json").write_text(json.dumps(payload, indent=2) + "\n")
     text = markdown(summary, checks, args, seconds)
-    (out / "methods.md").write_text(text)
-    print(text)
+    write_results(args.out, "methods", payload, checks, text)
     return 0
 
 
