@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from hand_math import softmax
 from method_helpers import (
     assert_exports_plain_student,
     context,
@@ -24,15 +25,10 @@ from qkd_deploy.models import build_model
 from qkd_deploy.quant.modules import quantizers
 
 
-def _softmax(row):
-    e = [math.exp(v) for v in row]
-    return [v / sum(e) for v in e]
-
-
 def test_generator_loss_terms_match_hand_computation():
     logits = [[2.0, 0.0, 1.0], [0.0, 3.0, 0.0]]
     features = [[1.0, -2.0], [0.5, 0.0]]
-    probs = [_softmax(row) for row in logits]
+    probs = [softmax(row) for row in logits]
     one_hot = -(math.log(probs[0][0]) + math.log(probs[1][1])) / 2
     mean_p = [(a + b) / 2 for a, b in zip(*probs, strict=True)]
     neg_entropy = sum(p * math.log(p) for p in mean_p)

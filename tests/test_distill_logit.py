@@ -2,16 +2,12 @@ import math
 
 import pytest
 import torch
+from hand_math import softmax
 from torch import nn
 
 from qkd_deploy.distill import build_distiller
 from qkd_deploy.distill.losses import kd_kl
 from qkd_deploy.errors import UserError
-
-
-def _softmax(row, tau):
-    e = [math.exp(v / tau) for v in row]
-    return [v / sum(e) for v in e]
 
 
 def test_kd_kl_matches_hand_computation():
@@ -20,7 +16,7 @@ def test_kd_kl_matches_hand_computation():
     tau = 2.0
     expected = 0.0
     for rs, rt in zip(s, t, strict=True):
-        ps, pt = _softmax(rs, tau), _softmax(rt, tau)
+        ps, pt = softmax(rs, tau), softmax(rt, tau)
         expected += sum(b * math.log(b / a) for a, b in zip(ps, pt, strict=True))
     expected = expected / 2 * tau**2
     assert kd_kl(torch.tensor(s), torch.tensor(t), tau).item() == pytest.approx(expected, rel=1e-6)
@@ -41,7 +37,7 @@ def test_kd_loss_terms():
     labels = torch.tensor([1])
     kd = build_distiller("kd", student, [teacher], {"tau": 4.0, "alpha": 0.3})
     _, terms = kd.forward_train(torch.zeros(1), labels, 0.0)
-    ce = -math.log(_softmax([1.0, 2.0, 0.0], 1.0)[1])
+    ce = -math.log(softmax([1.0, 2.0, 0.0], 1.0)[1])
     assert terms["ce"].item() == pytest.approx(0.3 * ce, rel=1e-6)
     soft = kd_kl(student.logits, teacher.logits, 4.0).item()
     assert terms["kd"].item() == pytest.approx(0.7 * soft, rel=1e-6)
@@ -63,7 +59,7 @@ def test_kd_decay_schedule(schedule, progress, weight):
     )
     assert d.soft_weight(progress) == pytest.approx(weight)
     _, terms = d.forward_train(torch.zeros(1), torch.tensor([0]), progress)
-    ce = -math.log(_softmax([0.0, 1.0], 1.0)[0])
+    ce = -math.log(softmax([0.0, 1.0], 1.0)[0])
     assert terms["ce"].item() == pytest.approx((1 - weight) * ce, rel=1e-6)
 
 

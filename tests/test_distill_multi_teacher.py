@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from hand_math import softmax
 from method_helpers import (
     assert_exports_plain_student,
     context,
@@ -36,17 +37,12 @@ S = [1.0, 2.0, 0.0]  # student logits
 T1, T2 = [2.0, 1.0, 0.0], [0.0, 1.0, 3.0]  # teacher logits
 
 
-def _softmax(row, tau=1.0):
-    e = [math.exp(v / tau) for v in row]
-    return [v / sum(e) for v in e]
-
-
 def _kl(p, q):
     return sum(a * math.log(a / b) for a, b in zip(p, q, strict=True))
 
 
 def _ce(row, label):
-    return -math.log(_softmax(row)[label])
+    return -math.log(softmax(row)[label])
 
 
 def _t(*rows):
@@ -67,14 +63,14 @@ class _Fixed(nn.Module):
 
 def test_averaged_soft_targets_weighted_and_equal():
     tau = 2.0
-    p1, p2 = _softmax(T1, tau), _softmax(T2, tau)
+    p1, p2 = softmax(T1, tau), softmax(T2, tau)
     weighted = average_soft_targets([_t(T1), _t(T2)], tau, [3.0, 1.0])
     expected = [0.75 * a + 0.25 * b for a, b in zip(p1, p2, strict=True)]
     assert weighted[0].tolist() == pytest.approx(expected, rel=1e-6)
     equal = average_soft_targets([_t(T1), _t(T2)], tau)
     assert equal[0].tolist() == pytest.approx([(a + b) / 2 for a, b in zip(p1, p2, strict=True)])
     kl = soft_kl(_t(S), weighted, tau).item()
-    assert kl == pytest.approx(tau**2 * _kl(expected, _softmax(S, tau)), rel=1e-5)
+    assert kl == pytest.approx(tau**2 * _kl(expected, softmax(S, tau)), rel=1e-5)
 
 
 def test_avg_teachers_loss_terms():
@@ -85,9 +81,9 @@ def test_avg_teachers_loss_terms():
         {"tau": 2.0, "alpha": 0.3, "weights": [3, 1]},
     )
     _, terms = d.forward_train(torch.zeros(1), torch.tensor([1]), 0.0)
-    target = [0.75 * a + 0.25 * b for a, b in zip(_softmax(T1, 2), _softmax(T2, 2), strict=True)]
+    target = [0.75 * a + 0.25 * b for a, b in zip(softmax(T1, 2), softmax(T2, 2), strict=True)]
     assert terms["ce"].item() == pytest.approx(0.3 * _ce(S, 1), rel=1e-6)
-    assert terms["kd"].item() == pytest.approx(0.7 * 4 * _kl(target, _softmax(S, 2)), rel=1e-5)
+    assert terms["kd"].item() == pytest.approx(0.7 * 4 * _kl(target, softmax(S, 2)), rel=1e-5)
 
 
 @pytest.mark.parametrize("weights", [[1.0], [-1.0, 2.0], [0.0, 0.0]])
@@ -129,7 +125,7 @@ def test_mutual_kl_both_ways():
     teachers = [_t(T1).requires_grad_(), _t(T2).requires_grad_()]
     ensemble = torch.stack(teachers).mean(0)  # [1, 1, 1.5]
     kl_s, kl_t = mutual_kl(student, ensemble, tau)
-    p_s, p_t = _softmax(S, tau), _softmax([1.0, 1.0, 1.5], tau)
+    p_s, p_t = softmax(S, tau), softmax([1.0, 1.0, 1.5], tau)
     assert kl_s.item() == pytest.approx(tau**2 * _kl(p_t, p_s), rel=1e-5)
     assert kl_t.item() == pytest.approx(tau**2 * _kl(p_s, p_t), rel=1e-5)
     kl_s.backward()
@@ -144,7 +140,7 @@ def test_cmt_kd_weighted_total(detach):
     options = CMTKDOptions(alpha=2.0, beta=0.25, gamma=10.0, tau=2.0, detach_shared=detach)
     student, shared = A.clone().requires_grad_(), B.clone().requires_grad_()
     terms = cmt_kd_losses(_t(S), [_t(T1), _t(T2)], torch.tensor([1]), [student], [shared], options)
-    p_s, p_t = _softmax(S, 2), _softmax([1.0, 1.0, 1.5], 2)
+    p_s, p_t = softmax(S, 2), softmax([1.0, 1.0, 1.5], 2)
     expected = {
         "ce_student": 2 * _ce(S, 1),
         "ce_teachers": 2 * (_ce(T1, 1) + _ce(T2, 1)),

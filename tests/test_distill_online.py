@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from hand_math import softmax
 from method_helpers import (
     assert_exports_plain_student,
     context,
@@ -36,20 +37,15 @@ from qkd_deploy.errors import UserError
 # ---------------------------------------------------------------------------------------------
 
 
-def _softmax(row, tau=1.0):
-    e = [math.exp(v / tau) for v in row]
-    return [v / sum(e) for v in e]
-
-
 def _ce(rows, labels):
-    return sum(-math.log(_softmax(r)[y]) for r, y in zip(rows, labels, strict=True)) / len(rows)
+    return sum(-math.log(softmax(r)[y]) for r, y in zip(rows, labels, strict=True)) / len(rows)
 
 
 def _kl(target_rows, student_rows, tau):
     """tau^2 * KL(softmax(t / tau) || softmax(s / tau)), batch mean."""
     total = 0.0
     for t, s in zip(target_rows, student_rows, strict=True):
-        pt, ps = _softmax(t, tau), _softmax(s, tau)
+        pt, ps = softmax(t, tau), softmax(s, tau)
         total += sum(a * math.log(a / b) for a, b in zip(pt, ps, strict=True))
     return total / len(target_rows) * tau**2
 
