@@ -10,7 +10,7 @@ calibration on the pipeline's calibration images. Every accuracy is that of the 
 model in ONNX Runtime on the full 10 000-image test split.
 
     python benchmarks/methods.py [--seeds 0 1] [--jobs 2] [--train-limit 2000] [--epochs 3]
-        [--teacher-epochs 6] [--methods kd cmt-kd ...] [--out benchmarks/results]
+        [--teacher-epochs 6] [--methods kd cmt-kd ...] [--out benchmarks/results] [--name methods]
 
 Seeds run in parallel processes (``--jobs``), each with its share of the CPU cores: on 2 cores two
 single-threaded trainings of this small student get through more work than one two-threaded one.
@@ -341,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--teacher-epochs", type=int, default=6)
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--work", default="runs/bench-methods")
+    p.add_argument("--name", default="methods", help="result files: OUT/NAME.md and .json")
     args = p.parse_args(argv)
     start = time.perf_counter()
     per_seed, timing = run_seeds(args)
@@ -348,13 +349,13 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(per_seed)
     checks = targets(summary)
     payload = {
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "work")},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "work", "name")},
         "wall_time_s": round(seconds, 1),
         "method_wall_time_s": timing,
         "summary": summary,
     }
     text = markdown(summary, checks, args, seconds)
-    write_results(args.out, "methods", payload, checks, text)
+    write_results(args.out, args.name, payload, checks, text)
     return 0
 
 
