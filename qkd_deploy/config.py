@@ -65,6 +65,9 @@ class StudentConfig:
 @dataclass
 class QuantConfig:
     target: str = "tensorrt"  # "tensorrt" (signed INT8 Q/DQ) or "onnxruntime" (UINT8 post-ReLU)
+    # tensorrt target: "skip" quantizes a residual Add's skip input only, so TensorRT fuses the
+    # other input's Conv with the Add; "both" puts Q/DQ on both inputs (an extra INT8 kernel)
+    residual_add_inputs: str = "skip"
     first_last_bits: int | None = 8
     layer_bits: dict[str, str] = field(default_factory=dict)  # fnmatch pattern -> "wXaY"
     learn_scales: bool = True  # LSQ; False keeps the calibrated step sizes fixed

@@ -18,7 +18,7 @@ from torch import nn
 from qkd_deploy.bench.accuracy import accuracy, parity
 from qkd_deploy.bench.latency import measure_latency
 from qkd_deploy.calib.calibrate import calibrate
-from qkd_deploy.config import Config, TeacherConfig, TrainConfig
+from qkd_deploy.config import Config, QuantConfig, TeacherConfig, TrainConfig
 from qkd_deploy.data import BatchLoader, DatasetSplits, Preprocess, stratified_subset
 from qkd_deploy.distill import build_distiller
 from qkd_deploy.distill.base import MethodContext, method_class
@@ -165,6 +165,19 @@ def float_student_stage(ctx: Context, progress: bool) -> nn.Module:
     return model
 
 
+def quantize_options(qcfg: QuantConfig, bits: BitWidths) -> QuantizeOptions:
+    """How to quantize a student at ``bits``; raises on bad settings (the pipeline builds these
+    before any training, so a typo costs nothing)."""
+    return QuantizeOptions(
+        bits,
+        qcfg.target,
+        qcfg.first_last_bits,
+        qcfg.layer_bits,
+        qcfg.learn_scales,
+        qcfg.residual_add_inputs,
+    )
+
+
 def quantized_student_stage(
     ctx: Context,
     bits: BitWidths,
@@ -182,9 +195,7 @@ def quantized_student_stage(
     data_free = method_class(cfg.method).data_free
     start = untrained_student(ctx) if data_free else float_student
     torch.manual_seed(ctx.config.seed + 2)
-    options = QuantizeOptions(
-        bits, qcfg.target, qcfg.first_last_bits, qcfg.layer_bits, qcfg.learn_scales
-    )
+    options = quantize_options(qcfg, bits)
     student = quantize_model(start, options)
     final = folder / "model.pt"
     if final.exists():

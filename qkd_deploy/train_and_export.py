@@ -170,6 +170,8 @@ def run(config: Config, root: Path) -> dict:
         )
     ctx = P.Context(config, data, preprocess, RunDir(root))
     bit_list = [BitWidths.parse(b) for b in config.student.bits]
+    for bits in bit_list:  # bad quantization settings fail here, before any training
+        P.quantize_options(config.quant, bits)
     _save_sample_batch(ctx)
     with P.timed(timings, "teachers"):
         teachers, teacher_infos = P.teachers_stage(ctx, progress)

@@ -15,10 +15,13 @@ from qkd_deploy.quant.fold import fold_batchnorm
 from qkd_deploy.runtime.onnxruntime import OnnxRuntimeRunner
 
 
-def _export(tmp_path, bits, target="tensorrt"):
+def _export(tmp_path, bits, target="tensorrt", residual_add_inputs="skip"):
     torch.manual_seed(0)
     model = randomize_batchnorm(ToyResNet()).eval()
-    q = quantize_model(model, QuantizeOptions(BitWidths.parse(bits), target=target))
+    options = QuantizeOptions(
+        BitWidths.parse(bits), target, residual_add_inputs=residual_add_inputs
+    )
+    q = quantize_model(model, options)
     x = torch.randn(96, 1, 8, 8, generator=torch.Generator().manual_seed(2))
     calibrate(q, [x[:48], x[48:]])
     q.eval()
@@ -179,4 +182,18 @@ def test_onnxruntime_target_runs_every_layer_on_integer_kernels(tmp_path):
     with torch.no_grad():
         reference = fold_batchnorm(q)(x).numpy()
     result = parity(OnnxRuntimeRunner(path).run(x.numpy()), reference)
+    assert result.agreement == 1.0 and result.max_abs_error < 1e-4
+
+
+def test_tensorrt_export_can_quantize_both_add_inputs(tmp_path):
+    """``residual_add_inputs="both"``: every Add reads two DequantizeLinear outputs, and the graph
+    still computes the fake-quant model exactly."""
+    q, x, path = _export(tmp_path, "w4a4", "tensorrt", residual_add_inputs="both")
+    graph = onnx.load(path).graph
+    producers = {o: n.op_type for n in graph.node for o in n.output}
+    adds = [n for n in graph.node if n.op_type == "Add"]
+    assert adds and all(producers[i] == "DequantizeLinear" for n in adds for i in n.input)
+    with torch.no_grad():
+        reference = fold_batchnorm(q)(x).numpy()
+    result = parity(OnnxRuntimeRunner(path, optimize=False).run(x.numpy()), reference)
     assert result.agreement == 1.0 and result.max_abs_error < 1e-4

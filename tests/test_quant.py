@@ -95,6 +95,19 @@ def test_residual_add_quantizers_follow_the_target():
     ort = quantize_model(ToyResNet(), QuantizeOptions(BitWidths(4, 4), target="onnxruntime"))
     assert isinstance(ort.add.quantizer_a, LSQQuantizer)
     assert isinstance(ort.add.quantizer_b, LSQQuantizer)
+    both = QuantizeOptions(BitWidths(4, 4), target="tensorrt", residual_add_inputs="both")
+    trt_both = quantize_model(ToyResNet(), both)
+    assert isinstance(trt_both.add.quantizer_a, LSQQuantizer)
+    assert isinstance(trt_both.add.quantizer_b, LSQQuantizer)
+
+
+@pytest.mark.parametrize(
+    "settings, named",
+    [({"target": "jetson"}, "jetson"), ({"residual_add_inputs": "all"}, "residual_add_inputs")],
+)
+def test_bad_quantize_options_are_one_clear_error(settings, named):
+    with pytest.raises(UserError, match=named):
+        QuantizeOptions(BitWidths(4, 4), **settings)
 
 
 @pytest.mark.parametrize("target", ["tensorrt", "onnxruntime"])

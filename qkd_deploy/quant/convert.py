@@ -12,7 +12,7 @@ from torch import fx, nn
 from qkd_deploy.errors import UserError
 from qkd_deploy.models.layers import Add
 from qkd_deploy.quant.graph import module_of, trace
-from qkd_deploy.quant.grid import check_bits
+from qkd_deploy.quant.grid import TARGETS, check_bits
 from qkd_deploy.quant.modules import (
     QuantAdd,
     QuantAvgPool,
@@ -65,6 +65,18 @@ class QuantizeOptions:
     first_last_bits: int | None = 8
     layer_bits: dict[str, str] = field(default_factory=dict)
     learn_scales: bool = True
+    residual_add_inputs: str = "skip"  # tensorrt target: "skip" or "both" (see _add_inputs...)
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise UserError(
+                f"unknown export target {self.target!r}; use one of {', '.join(TARGETS)}"
+            )
+        if self.residual_add_inputs not in ("skip", "both"):
+            raise UserError(
+                f"quant.residual_add_inputs {self.residual_add_inputs!r}: use 'skip' (Q/DQ on "
+                "a residual Add's skip input, TensorRT fuses Conv+Add) or 'both'"
+            )
 
 
 def quantize_model(model: nn.Module, options: QuantizeOptions) -> nn.Module:
@@ -75,7 +87,7 @@ def quantize_model(model: nn.Module, options: QuantizeOptions) -> nn.Module:
     if not any(isinstance(m, (nn.Conv2d, nn.Linear)) for _, m in model.named_modules()):
         raise UserError("the model has no Conv2d or Linear layer to quantize")
     first_last = _first_conv_and_last_linear(model)
-    add_inputs = _add_inputs_to_quantize(model, options.target)
+    add_inputs = _add_inputs_to_quantize(model, options)
     ort_target = options.target == "onnxruntime"
     graph = _trace_or_none(model, "find what reads each tensor") if ort_target else None
     consumers = _input_consumers(graph, model) if graph else []
@@ -196,12 +208,17 @@ def _set_input_quantizer(module: nn.Module, index: int, quantizer: LSQQuantizer)
         module.input_quantizer = quantizer
 
 
-def _add_inputs_to_quantize(model: nn.Module, target: str) -> dict[str, tuple[bool, bool]]:
-    """Which inputs of each residual ``Add`` get a quantizer (see ``QuantAdd``): for TensorRT,
-    not the first input that comes straight from a Conv2d/BatchNorm2d; otherwise both."""
+def _add_inputs_to_quantize(
+    model: nn.Module, options: QuantizeOptions
+) -> dict[str, tuple[bool, bool]]:
+    """Which inputs of each residual ``Add`` get a quantizer (see ``QuantAdd``): for TensorRT
+    with ``residual_add_inputs="skip"``, not the first input that comes straight from a
+    Conv2d/BatchNorm2d (TensorRT's placement recommendation: quantize the skip input, so the
+    Add fuses into that conv); otherwise both."""
     adds = [n for n, m in model.named_modules() if type(m) is Add]
     placement = dict.fromkeys(adds, (True, True))
-    if target != "tensorrt" or not adds:
+    fuse = options.target == "tensorrt" and options.residual_add_inputs == "skip"
+    if not fuse or not adds:
         return placement
     try:
         graph = trace(model, "place residual-add quantizers")
