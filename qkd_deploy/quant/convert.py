@@ -218,12 +218,9 @@ def _add_inputs_to_quantize(
     adds = [n for n, m in model.named_modules() if type(m) is Add]
     placement = dict.fromkeys(adds, (True, True))
     fuse = options.target == "tensorrt" and options.residual_add_inputs == "skip"
-    if not fuse or not adds:
+    graph = _trace_or_none(model, "place residual-add quantizers") if fuse and adds else None
+    if graph is None:  # untraceable: quantize both inputs, still exact, less fused
         return placement
-    try:
-        graph = trace(model, "place residual-add quantizers")
-    except UserError:
-        return placement  # untraceable: quantize both inputs, still exact, less fused
     modules = dict(model.named_modules())
     for node in graph.nodes:
         if node.op == "call_module" and node.target in placement:
