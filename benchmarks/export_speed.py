@@ -22,13 +22,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from onnxruntime.quantization import (
-    CalibrationDataReader,
-    CalibrationMethod,
-    QuantFormat,
-    QuantType,
-    quantize_static,
-)
+from ort_baseline import ort_quantize_static
 from results_io import machine_line, targets_table, write_results
 from torch import nn
 
@@ -44,14 +38,6 @@ NETWORKS = {  # name -> (zoo arch, input C, H, W, timed runs per round and batch
     "resnet18 (64-512 ch, 3x32x32)": ("resnet18", (3, 32, 32), 20),
     "default student resnet8 (1x8x8)": ("resnet8", (1, 8, 8), 300),
 }
-
-
-class _Images(CalibrationDataReader):
-    def __init__(self, images: np.ndarray) -> None:
-        self.batches = iter([{INPUT_NAME: images[i : i + 16]} for i in range(0, len(images), 16)])
-
-    def get_next(self):
-        return next(self.batches, None)
 
 
 def integer_convs(path: Path) -> tuple[int, int]:
@@ -78,17 +64,9 @@ def build_variants(arch: str, shape: tuple[int, int, int], folder: Path) -> dict
         paths[f"ours int8 ({target} target)"] = export_onnx(
             to_deploy(q.eval()), images, folder / f"ours_{target}.onnx"
         )
-    quantize_static(
-        str(paths["float"]),
-        str(folder / "ort_static.onnx"),
-        _Images(images.numpy()),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-        calibrate_method=CalibrationMethod.MinMax,
+    paths["onnxruntime quantize_static"] = ort_quantize_static(
+        paths["float"], folder / "ort_static.onnx", images.numpy(), INPUT_NAME, "MinMax", 16
     )
-    paths["onnxruntime quantize_static"] = folder / "ort_static.onnx"
     return paths
 
 

@@ -35,15 +35,8 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
-import numpy as np
 import torch
-from onnxruntime.quantization import (
-    CalibrationDataReader,
-    CalibrationMethod,
-    QuantFormat,
-    QuantType,
-    quantize_static,
-)
+from ort_baseline import CALIBRATION_METHODS, ort_quantize_static
 from results_io import machine_line, summarize, targets_table, write_results
 
 from qkd_deploy.config import load_config, save_config
@@ -71,11 +64,6 @@ METHODS = {
 # methods without a teacher (online, self) still get the pool's first teacher: the report's
 # reference accuracy, never used in their loss
 POOL_METHOD = "none"
-PTQ_METHODS = {
-    "MinMax": CalibrationMethod.MinMax,
-    "Entropy": CalibrationMethod.Entropy,
-    "Percentile": CalibrationMethod.Percentile,
-}
 FLOAT_STAGES = ("student_float",)
 DATA_FREE = ("dafl", "cdfkd-mfs")
 TRAIN_BATCH = 64  # the pipeline's default training batch; data-free methods generate this many
@@ -129,17 +117,6 @@ def run_method(
     return run(config, root), root
 
 
-class _Images(CalibrationDataReader):
-    """Calibration batches of equal size (ONNX Runtime's histogram calibrators stack them)."""
-
-    def __init__(self, images: np.ndarray, input_name: str, batch: int = 64) -> None:
-        full = len(images) - len(images) % batch or len(images)
-        self._batches = iter([{input_name: images[i : i + batch]} for i in range(0, full, batch)])
-
-    def get_next(self):
-        return next(self._batches, None)
-
-
 def ptq_accuracies(pool: Path, args: argparse.Namespace, seed: int) -> dict[str, float]:
     """ONNX Runtime quantize_static of the float student, each calibration method, on the same
     calibration images as the pipeline; accuracy in ONNX Runtime on the test split."""
@@ -155,17 +132,9 @@ def ptq_accuracies(pool: Path, args: argparse.Namespace, seed: int) -> dict[str,
     input_name = OnnxRuntimeRunner(float_model).input_name
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, method in PTQ_METHODS.items():
-            out = Path(tmp) / f"{name}.onnx"
-            quantize_static(
-                str(float_model),
-                str(out),
-                _Images(calib_images, input_name),
-                quant_format=QuantFormat.QDQ,
-                per_channel=True,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-                calibrate_method=method,
+        for name in CALIBRATION_METHODS:
+            out = ort_quantize_static(
+                float_model, Path(tmp) / f"{name}.onnx", calib_images, input_name, name
             )
             logits = run_in_batches(OnnxRuntimeRunner(out), test_images, 500)
             results[f"ptq-{name}/int8"] = float((logits.argmax(1) == labels).mean())
@@ -303,7 +272,7 @@ def markdown(summary: dict, checks: list, args: argparse.Namespace, seconds: flo
         label = f"{method} (plain QAT baseline)" if method == POOL_METHOD else method
         cells = [_cell(summary, f"{method}/{c}") for c in columns]
         lines.append(f"| {label} | | " + " | ".join(cells) + " |")
-    for name in PTQ_METHODS:  # UINT8 activations, INT8 per-channel weights: W8A8
+    for name in CALIBRATION_METHODS:  # UINT8 activations, INT8 per-channel weights: W8A8
         lines.append(
             f"| ORT quantize_static {name} (PTQ, baseline) | | "
             f"{_cell(summary, f'ptq-{name}/int8')} | | |"
