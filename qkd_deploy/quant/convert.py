@@ -12,7 +12,7 @@ from torch import fx, nn
 from qkd_deploy.errors import UserError
 from qkd_deploy.models.layers import Add
 from qkd_deploy.quant.graph import module_of, trace
-from qkd_deploy.quant.grid import TARGETS, check_bits
+from qkd_deploy.quant.grid import check_bits, check_target
 from qkd_deploy.quant.modules import (
     QuantAdd,
     QuantAvgPool,
@@ -68,10 +68,7 @@ class QuantizeOptions:
     residual_add_inputs: str = "skip"  # tensorrt target: "skip" or "both" (see _add_inputs...)
 
     def __post_init__(self) -> None:
-        if self.target not in TARGETS:
-            raise UserError(
-                f"unknown export target {self.target!r}; use one of {', '.join(TARGETS)}"
-            )
+        check_target(self.target)
         if self.residual_add_inputs not in ("skip", "both"):
             raise UserError(
                 f"quant.residual_add_inputs {self.residual_add_inputs!r}: use 'skip' (Q/DQ on "

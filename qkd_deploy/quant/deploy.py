@@ -98,6 +98,7 @@ class DeployLinear(_IntegerWeights):
             self.register_buffer("bias_scale", self.input_quantizer.scale * self.weight_scale)
             grid = torch.round(self.bias.double() / self.bias_scale.double())
             self.bias = grid.clamp(*INT32_RANGE).to(torch.int32)
+            self.register_buffer("bias_zero_point", torch.zeros_like(self.bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.input_quantizer(x), self.weight(), self.effective_bias())
@@ -106,8 +107,7 @@ class DeployLinear(_IntegerWeights):
         """The float bias, or the INT32 one dequantized (zero point 0)."""
         if not self.integer_bias:
             return self.bias
-        zero_point = torch.zeros(self.bias.shape, dtype=torch.int32)
-        return torch.ops.qkd.dequantize(self.bias, self.bias_scale, zero_point, 0)
+        return torch.ops.qkd.dequantize(self.bias, self.bias_scale, self.bias_zero_point, 0)
 
 
 class DeployAdd(nn.Module):

@@ -57,10 +57,7 @@ def activation_grid(bits: int, non_negative: bool, target: str) -> Grid:
     network input on INT8 left the first conv of ResNet-18 unfused).
     """
     check_bits(bits, "activation quantizer")
-    if target not in TARGETS:
-        from qkd_deploy.errors import UserError
-
-        raise UserError(f"unknown export target {target!r}; use one of {', '.join(TARGETS)}")
+    check_target(target)
     if non_negative and target == "onnxruntime":
         return Grid(0, 2**bits - 1, "uint8")
     if non_negative and bits <= 7:
@@ -69,3 +66,10 @@ def activation_grid(bits: int, non_negative: bool, target: str) -> Grid:
     if target == "onnxruntime":
         return Grid(-half, half - 1, "uint8", zero_point=128)
     return Grid(-half, half - 1, "int8")
+
+
+def check_target(target: str) -> None:
+    if target not in TARGETS:
+        from qkd_deploy.errors import UserError
+
+        raise UserError(f"unknown export target {target!r}; use one of {', '.join(TARGETS)}")
