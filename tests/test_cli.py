@@ -88,6 +88,8 @@ def test_report_command_rerenders_markdown(tmp_path, capsys):
                 "accuracy_onnx": 0.5,
                 "onnx_agreement": 1.0,
                 "onnx_max_abs_error": 0.0,
+                "ort_cpu": {"accuracy": 0.0, "agreement": 0.5, "max_abs_error": 0.1},
+                "warning": "the kernels saturate",
                 "onnx_path": "w4a4/model.onnx",
                 "onnx_bytes": 2048,
                 "latency_ms": {"onnxruntime_cpu": [{"batch": 1, "p50": 1.0, "p90": 2.0}]},
@@ -97,10 +99,10 @@ def test_report_command_rerenders_markdown(tmp_path, capsys):
     }
     (tmp_path / "report.json").write_text(json.dumps(report))
     assert main(["report", str(tmp_path)]) == 0
-    assert "| resnet8_w4a4 | kd | w4a4 | 50.00 | 50.00 | 100.00 | 2.0 | 1.000 / 2.000 |" in (
-        capsys.readouterr().out
-    )
-    assert (tmp_path / "report.md").is_file()
+    row = "| resnet8_w4a4 | kd | w4a4 | 50.00 | 50.00 | 100.00 | 0.00 | 2.0 | 1.000 / 2.000 |"
+    assert row in capsys.readouterr().out
+    markdown = (tmp_path / "report.md").read_text()
+    assert row in markdown and "- **warning**: the kernels saturate" in markdown
 
 
 def test_methods_lists_every_registered_method_with_its_options(capsys):

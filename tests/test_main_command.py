@@ -48,6 +48,9 @@ def test_report_follows_the_schema(tiny_run):
         assert s["method"] == "kd-decay" and (s["w_bits"], s["a_bits"]) in ((8, 8), (4, 4))
         assert 0 <= s["accuracy_torch"] <= 1 and 0 <= s["accuracy_onnx"] <= 1
         assert s["onnx_agreement"] >= 0.99
+        kernels = s["ort_cpu"]  # ONNX Runtime's fused kernels: a warning when they disagree
+        assert 0 <= kernels["accuracy"] <= 1 and 0 <= kernels["agreement"] <= 1
+        assert ("warning" in s) == (kernels["agreement"] < 0.99)
         assert (out / s["onnx_path"]).stat().st_size == s["onnx_bytes"]
         rows = s["latency_ms"]["onnxruntime_cpu"]
         assert [r["batch"] for r in rows] == [1, 4] and all(r["p90"] >= r["p50"] > 0 for r in rows)

@@ -18,17 +18,22 @@ def _latency_cell(latency: dict, batch: int) -> str:
     return "-"
 
 
+def _ort_cpu_accuracy(model: dict) -> str:
+    return _pct(model.get("ort_cpu", {}).get("accuracy"))
+
+
 def summary_table(report: dict) -> str:
     """A Markdown table: one row per model (teacher, float references, students)."""
     batches = sorted(
         {r["batch"] for s in report["students"] for r in s["latency_ms"].get("onnxruntime_cpu", [])}
     )
-    head = ["model", "method", "bits", "acc torch %", "acc onnx %", "agreement %", "onnx KiB"]
+    head = ["model", "method", "bits", "acc torch %", "acc onnx %", "agreement %"]
+    head += ["acc ORT CPU %", "onnx KiB"]
     head += [f"ORT b{b} p50/p90 ms" for b in batches]
     rows = [head, ["---"] * len(head)]
     teacher = report["teacher"]
     rows.append(
-        [f"teacher {teacher['arch']}", "-", "float", _pct(teacher["accuracy"]), "-", "-", "-"]
+        [f"teacher {teacher['arch']}", "-", "float", _pct(teacher["accuracy"]), "-", "-", "-", "-"]
         + ["-"] * len(batches)
     )
     for ref in report.get("float_references", []):
@@ -40,6 +45,7 @@ def summary_table(report: dict) -> str:
                 _pct(ref["accuracy_torch"]),
                 _pct(ref.get("accuracy_onnx")),
                 "-",
+                _ort_cpu_accuracy(ref),
                 f"{ref['onnx_bytes'] / 1024:.1f}",
             ]
             + [_latency_cell(ref["latency_ms"], b) for b in batches]
@@ -53,6 +59,7 @@ def summary_table(report: dict) -> str:
                 _pct(s["accuracy_torch"]),
                 _pct(s["accuracy_onnx"]),
                 _pct(s["onnx_agreement"]),
+                _ort_cpu_accuracy(s),
                 f"{s['onnx_bytes'] / 1024:.1f}",
             ]
             + [_latency_cell(s["latency_ms"], b) for b in batches]
@@ -66,8 +73,10 @@ def render_markdown(report: dict) -> str:
         f"# qkd-deploy report: {report['dataset']}",
         "",
         f"Test split: {report.get('test_samples', '?')} images. Accuracies in %, latency in ms per "
-        f"batch (ONNX Runtime CPU, {env.get('threads', '?')} threads). Agreement: argmax of the "
-        "ONNX model vs the torch fake-quant model on the test split.",
+        f"batch (ONNX Runtime CPU, {env.get('threads', '?')} threads). acc onnx: the exported "
+        "graph as written (ONNX Runtime, graph optimizations off); agreement: its argmax vs the "
+        "torch fake-quant model on the test split. acc ORT CPU: ONNX Runtime's fused integer "
+        "kernels on this machine (the same, except on x86 CPUs without VNNI).",
         "",
         summary_table(report),
         "",
@@ -80,6 +89,8 @@ def render_markdown(report: dict) -> str:
             f"- `{s['name']}`: max |logit| error ONNX vs torch {s['onnx_max_abs_error']:.4g}, "
             f"file `{s['onnx_path']}`"
         )
+        if "warning" in s:
+            lines.append(f"- **warning**: {s['warning']}")
     return "\n".join(lines) + "\n"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +23,10 @@ class OnnxRuntimeRunner:
     ``providers`` defaults to CPU only, which is what accuracy and parity checks want; pass
     ``"auto"`` to use the CUDA / TensorRT execution providers when this onnxruntime build has them.
     ``threads`` sets intra-op threads (0 lets ONNX Runtime choose). ``optimize=False`` turns off
-    ONNX Runtime's graph rewrites, which run the Q/DQ graph exactly as written: with them, ONNX
-    Runtime fuses Q/DQ into integer kernels and re-quantizes float biases to INT32, which moves
-    outputs by up to half an accumulator step (enough to flip a rounding at 2-4 bits).
+    ONNX Runtime's graph rewrites and runs the Q/DQ graph exactly as written. With them, ONNX
+    Runtime fuses Q/DQ into integer kernels: it re-quantizes float biases to INT32 (exact for
+    this project's exports, whose biases already sit on that grid), and on x86 CPUs without VNNI
+    its 8-bit kernels can saturate (see ``int8_kernels_may_saturate``).
     """
 
     def __init__(
@@ -84,3 +86,24 @@ def _resolve_providers(providers: str | list[str], available: list[str]) -> list
             f"(available: {available}). Install onnxruntime-gpu or choose from the available ones."
         )
     return list(providers)
+
+
+_X86 = ("x86_64", "amd64", "i386", "i686", "x86")
+_VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def int8_kernels_may_saturate(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool:
+    """Whether ONNX Runtime's fused 8-bit kernels may differ from the Q/DQ graph on this CPU.
+
+    On x86 without VNNI, ONNX Runtime multiplies UINT8 activations by INT8 weights with
+    VPMADDUBSW, which adds two neighbouring products in 16 bits and saturates at 32767: two
+    products of 255 x 127 do. VNNI CPUs (and ARM, e.g. a Jetson) accumulate in 32 bits and are
+    exact, and so is TensorRT. An x86 CPU whose flags cannot be read counts as saturating.
+    """
+    if platform.machine().lower() not in _X86:
+        return False
+    try:
+        flags = Path(cpuinfo).read_text()
+    except OSError:
+        return True
+    return not any(flag in flags.split() for flag in _VNNI_FLAGS)
