@@ -36,7 +36,7 @@ def test_zoo_model_parity(arch, bits, tmp_path):
     path = export_onnx(to_deploy(q), x, tmp_path / "m.onnx")
     with torch.no_grad():
         reference = fold_batchnorm(q)(x).numpy()
-    logits = OnnxRuntimeRunner(path).run(x.numpy())
+    logits = OnnxRuntimeRunner(path, optimize=False).run(x.numpy())  # the graph as written
     agreement = (logits.argmax(1) == reference.argmax(1)).mean()
     error = np.abs(logits - reference).max()
     assert agreement >= 0.95, (agreement, error)

@@ -176,7 +176,9 @@ def test_calibration_detects_non_negative_activations():
 def test_batchnorm_folding_keeps_the_integers(bits):
     q, x = _calibrated(randomize_batchnorm(ToyResNet()).eval(), bits)
     folded = fold_batchnorm(q)
-    assert isinstance(folded.bn2, nn.Identity) and folded.conv2.quantize_bias
+    assert isinstance(folded.bn2, nn.Identity) and not folded.conv2.quantize_bias
+    with torch.no_grad():  # tensorrt target: float biases, so folding changes no number
+        torch.testing.assert_close(folded(x), q(x), atol=1e-5, rtol=0)
     deploy = to_deploy(q)
     assert isinstance(deploy.conv2, DeployConv2d)
     assert deploy.conv2.weight_int.dtype == torch.int8
@@ -192,9 +194,10 @@ def test_batchnorm_folding_keeps_the_integers(bits):
         torch.testing.assert_close(deploy(x), folded(x), atol=1e-6, rtol=0)
 
 
-def test_folded_bias_sits_on_the_accumulator_grid():
-    q, x = _calibrated(randomize_batchnorm(ToyResNet()).eval(), "w4a4")
+def test_folded_bias_sits_on_the_accumulator_grid_for_onnxruntime():
+    q, x = _calibrated(randomize_batchnorm(ToyResNet()).eval(), "w4a4", target="onnxruntime")
     conv = fold_batchnorm(q).conv2
+    assert conv.quantize_bias
     step = conv.input_quantizer.step_size() * conv.weight_quantizer.step_size()
     bias = conv.effective_bias().detach()
     assert torch.allclose(bias / step, torch.round(bias / step), atol=1e-3)

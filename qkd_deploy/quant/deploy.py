@@ -1,12 +1,13 @@
 """The deploy form of a fake-quant model: what ``export/onnx.py`` exports.
 
-The model is BN-folded first (``quant.fold``, which also puts every bias on the INT32 grid of its
-layer's accumulator), then weights become integer buffers with per-channel scales and quantizers
-frozen ``qkd::quantize_dequantize`` calls with tensor scales and zero points. On the
-``onnxruntime`` target a Linear's bias is stored as INT32 behind a DequantizeLinear (scale =
-input scale x weight scale, as ONNX Runtime's ``quantize_static`` writes it): ONNX Runtime runs
-the layer as an integer QGemm only then (its Conv fusion quantizes a float bias itself). The
-deploy model computes exactly what the folded fake-quant model computes.
+The model is BN-folded first (``quant.fold``, which for the ``onnxruntime`` target also puts
+every bias on the INT32 grid of its layer's accumulator), then weights become integer buffers
+with per-channel scales and quantizers frozen ``qkd::quantize_dequantize`` calls with tensor
+scales and zero points. On the ``onnxruntime`` target a Linear's bias is stored as INT32 behind
+a DequantizeLinear (scale = input scale x weight scale, as ONNX Runtime's ``quantize_static``
+writes it): ONNX Runtime runs the layer as an integer QGemm only then (its Conv fusion
+quantizes a float bias itself). The deploy model computes exactly what the folded fake-quant
+model computes.
 """
 
 from __future__ import annotations

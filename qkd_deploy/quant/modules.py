@@ -15,8 +15,9 @@ from qkd_deploy.quant.quantizer import LSQQuantizer, quantize_bias
 class _QuantizedLayer:
     """Shared by the quantized Conv2d and Linear: the bias they add.
 
-    ``quantize_bias`` is switched on by ``quant.fold.fold_batchnorm`` once the layer's BatchNorm
-    is folded in, so the fake-quant model adds exactly the INT32 bias the deployed model adds.
+    ``quantize_bias`` is switched on by ``quant.fold.fold_batchnorm`` for the ``onnxruntime``
+    target once the layer's BatchNorm is folded in, so the fake-quant model adds exactly the
+    INT32 bias ONNX Runtime's integer kernels add.
     """
 
     quantize_bias = False
