@@ -76,7 +76,8 @@ def render_markdown(report: dict) -> str:
         f"batch (ONNX Runtime CPU, {env.get('threads', '?')} threads). acc onnx: the exported "
         "graph as written (ONNX Runtime, graph optimizations off); agreement: its argmax vs the "
         "torch fake-quant model on the test split. acc ORT CPU: ONNX Runtime's fused integer "
-        "kernels on this machine (the same, except on x86 CPUs without VNNI).",
+        "kernels on this machine (they round a tensorrt-target model's biases to INT32 and "
+        "saturate on x86 CPUs without VNNI).",
         "",
         summary_table(report),
         "",

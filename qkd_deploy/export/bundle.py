@@ -170,8 +170,9 @@ def _write_contents(
     model = read_model_input(model_path)
     images, labels = _read_sample(run_dir / "sample_batch.npz", model)
     preprocess = Preprocess.from_dict(report["preprocess"])
-    batch = preprocess.apply_numpy(images)
-    logits, output_name = _onnxruntime_logits(model_path, batch, optimize=False)
+    logits, output_name = _onnxruntime_logits(
+        model_path, preprocess.apply_numpy(images), optimize=False
+    )
     precision = "int4" if _has_int4_weights(model_path) else "int8"
 
     atomic_write_json(folder / "labels.json", list(report["class_names"]))
@@ -513,7 +514,6 @@ def _compare(
             f"(tolerance {tolerance['max_abs_error']:.3g})",
         ),
     ]
-    passed = all(check["passed"] for check in checks)
     return {
         "runner": runner_name,
         "engine": str(engine) if runtime == "tensorrt" else None,
@@ -522,7 +522,7 @@ def _compare(
         "max_abs_error": match.max_abs_error,
         "sample_accuracy": accuracy(logits, labels),
         "expected": expected,
-        "passed": passed,
+        "passed": all(check["passed"] for check in checks),
     }
 
 

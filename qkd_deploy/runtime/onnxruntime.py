@@ -24,9 +24,9 @@ class OnnxRuntimeRunner:
     ``"auto"`` to use the CUDA / TensorRT execution providers when this onnxruntime build has them.
     ``threads`` sets intra-op threads (0 lets ONNX Runtime choose). ``optimize=False`` turns off
     ONNX Runtime's graph rewrites and runs the Q/DQ graph exactly as written. With them, ONNX
-    Runtime fuses Q/DQ into integer kernels: it re-quantizes float biases to INT32 (exact for
-    this project's exports, whose biases already sit on that grid), and on x86 CPUs without VNNI
-    its 8-bit kernels can saturate (see ``int8_kernels_may_saturate``).
+    Runtime fuses Q/DQ into integer kernels: it re-quantizes float biases to INT32 (exact only
+    for ``onnxruntime``-target exports, whose biases already sit on that grid), and on x86 CPUs
+    without VNNI its 8-bit kernels can saturate (see ``int8_kernels_may_saturate``).
     """
 
     def __init__(
