@@ -17,9 +17,8 @@ of an under-trained student, which hides what a teacher adds.
         [--teacher-epochs 30] [--float-epochs 30] [--methods kd cmt-kd ...]
         [--out benchmarks/results] [--name methods]
 
-Budget: two seeds in parallel. On the AMD EPYC (AVX2) machine of 2026-11-29 one seed's runs take
-about 127 min, over the 2-hour budget by about 8 min; on the 2026-11-23 machine (AVX-512 VNNI)
-four seeds took 116.5 min. More seeds resume into the same ``--work`` directory.
+Budget: two seeds in parallel, 2 hours; the results file states each seed's run time on its
+machine. More seeds resume into the same ``--work`` directory.
 
 Seeds run in parallel processes (``--jobs``), each with its share of the CPU cores: on 2 cores two
 single-threaded trainings of this small student get through more work than one two-threaded one.
