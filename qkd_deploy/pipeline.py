@@ -25,12 +25,12 @@ from qkd_deploy.distill import build_distiller
 from qkd_deploy.distill.base import MethodContext, method_class
 from qkd_deploy.errors import UserError
 from qkd_deploy.export.onnx import export_onnx
-from qkd_deploy.fileio import atomic_write_bytes
+from qkd_deploy.fileio import atomic_write_bytes, sha256_file
 from qkd_deploy.models import build_model, load_user_model
 from qkd_deploy.quant.convert import BitWidths, QuantizeOptions, quantize_model
 from qkd_deploy.quant.deploy import to_deploy
 from qkd_deploy.quant.fold import fold_batchnorm
-from qkd_deploy.rundir import RunDir
+from qkd_deploy.rundir import RunDir, library_versions, machine_description
 from qkd_deploy.runtime.base import run_in_batches
 from qkd_deploy.runtime.onnxruntime import OnnxRuntimeRunner, int8_kernels_may_saturate
 from qkd_deploy.train.evaluate import predict
@@ -129,10 +129,37 @@ def teachers_stage(ctx: Context, progress: bool) -> tuple[list[nn.Module], list[
                 ctx, stage, teacher, ctx.config.teacher_train, 100 * i, progress
             )
             arch = cfg.arch
-        logits, labels = predict(teacher, ctx.test_loader())
         teachers.append(teacher)
-        infos.append({"arch": arch, "accuracy": accuracy(logits, labels)})
+        infos.append(
+            {"arch": arch, "accuracy": test_accuracy(ctx, teacher, None if cfg.module else stage)}
+        )
     return teachers, infos
+
+
+def evaluation_key(ctx: Context, weights: Path, **settings) -> dict:
+    """What measuring the model saved in ``weights`` on the test split depends on."""
+    return {
+        "weights": sha256_file(weights),
+        "data": [ctx.config.data.spec, ctx.config.data.image_size, len(ctx.data.test)],
+        "preprocess": ctx.preprocess.to_dict(),
+        "versions": library_versions(),
+        "machine": machine_description(),
+        **settings,
+    }
+
+
+def test_accuracy(ctx: Context, model: nn.Module, stage: str | None) -> float:
+    """``model``'s test accuracy; remembered in the folder of a ``stage`` trained here."""
+
+    def evaluate() -> dict:
+        logits, labels = predict(model, ctx.test_loader())
+        return {"accuracy": accuracy(logits, labels)}
+
+    if stage is None:
+        return evaluate()["accuracy"]
+    folder = ctx.run.stage(stage)
+    key = evaluation_key(ctx, folder / "model.pt")
+    return ctx.run.cached(folder / "accuracy.json", key, evaluate)["accuracy"]
 
 
 def _check_classifier(model: nn.Module, ctx: Context, what: str) -> None:
@@ -263,7 +290,28 @@ def _logits(model: nn.Module, images: np.ndarray) -> np.ndarray:
 
 
 def export_stage(ctx: Context, model: nn.Module, name: str, quantized: bool) -> dict:
-    """Export to ONNX, check parity in ONNX Runtime, measure accuracy and latency.
+    """Export to ONNX, check parity in ONNX Runtime, measure accuracy and latency; read back
+    from the stage folder when the model, the settings and the machine are those of the last
+    time."""
+    folder = ctx.run.stage(name)
+    config = ctx.config
+    key = evaluation_key(
+        ctx,
+        folder / "model.pt",
+        quant=dataclasses.asdict(config.quant),
+        export=dataclasses.asdict(config.export),
+        bench=dataclasses.asdict(config.bench),
+    )
+    return ctx.run.cached(
+        folder / "export.json",
+        key,
+        lambda: export_and_measure(ctx, model, name, quantized),
+        outputs=(folder / "model.onnx",),
+    )
+
+
+def export_and_measure(ctx: Context, model: nn.Module, name: str, quantized: bool) -> dict:
+    """``export_stage`` without its record.
 
     A quantized model is compared in its BN-folded form (with INT32-grid biases for the
     ``onnxruntime`` target), which is the arithmetic the exported model performs; the unfolded

@@ -7,8 +7,10 @@ records inputs, config, library versions and the sha256 of every file.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import platform
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -34,6 +36,28 @@ class RunDir:
     @property
     def report(self) -> Path:
         return self.root / "report.json"
+
+    def cached(
+        self, record: Path, key: dict, compute: Callable[[], dict], outputs: tuple[Path, ...] = ()
+    ) -> dict:
+        """``compute()``, or its result stored in ``record`` by an earlier run with the same
+        ``key`` whose ``outputs`` (files ``compute`` writes) are unchanged since.
+
+        A resumed run (or a run whose stages were copied from another) so skips evaluating what
+        has not changed; a different key (new weights, settings or library versions) recomputes.
+        """
+        key = json.loads(json.dumps(key))
+        if record.is_file():
+            stored = json.loads(record.read_text())
+            if stored.get("key") == key and stored.get("outputs") == _hashes(outputs):
+                return stored["result"]
+        result = compute()
+        atomic_write_json(record, {"key": key, "outputs": _hashes(outputs), "result": result})
+        return result
+
+
+def _hashes(files: tuple[Path, ...]) -> dict[str, str | None]:
+    return {p.name: sha256_file(p) if p.is_file() else None for p in files}
 
 
 def library_versions() -> dict[str, str]:

@@ -10,7 +10,7 @@ import onnx
 import pytest
 import torch
 
-from qkd_deploy.config import load_config
+from qkd_deploy.config import load_config, save_config
 from qkd_deploy.fileio import sha256_file
 from qkd_deploy.train_and_export import main, run
 
@@ -95,6 +95,33 @@ def test_resume_finishes_a_killed_run_with_the_same_numbers(tiny_run, tmp_path):
             b["accuracy_torch"],
             b["accuracy_onnx"],
         )
+
+
+def test_resume_reads_back_finished_exports_unless_settings_changed(tiny_run, tmp_path):
+    _, out = tiny_run
+    before = json.loads((out / "report.json").read_text())
+    assert (out / "teacher" / "accuracy.json").is_file()
+    kept, changed = tmp_path / "kept", tmp_path / "changed"
+    for copy in (kept, changed):
+        shutil.copytree(out, copy)
+        (copy / "report.json").unlink()
+    (kept / "w4a4" / "model.onnx").unlink()
+    config = load_config(str(changed / "config.yaml"))
+    config.bench.iterations += 1
+    save_config(config, changed / "config.yaml")
+    assert main(["--resume", str(kept)]) == 0
+    assert main(["--resume", str(changed)]) == 0
+
+    def latencies(root, report=None):
+        report = report or json.loads((root / "report.json").read_text())
+        return [s["latency_ms"] for s in report["float_references"] + report["students"]]
+
+    # measured latencies never repeat to the last digit: equal ones were read back
+    assert latencies(kept)[:2] == latencies(out, before)[:2]  # float student, w8a8
+    assert latencies(kept)[2] != latencies(out, before)[2]  # w4a4 lost its ONNX file
+    assert (kept / "w4a4" / "model.onnx").is_file()
+    assert all(a != b for a, b in zip(latencies(changed), latencies(out, before), strict=True))
+    assert json.loads((kept / "report.json").read_text())["teachers"] == before["teachers"]
 
 
 def test_existing_run_directory_is_not_overwritten(tiny_run, capsys):
