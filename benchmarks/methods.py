@@ -27,7 +27,9 @@ instead of their papers' 512/256: the same number of steps and images for every 
 one budget of the table.
 
 Interrupted, it resumes: finished methods are read back, a half-trained one continues from its
-checkpoints. Needs Debian's `dataset-fashion-mnist` (`apt-get install -y dataset-fashion-mnist`).
+checkpoints. ``--pool-from WORK`` reuses the teachers and float students of an earlier ``--work``
+folder trained with the same settings (it checks them), for a table of new QAT settings.
+Needs Debian's `dataset-fashion-mnist` (`apt-get install -y dataset-fashion-mnist`).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ import torch
 from ort_baseline import CALIBRATION_METHODS, ort_quantize_static
 from results_io import machine_line, summarize, targets_table, write_results
 
-from qkd_deploy.config import load_config, save_config
+from qkd_deploy.config import load_config, save_config, to_dict
 from qkd_deploy.data import Preprocess, load_dataset, stratified_subset
 from qkd_deploy.runtime.base import run_in_batches
 from qkd_deploy.runtime.onnxruntime import OnnxRuntimeRunner
@@ -58,7 +60,7 @@ LOW_BITS = ["w4a4", "w2a2"]
 METHODS = {
     "kd": (1, ["w8a8", *LOW_BITS]),
     "kd-decay": (1, LOW_BITS),
-    "avg-teachers": (2, LOW_BITS),
+    "avg-teachers": (3, LOW_BITS),
     "cmt-kd": (3, ["w8a8", *LOW_BITS]),
     "dml": (1, LOW_BITS),
     "pcl": (1, LOW_BITS),
@@ -102,6 +104,8 @@ def base_overrides(args: argparse.Namespace, seed: int, root: Path) -> list[str]
 def run_method(
     args: argparse.Namespace, seed: int, method: str, teachers: int, bits: list[str], pool: Path
 ) -> tuple[dict, Path]:
+    """One method's run in ``--work``, its teacher and float-student stages copied from the run
+    directory ``pool`` (unless it is that directory)."""
     root = Path(args.work) / f"seed{seed}" / method
     if (root / "report.json").is_file():  # finished earlier: the benchmark resumes
         return json.loads((root / "report.json").read_text()), root
@@ -168,10 +172,12 @@ def run_seeds(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
 
 def run_seed(args: argparse.Namespace, seed: int) -> tuple[dict[str, float], dict[str, float]]:
     """Accuracies (key ``method/wXaY``) and seconds per method run for one seed."""
-    pool_root = Path(args.work) / f"seed{seed}" / POOL_METHOD
+    source = Path(args.pool_from or args.work) / f"seed{seed}" / POOL_METHOD
     pool_teachers = max(METHODS[m][0] for m in args.methods)
-    report, pool = run_method(args, seed, POOL_METHOD, pool_teachers, LOW_BITS, pool_root)
+    report, pool = run_method(args, seed, POOL_METHOD, pool_teachers, LOW_BITS, source)
     seconds = {POOL_METHOD: run_seconds(report)}
+    if args.pool_from:
+        seconds["pool_from_training"] = pool_training_seconds(source)
     results = {f"teacher_{i}": t["accuracy"] for i, t in enumerate(report["teachers"])}
     results["float"] = report["float_references"][0]["accuracy_onnx"]
     results.update(_student_accuracies(report))
@@ -183,6 +189,29 @@ def run_seed(args: argparse.Namespace, seed: int) -> tuple[dict[str, float], dic
         results.update(_student_accuracies(report))
         print(f"seed {seed} {method}: {_student_accuracies(report)}", flush=True)
     return results, seconds
+
+
+def check_reusable_pool(args: argparse.Namespace, seed: int) -> None:
+    """``--pool-from``'s teachers and float student must be what this invocation would train."""
+    source = Path(args.pool_from) / f"seed{seed}" / POOL_METHOD
+    if not (source / "report.json").is_file():
+        sys.exit(f"--pool-from: no finished pool run in {source}; give an earlier --work folder")
+    theirs = to_dict(load_config(str(source / "config.yaml")))
+    ours = to_dict(load_config(overrides=base_overrides(args, seed, source)))
+    for key in ("seed", "data", "teacher_train"):
+        if theirs[key] != ours[key]:
+            sys.exit(f"--pool-from {source}: its {key} differs from this invocation's")
+    for key in ("arch", "float_train"):
+        if theirs["student"][key] != ours["student"][key]:
+            sys.exit(f"--pool-from {source}: its student.{key} differs from this invocation's")
+    if any(t["arch"] != args.teacher for t in theirs["teachers"]):
+        sys.exit(f"--pool-from {source}: its teachers are not all {args.teacher}")
+
+
+def pool_training_seconds(source: Path) -> float:
+    """What training the reused teachers and float student took, by their run's report."""
+    timings = json.loads((source / "report.json").read_text())["timings_s"]
+    return round(timings["teachers"] + timings["student_float"], 1)
 
 
 def run_seconds(report: dict) -> float:
@@ -279,7 +308,14 @@ def markdown(
         f"seed take {min(seed_minutes):.1f}-{max(seed_minutes):.1f} min by their reports "
         "(runs finished by an earlier invocation included); this invocation's wall time "
         f"{seconds / 60:.1f} min. Accuracy (%) of the exported ONNX model in ONNX Runtime on the "
-        "10 000 test images, mean ± std over seeds. Rows sorted by W2A2 accuracy.",
+        "10 000 test images, mean ± std over seeds. Rows sorted by W2A2 accuracy."
+        + (
+            f" Teachers and float students copied from `{args.pool_from}`, trained there by an "
+            "earlier invocation with these settings; their training time by its reports is in "
+            "the run times above."
+            if args.pool_from
+            else ""
+        ),
         "",
         "| method | float | " + " | ".join(c.upper() for c in columns) + " |",
         "| --- | --- | " + " | ".join("---" for _ in columns) + " |",
@@ -323,13 +359,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--student", default="resnet8")
     p.add_argument("--teacher", default="resnet20")
     p.add_argument("--train-limit", type=int, default=2000)
-    p.add_argument("--epochs", type=int, default=6, help="QAT epochs, every method")
+    p.add_argument("--epochs", type=int, default=10, help="QAT epochs, every method")
     p.add_argument("--teacher-epochs", type=int, default=30)
     p.add_argument("--float-epochs", type=int, default=30, help="float student, before QAT")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--work", default="runs/bench-methods")
     p.add_argument("--name", default="methods", help="result files: OUT/NAME.md and .json")
+    p.add_argument(
+        "--pool-from",
+        metavar="WORK",
+        help="copy the teachers and float students of an earlier --work folder (same seeds and "
+        "settings) instead of training them; their training time is added to the budget",
+    )
     args = p.parse_args(argv)
+    for seed in args.seeds if args.pool_from else []:
+        check_reusable_pool(args, seed)
     start = time.perf_counter()
     per_seed, timing = run_seeds(args)
     seconds = time.perf_counter() - start
