@@ -13,7 +13,7 @@ Teachers and the float student are trained to convergence before any QAT (30 epo
 images). With 6 epochs they stopped at 74-79 %, and QAT then mostly acted as extra float training
 of an under-trained student, which hides what a teacher adds.
 
-    python benchmarks/methods.py [--seeds 0 1] [--jobs 2] [--train-limit 2000] [--epochs 6]
+    python benchmarks/methods.py [--seeds 0 1] [--jobs 2] [--train-limit 2000] [--epochs 10]
         [--teacher-epochs 30] [--float-epochs 30] [--methods kd cmt-kd ...]
         [--out benchmarks/results] [--name methods]
 
