@@ -32,7 +32,7 @@ from qkd_deploy.quant.deploy import to_deploy
 from qkd_deploy.quant.fold import fold_batchnorm
 from qkd_deploy.rundir import RunDir, library_versions, machine_description
 from qkd_deploy.runtime.base import run_in_batches
-from qkd_deploy.runtime.onnxruntime import OnnxRuntimeRunner, int8_kernels_may_saturate
+from qkd_deploy.runtime.onnxruntime import OnnxRuntimeRunner, fused_kernel_inexactness
 from qkd_deploy.train.evaluate import predict
 from qkd_deploy.train.loop import StepsOnly, fit
 
@@ -376,14 +376,7 @@ def export_and_measure(ctx: Context, model: nn.Module, name: str, quantized: boo
 
 def ort_kernel_warning(name: str, agreement: float, target: str) -> str:
     """Why ONNX Runtime's fused integer kernels disagree with a graph that is itself right."""
-    causes = []
-    if target == "tensorrt":
-        causes.append(
-            "they round this TensorRT model's float biases to INT32 (for ONNX Runtime on the "
-            "CPU export with quant.target=onnxruntime)"
-        )
-    if int8_kernels_may_saturate():
-        causes.append("this x86 CPU has no VNNI, and their 8-bit products saturate here")
+    causes = fused_kernel_inexactness(target)
     return (
         f"{name}: the exported graph is exact, but ONNX Runtime's fused CPU kernels agree with "
         f"the trained model on only {100 * agreement:.2f} % of the test split: "

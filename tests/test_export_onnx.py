@@ -14,7 +14,12 @@ from qkd_deploy.export.onnx import export_onnx
 from qkd_deploy.quant.convert import BitWidths, QuantizeOptions, quantize_model
 from qkd_deploy.quant.deploy import to_deploy
 from qkd_deploy.quant.fold import fold_batchnorm
-from qkd_deploy.runtime.onnxruntime import OnnxRuntimeRunner, int8_kernels_may_saturate
+from qkd_deploy.runtime import onnxruntime as ort_runtime
+from qkd_deploy.runtime.onnxruntime import (
+    OnnxRuntimeRunner,
+    fused_kernel_inexactness,
+    int8_kernels_may_saturate,
+)
 
 
 def _export(tmp_path, bits, target="tensorrt", residual_add_inputs="skip"):
@@ -91,6 +96,24 @@ def test_int8_saturation_is_detected_from_the_cpu_flags(
         cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
     monkeypatch.setattr(platform, "machine", lambda: machine)
     assert int8_kernels_may_saturate(cpuinfo) is saturates
+
+
+@pytest.mark.parametrize(
+    ("target", "saturates", "causes"),
+    [
+        ("onnxruntime", False, []),
+        ("onnxruntime", True, ["VNNI"]),
+        ("tensorrt", False, ["float biases"]),
+        ("tensorrt", True, ["float biases", "VNNI"]),
+    ],
+)
+def test_fused_kernels_are_exact_only_for_onnxruntime_models_on_32_bit_accumulating_cpus(
+    monkeypatch, target, saturates, causes
+):
+    monkeypatch.setattr(ort_runtime, "int8_kernels_may_saturate", lambda: saturates)
+    found = fused_kernel_inexactness(target)
+    assert len(found) == len(causes)
+    assert all(word in cause for word, cause in zip(causes, found, strict=True))
 
 
 def test_weights_are_int8_initializers_behind_dequantize(tmp_path):

@@ -45,7 +45,7 @@ from qkd_deploy.fileio import (
     sha256_file,
 )
 from qkd_deploy.rundir import library_versions
-from qkd_deploy.runtime.onnxruntime import int8_kernels_may_saturate
+from qkd_deploy.runtime.onnxruntime import fused_kernel_inexactness
 
 FORMAT = "qkd-deploy-bundle/1"
 MANIFEST = "manifest.json"
@@ -482,7 +482,7 @@ def _compare(
     ONNX Runtime runs its fused integer kernels, as a deployment does, where they compute the
     graph exactly: for an ``onnxruntime``-target model on a CPU that accumulates in 32 bits.
     Otherwise it runs the graph as written, which still checks model, preprocessing and sample
-    end to end (see ``_why_graph_as_written``)."""
+    end to end (see ``fused_kernel_inexactness``)."""
     spec = _read_json(folder / "preprocess.json", "the bundle is damaged; make it again")
     with np.load(folder / "sample.npz") as sample:
         images, labels, reference = sample["images"], sample["labels"], sample["logits"]
@@ -491,11 +491,11 @@ def _compare(
         engine = Path(engine) if engine is not None else folder / expected["engine"]["file"]
         runner_name, logits = "tensorrt", _tensorrt_logits(folder, engine, batch)
     else:
-        reason = _why_graph_as_written(expected.get("target"))
-        logits, _ = _onnxruntime_logits(folder / "model.onnx", batch, optimize=reason is None)
+        causes = fused_kernel_inexactness(expected.get("target"))
+        logits, _ = _onnxruntime_logits(folder / "model.onnx", batch, optimize=not causes)
         runner_name = "onnxruntime_cpu"
-        if reason is not None:
-            runner_name += f" (graph as written: {reason})"
+        if causes:
+            runner_name += f" (graph as written; the fused kernels: {'; '.join(causes)})"
     match = parity(logits, reference)
     tolerance = expected["tolerances"][runtime]
     n = len(labels)
@@ -525,18 +525,6 @@ def _compare(
         "expected": expected,
         "passed": all(check["passed"] for check in checks),
     }
-
-
-def _why_graph_as_written(target: str | None) -> str | None:
-    """Why ONNX Runtime's fused CPU kernels would not compute this model exactly, or None.
-
-    A ``tensorrt``-target model keeps float biases, which the fused kernels round to INT32; on
-    an x86 CPU without VNNI they also saturate 8-bit products."""
-    if target != "onnxruntime":
-        return "a TensorRT-target model, whose float biases the fused kernels round"
-    if int8_kernels_may_saturate():
-        return "x86 CPU without VNNI"
-    return None
 
 
 def _tensorrt_logits(folder: Path, engine: Path, batch: np.ndarray) -> np.ndarray:

@@ -107,3 +107,18 @@ def int8_kernels_may_saturate(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> b
     except OSError:
         return True
     return not any(flag in flags.split() for flag in _VNNI_FLAGS)
+
+
+def fused_kernel_inexactness(target: str | None) -> list[str]:
+    """Why ONNX Runtime's fused CPU integer kernels may not compute an exported Q/DQ graph
+    exactly; empty when they do (an ``onnxruntime``-target model on a 32-bit-accumulating CPU).
+    """
+    causes = []
+    if target != "onnxruntime":
+        causes.append(
+            "they round this TensorRT model's float biases to INT32 (for ONNX Runtime on the "
+            "CPU export with quant.target=onnxruntime)"
+        )
+    if int8_kernels_may_saturate():
+        causes.append("this x86 CPU has no VNNI, and their 8-bit products saturate here")
+    return causes
