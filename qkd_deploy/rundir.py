@@ -6,14 +6,17 @@ records inputs, config, library versions and the sha256 of every file.
 
 from __future__ import annotations
 
+import fcntl
 import importlib.metadata
 import json
 import os
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
+from qkd_deploy.errors import UserError
 from qkd_deploy.fileio import atomic_write_json, sha256_file
 
 _PACKAGES = ("qkd-deploy", "torch", "onnx", "onnxruntime", "onnxscript", "numpy", "tensorrt")
@@ -28,6 +31,31 @@ class RunDir:
         path = self.root / name
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the directory for this process's run: a second run on it (a ``--resume`` of a
+        run still going, or a stray worker of a killed benchmark) would interleave checkpoints
+        and reports. The lock is the kernel's (``flock`` on ``.lock``), so it ends with its
+        process, however that process ends."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown"
+                raise UserError(
+                    f"run directory {self.root} is in use by another run (pid {holder}); "
+                    "wait for it to finish or stop it, then resume, or choose another --out"
+                ) from None
+            handle.truncate(0)
+            handle.write(str(os.getpid()))
+            handle.flush()
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     @property
     def config(self) -> Path:

@@ -144,7 +144,14 @@ def prepare_run_dir(args: argparse.Namespace) -> tuple[Config, Path]:
 
 
 def run(config: Config, root: Path) -> dict:
-    """Every stage; returns the report."""
+    """Every stage, with the run directory held against other runs; returns the report."""
+    from qkd_deploy.rundir import RunDir
+
+    with RunDir(root).exclusive():
+        return _run_stages(config, root)
+
+
+def _run_stages(config: Config, root: Path) -> dict:
     import torch
 
     from qkd_deploy import pipeline as P

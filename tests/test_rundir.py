@@ -1,6 +1,42 @@
-"""RunDir.cached: a stage's measurements are read back only while nothing they depend on changed."""
+"""RunDir.cached: a stage's measurements are read back only while nothing they depend on changed.
+RunDir.exclusive: one run at a time per directory."""
 
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+
+import pytest
+
+from qkd_deploy.config import load_config, save_config
+from qkd_deploy.errors import UserError
 from qkd_deploy.rundir import RunDir
+from qkd_deploy.train_and_export import main
+
+HOLD_THE_DIRECTORY = """
+import sys
+from qkd_deploy.rundir import RunDir
+with RunDir(sys.argv[1]).exclusive():
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+@contextmanager
+def held_by_another_process(root):
+    """A real second process holding ``root`` until the block ends; yields its pid."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_THE_DIRECTORY, str(root)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder.pid
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
 
 
 def test_cached_result_is_read_back_until_its_key_or_output_changes(tmp_path):
@@ -24,3 +60,24 @@ def test_cached_result_is_read_back_until_its_key_or_output_changes(tmp_path):
     output.unlink()
     assert run.cached(record, {"weights": "new", "bits": (4, 4)}, compute, (output,))["calls"] == 4
     assert len(calls) == 4
+
+
+def test_a_directory_held_by_another_process_is_refused_until_that_process_ends(tmp_path):
+    with held_by_another_process(tmp_path) as pid:
+        with pytest.raises(UserError, match=rf"in use by another run \(pid {pid}\)"):
+            with RunDir(tmp_path).exclusive():
+                pass
+    with RunDir(tmp_path).exclusive():
+        assert (tmp_path / ".lock").read_text() == str(os.getpid())
+
+
+def test_resuming_a_run_that_is_still_going_fails_before_writing_anything(tmp_path, capsys):
+    root = tmp_path / "run"
+    root.mkdir()
+    save_config(load_config(overrides=[f"out={root}", "progress=false"]), root / "config.yaml")
+    before = (root / "config.yaml").read_bytes()
+    with held_by_another_process(root) as pid:
+        assert main(["--resume", str(root)]) == 2
+    assert f"in use by another run (pid {pid})" in capsys.readouterr().err
+    assert sorted(p.name for p in root.iterdir()) == [".lock", "config.yaml"]
+    assert (root / "config.yaml").read_bytes() == before
