@@ -33,8 +33,10 @@ instead of their papers' 512/256: the same number of steps and images for every 
 one budget of the table.
 
 Interrupted, it resumes: finished methods are read back, a half-trained one continues from its
-checkpoints. ``--pool-from WORK`` reuses the teachers and float students of an earlier ``--work``
-folder trained with the same settings (it checks them), for a table of new QAT settings.
+checkpoints. Stop it with Ctrl-C or ``kill -- -PGID``: killing only the parent leaves its worker
+processes training (their run directories' locks then stop a second invocation from using them).
+``--pool-from WORK`` reuses the teachers and float students of an earlier ``--work`` folder
+trained with the same settings (it checks them), for a table of new QAT settings.
 Needs Debian's `dataset-fashion-mnist` (`apt-get install -y dataset-fashion-mnist`).
 """
 
