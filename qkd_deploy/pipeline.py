@@ -374,6 +374,21 @@ def export_and_measure(ctx: Context, model: nn.Module, name: str, quantized: boo
     return result
 
 
+def collapse_warning(name: str, accuracy: float, num_classes: int) -> str | None:
+    """A warning when a student ends within 5 points of chance: its training collapsed (a
+    2-bit student can die in a few steps at a high learning rate), which the accuracy column
+    alone does not tell apart from a merely poor method."""
+    chance = 1 / num_classes
+    if accuracy >= chance + 0.05:
+        return None
+    return (
+        f"{name}: the student ends at {100 * accuracy:.1f} % test accuracy, chance level for "
+        f"{num_classes} classes: its training collapsed (per-epoch loss and train accuracy: "
+        f"'history' in {name}/checkpoint.pt). Try a lower student.train.lr or another method "
+        "for this bit-width"
+    )
+
+
 def ort_kernel_warning(name: str, agreement: float, target: str) -> str:
     """Why ONNX Runtime's fused integer kernels disagree with a graph that is itself right."""
     causes = fused_kernel_inexactness(target)

@@ -194,7 +194,12 @@ def _run_stages(config: Config, root: Path) -> dict:
         with P.timed(timings, f"train_{bits.name}"):
             student = P.quantized_student_stage(ctx, bits, float_student, teachers, progress)
         with P.timed(timings, f"export_{bits.name}"):
-            result = P.export_stage(ctx, student, bits.name, quantized=True)
+            result = dict(P.export_stage(ctx, student, bits.name, quantized=True))
+        warnings = [result.pop("warning")] if "warning" in result else []
+        collapse = P.collapse_warning(bits.name, result["accuracy_onnx"], data.num_classes)
+        if collapse:
+            print(f"warning: {collapse}", file=sys.stderr)
+            warnings.append(collapse)
         students.append(
             {
                 "name": f"{config.student.arch}_{bits.name}",
@@ -203,6 +208,7 @@ def _run_stages(config: Config, root: Path) -> dict:
                 "w_bits": bits.w,
                 "a_bits": bits.a,
                 **result,
+                "warnings": warnings,
                 "engine": None,
             }
         )

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from qkd_deploy.cli import main
@@ -73,7 +74,14 @@ def test_bench_takes_an_engine_to_the_tensorrt_runner(tmp_path, capsys):
     assert "model.int8.engine.json" in err and "build-engine" in err  # sidecar checked first
 
 
-def test_report_command_rerenders_markdown(tmp_path, capsys):
+@pytest.mark.parametrize(
+    "warnings",
+    [
+        {"warnings": ["the kernels saturate", "training collapsed"]},
+        {"warning": "the kernels saturate"},  # a report written before the list
+    ],
+)
+def test_report_command_rerenders_markdown(tmp_path, capsys, warnings):
     report = {
         "dataset": "digits",
         "test_samples": 2,
@@ -89,7 +97,7 @@ def test_report_command_rerenders_markdown(tmp_path, capsys):
                 "onnx_agreement": 1.0,
                 "onnx_max_abs_error": 0.0,
                 "ort_cpu": {"accuracy": 0.0, "agreement": 0.5, "max_abs_error": 0.1},
-                "warning": "the kernels saturate",
+                **warnings,
                 "onnx_path": "w4a4/model.onnx",
                 "onnx_bytes": 2048,
                 "latency_ms": {"onnxruntime_cpu": [{"batch": 1, "p50": 1.0, "p90": 2.0}]},
@@ -103,6 +111,8 @@ def test_report_command_rerenders_markdown(tmp_path, capsys):
     assert row in capsys.readouterr().out
     markdown = (tmp_path / "report.md").read_text()
     assert row in markdown and "- **warning**: the kernels saturate" in markdown
+    expected = warnings.get("warnings", [warnings.get("warning")])
+    assert markdown.count("- **warning**: ") == len(expected)
 
 
 def test_methods_lists_every_registered_method_with_its_options(capsys):

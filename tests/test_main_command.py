@@ -52,7 +52,9 @@ def test_report_follows_the_schema(tiny_run):
         assert abs(s["accuracy_qat"] - s["accuracy_torch"]) <= 1 / 360 + 1e-9
         kernels = s["ort_cpu"]  # ONNX Runtime's fused kernels: a warning when they disagree
         assert 0 <= kernels["accuracy"] <= 1 and 0 <= kernels["agreement"] <= 1
-        assert ("warning" in s) == (kernels["agreement"] < 0.99)
+        kernel_warnings = [w for w in s["warnings"] if "fused CPU kernels" in w]
+        assert bool(kernel_warnings) == (kernels["agreement"] < 0.99)
+        assert not [w for w in s["warnings"] if "collapsed" in w]  # students well above chance
         assert (out / s["onnx_path"]).stat().st_size == s["onnx_bytes"]
         rows = s["latency_ms"]["onnxruntime_cpu"]
         assert [r["batch"] for r in rows] == [1, 4] and all(r["p90"] >= r["p50"] > 0 for r in rows)
@@ -220,3 +222,16 @@ def test_onnxruntime_target_end_to_end_runs_on_integer_kernels(tiny_run, tmp_pat
     ops = {n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node}
     assert {"QLinearConv", "QLinearAdd", "QLinearGlobalAveragePool", "QGemm"} <= ops
     assert not ops & {"Conv", "Add", "ReduceMean", "Gemm", "MatMul"}
+
+
+@pytest.mark.parametrize(
+    "accuracy, num_classes, warns",
+    [(0.10, 10, True), (0.1499, 10, True), (0.16, 10, False), (0.83, 10, False), (0.54, 2, True)],
+)
+def test_collapse_warning_only_near_chance(accuracy, num_classes, warns):
+    from qkd_deploy.pipeline import collapse_warning
+
+    warning = collapse_warning("w2a2", accuracy, num_classes)
+    assert (warning is not None) == warns
+    if warns:
+        assert "w2a2/checkpoint.pt" in warning and f"{100 * accuracy:.1f} %" in warning

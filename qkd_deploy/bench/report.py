@@ -90,8 +90,9 @@ def render_markdown(report: dict) -> str:
             f"- `{s['name']}`: max |logit| error ONNX vs torch {s['onnx_max_abs_error']:.4g}, "
             f"file `{s['onnx_path']}`"
         )
-        if "warning" in s:
-            lines.append(f"- **warning**: {s['warning']}")
+        old_single = [s["warning"]] if "warning" in s else []  # reports before "warnings"
+        for warning in s.get("warnings", old_single):
+            lines.append(f"- **warning**: {warning}")
     return "\n".join(lines) + "\n"
 
 
