@@ -33,8 +33,9 @@ instead of their papers' 512/256: the same number of steps and images for every 
 one budget of the table.
 
 Interrupted, it resumes: finished methods are read back, a half-trained one continues from its
-checkpoints. Stop it with Ctrl-C or ``kill -- -PGID``: killing only the parent leaves its worker
-processes training (their run directories' locks then stop a second invocation from using them).
+checkpoints. Stop it with Ctrl-C or ``kill``: on Linux its worker processes die with it (elsewhere
+kill the process group, ``kill -- -PGID``, or they train on; their run directories' locks then
+stop a second invocation from using them).
 ``--pool-from WORK`` reuses the teachers and float students of an earlier ``--work`` folder
 trained with the same settings (it checks them), for a table of new QAT settings.
 Needs Debian's `dataset-fashion-mnist` (`apt-get install -y dataset-fashion-mnist`).
@@ -43,9 +44,11 @@ Needs Debian's `dataset-fashion-mnist` (`apt-get install -y dataset-fashion-mnis
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -73,7 +76,7 @@ METHODS = {
     "dml": (1, LOW_BITS),
     "pcl": (1, LOW_BITS),
     "dkel": (1, LOW_BITS),
-    "feed": (2, LOW_BITS),
+    "feed": (3, LOW_BITS),
     "indistill": (1, LOW_BITS),
     "speq": (1, LOW_BITS),
     "dafl": (1, LOW_BITS),
@@ -172,11 +175,20 @@ def run_seeds(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
         with ProcessPoolExecutor(
             jobs,
             mp_context=get_context("spawn"),
-            initializer=torch.set_num_threads,
+            initializer=init_worker,
             initargs=(threads,),
         ) as pool:
             outcomes = list(pool.map(run_seed, [args] * len(args.seeds), args.seeds))
     return [r for r, _ in outcomes], [s for _, s in outcomes]
+
+
+def init_worker(threads: int) -> None:
+    """A seed's worker: its share of the cores, and on Linux it dies with the benchmark (a
+    parent killed on its own would otherwise leave its workers training for an hour)."""
+    torch.set_num_threads(threads)
+    if sys.platform == "linux":
+        pr_set_pdeathsig = 1  # <linux/prctl.h>
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def run_seed(args: argparse.Namespace, seed: int) -> tuple[dict[str, float], dict[str, float]]:
