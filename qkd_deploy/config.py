@@ -27,6 +27,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup_epochs: float = 1.0  # linear warm-up, then cosine decay to 0
+    grad_clip: float | None = None  # max global gradient norm per step (None: no clipping)
 
 
 @dataclass

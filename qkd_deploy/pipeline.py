@@ -384,8 +384,8 @@ def collapse_warning(name: str, accuracy: float, num_classes: int) -> str | None
     return (
         f"{name}: the student ends at {100 * accuracy:.1f} % test accuracy, chance level for "
         f"{num_classes} classes: its training collapsed (per-epoch loss and train accuracy: "
-        f"'history' in {name}/checkpoint.pt). Try a lower student.train.lr or another method "
-        "for this bit-width"
+        f"'history' in {name}/checkpoint.pt). Try a lower student.train.lr, gradient clipping "
+        "(student.train.grad_clip, e.g. 1.0) or another method for this bit-width"
     )
 
 

@@ -89,3 +89,45 @@ def test_checkpoint_of_another_model_is_refused_and_kept(tmp_path, digits):
 def test_warmup_then_cosine():
     factor = warmup_cosine(total_steps=10, warmup_steps=2)
     assert [round(factor(s), 3) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
+
+
+class _OneBatch:
+    """A loader of one fixed batch per epoch."""
+
+    def __init__(self, loader):
+        self.batch = next(iter(loader))
+
+    def set_epoch(self, epoch):
+        pass
+
+    def __len__(self):
+        return 1
+
+    def __iter__(self):
+        return iter([self.batch])
+
+
+@pytest.mark.parametrize("grad_clip", [None, 0.01])
+def test_grad_clip_bounds_the_norm_of_each_step(tmp_path, digits, grad_clip):
+    """One plain SGD step (lr 1, no momentum or decay) moves the weights by the gradient, so
+    the step's norm is the clipped gradient norm."""
+    distiller, loader = _setup(digits)
+    before = [p.detach().clone() for p in distiller.parameters()]
+    cfg = TrainConfig(
+        epochs=1, lr=1.0, momentum=0.0, weight_decay=0.0, warmup_epochs=0, grad_clip=grad_clip
+    )
+    fit(distiller, _OneBatch(loader), cfg, tmp_path / "d.pt", progress=False)
+    step = torch.cat(
+        [(p.detach() - b).flatten() for p, b in zip(distiller.parameters(), before, strict=True)]
+    )
+    if grad_clip is None:
+        assert step.norm() > 0.1  # the unclipped gradient is far larger than the clip below
+    else:
+        assert step.norm() == pytest.approx(grad_clip, rel=1e-3)
+
+
+def test_grad_clip_must_be_positive(tmp_path, digits):
+    distiller, loader = _setup(digits)
+    with pytest.raises(UserError, match="grad_clip"):
+        fit(distiller, loader, TrainConfig(grad_clip=0.0), tmp_path / "e.pt", progress=False)
+    assert not (tmp_path / "e.pt").exists()

@@ -60,6 +60,8 @@ def fit(
     """
     if cfg.epochs < 1:
         raise UserError(f"{desc}: epochs must be >= 1, got {cfg.epochs}")
+    if cfg.grad_clip is not None and not cfg.grad_clip > 0:
+        raise UserError(f"{desc}: grad_clip must be a positive norm or null, got {cfg.grad_clip}")
     optimizer = build_optimizer(distiller.parameter_groups(), cfg)
     scheduler = build_scheduler(optimizer, cfg, len(loader))
     history: list[dict] = []
@@ -71,7 +73,7 @@ def fit(
         loader.set_epoch(epoch)
         distiller.train()
         stats = _train_epoch(
-            distiller, loader, optimizer, scheduler, epoch, cfg.epochs, total_steps, desc, progress
+            distiller, loader, optimizer, scheduler, epoch, cfg, total_steps, desc, progress
         )
         history.append(stats.__dict__)
         _save_checkpoint(checkpoint, distiller, optimizer, scheduler, epoch + 1, history)
@@ -80,14 +82,14 @@ def fit(
 
 
 def _train_epoch(
-    distiller, loader, optimizer, scheduler, epoch, epochs, total_steps, desc, progress
+    distiller, loader, optimizer, scheduler, epoch, cfg, total_steps, desc, progress
 ) -> EpochStats:
     seen = correct = 0
     loss_sum = 0.0
     term_sums: dict[str, float] = {}
     bar = tqdm(
         loader,
-        desc=f"{desc} {epoch + 1}/{epochs}",
+        desc=f"{desc} {epoch + 1}/{cfg.epochs}",
         leave=True,
         disable=not progress,
         dynamic_ncols=True,
@@ -103,6 +105,9 @@ def _train_epoch(
             )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if cfg.grad_clip is not None:
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         scheduler.step()
         distiller.after_step()
