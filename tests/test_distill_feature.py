@@ -316,6 +316,24 @@ def test_translators_train_and_stay_out_of_the_student(models, tmp_path):
     assert_exports_plain_student(d, quantized(models["student"], 4), tmp_path)
 
 
+@pytest.mark.parametrize("freeze", [True, False])
+def test_indistill_trains_step_sizes_only_after_the_curriculum(models, freeze):
+    """The curriculum's feature MSE must not reach the quantizers' learned step sizes (it can
+    shrink a map by rounding it to 0); the KD phase trains them as any QAT does."""
+    d = _distiller(models, "indistill", {"freeze_step_sizes": freeze}, teachers=1)
+    steps = d.step_sizes
+    assert steps and all(s in set(d.student.parameters()) for s in steps)
+    d.train()
+    images, labels = torch.randn(8, 1, 8, 8), torch.arange(8)
+    for progress, trained in ((0.0, not freeze), (0.5, True)):
+        d.zero_grad(set_to_none=True)
+        _, terms = d.forward_train(images, labels, progress)
+        sum(terms.values()).backward()
+        moved = [s.grad is not None and bool(s.grad.abs().sum() > 0) for s in steps]
+        # the curriculum's loss reaches only the layers up to its stage; KD reaches them all
+        assert (any(moved), all(moved)) == (trained, trained and progress > 0)
+
+
 # ---- the main command, end to end ------------------------------------------------------------
 
 
