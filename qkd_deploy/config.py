@@ -107,6 +107,14 @@ class Config:
     bench: BenchConfig = field(default_factory=BenchConfig)
 
 
+def check_train(cfg: TrainConfig, key: str) -> None:
+    """Fail on a training setting no run can use, naming its config section ``key``."""
+    if cfg.epochs < 1:
+        raise UserError(f"{key}.epochs must be >= 1, got {cfg.epochs}")
+    if cfg.grad_clip is not None and not cfg.grad_clip > 0:
+        raise UserError(f"{key}.grad_clip must be a positive norm or null, got {cfg.grad_clip}")
+
+
 def to_dict(config: Config) -> dict[str, Any]:
     return dataclasses.asdict(config)
 

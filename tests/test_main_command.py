@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from qkd_deploy.config import load_config, save_config
+from qkd_deploy.errors import UserError
 from qkd_deploy.fileio import sha256_file
 from qkd_deploy.train_and_export import main, run
 
@@ -235,3 +236,12 @@ def test_collapse_warning_only_near_chance(accuracy, num_classes, warns):
     assert (warning is not None) == warns
     if warns:
         assert "w2a2/checkpoint.pt" in warning and f"{100 * accuracy:.1f} %" in warning
+
+
+def test_a_bad_student_training_setting_fails_before_any_training(tmp_path):
+    config = load_config(
+        overrides=[f"out={tmp_path}", "progress=false", "student.train.grad_clip=0"]
+    )
+    with pytest.raises(UserError, match=r"student\.train\.grad_clip must be a positive norm"):
+        run(config, tmp_path)
+    assert not (tmp_path / "teacher").exists()

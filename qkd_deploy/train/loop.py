@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from qkd_deploy.config import TrainConfig
+from qkd_deploy.config import TrainConfig, check_train
 from qkd_deploy.distill.base import Distiller
 from qkd_deploy.errors import UserError
 from qkd_deploy.fileio import atomic_write_bytes
@@ -58,10 +58,7 @@ def fit(
 
     If ``checkpoint`` exists, training resumes after the epoch it holds.
     """
-    if cfg.epochs < 1:
-        raise UserError(f"{desc}: epochs must be >= 1, got {cfg.epochs}")
-    if cfg.grad_clip is not None and not cfg.grad_clip > 0:
-        raise UserError(f"{desc}: grad_clip must be a positive norm or null, got {cfg.grad_clip}")
+    check_train(cfg, desc)
     optimizer = build_optimizer(distiller.parameter_groups(), cfg)
     scheduler = build_scheduler(optimizer, cfg, len(loader))
     history: list[dict] = []
