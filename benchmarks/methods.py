@@ -33,9 +33,10 @@ instead of their papers' 512/256: the same number of steps and images for every 
 one budget of the table.
 
 Interrupted, it resumes: finished methods are read back, a half-trained one continues from its
-checkpoints. Stop it with Ctrl-C or ``kill``: on Linux its worker processes die with it (elsewhere
-kill the process group, ``kill -- -PGID``, or they train on; their run directories' locks then
-stop a second invocation from using them).
+checkpoints. A run folder that holds other settings (bit-widths, epochs, ...) stops it with an
+error instead of being read back. Stop it with Ctrl-C or ``kill``: on Linux its worker
+processes die with it (elsewhere kill the process group, ``kill -- -PGID``, or they train on;
+their run directories' locks then stop a second invocation from using them).
 ``--pool-from WORK`` reuses the teachers and float students of an earlier ``--work`` folder
 trained with the same settings (it checks them), for a table of new QAT settings.
 Needs Debian's `dataset-fashion-mnist` (`apt-get install -y dataset-fashion-mnist`).
@@ -119,16 +120,6 @@ def run_method(
     """One method's run in ``--work``, its teacher and float-student stages copied from the run
     directory ``pool`` (unless it is that directory)."""
     root = Path(args.work) / f"seed{seed}" / method
-    if (root / "report.json").is_file():  # finished earlier: the benchmark resumes
-        return json.loads((root / "report.json").read_text()), root
-    if (root / "config.yaml").is_file():  # interrupted: the pipeline resumes from its files
-        return run(load_config(str(root / "config.yaml")), root), root
-    if root.exists():
-        shutil.rmtree(root)
-    root.mkdir(parents=True)
-    if pool != root:
-        for stage in [teacher_stage(i) for i in range(teachers)] + list(FLOAT_STAGES):
-            shutil.copytree(pool / stage, root / stage)
     overrides = base_overrides(args, seed, root) + [
         f"student.method={method}",
         f"student.bits=[{','.join(bits)}]",
@@ -137,6 +128,21 @@ def run_method(
     if method in DATA_FREE:
         overrides.append(f"student.method_options.batch_size={TRAIN_BATCH}")
     config = load_config(overrides=overrides)
+    if (root / "config.yaml").is_file():  # an earlier invocation's run: resume or read it back
+        if to_dict(load_config(str(root / "config.yaml"))) != to_dict(config):
+            sys.exit(
+                f"{root} holds a run with other settings than this invocation's (bit-widths, "
+                "epochs, learning rate, ...); give a new --work folder or remove that one"
+            )
+        if (root / "report.json").is_file():  # finished
+            return json.loads((root / "report.json").read_text()), root
+        return run(config, root), root  # interrupted: the pipeline resumes from its files
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    if pool != root:
+        for stage in [teacher_stage(i) for i in range(teachers)] + list(FLOAT_STAGES):
+            shutil.copytree(pool / stage, root / stage)
     save_config(config, root / "config.yaml")
     return run(config, root), root
 
@@ -360,8 +366,8 @@ def markdown(
         label = f"{method} (plain QAT baseline)" if method == POOL_METHOD else method
         cells = [_cell(summary, f"{method}/{c}") for c in columns]
         lines.append(f"| {label} | | " + " | ".join(cells) + " |")
-    for name in CALIBRATION_METHODS if "w8a8" in args.bits else []:
-        # UINT8 activations, INT8 per-channel weights: W8A8
+    ptq = CALIBRATION_METHODS if "w8a8" in args.bits else []
+    for name in ptq:  # UINT8 activations, INT8 per-channel weights: W8A8
         lines.append(
             f"| ORT quantize_static {name} (PTQ, baseline) | | "
             f"{_cell(summary, f'ptq-{name}/int8')} | | |"
