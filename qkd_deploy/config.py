@@ -29,6 +29,14 @@ class TrainConfig:
     warmup_epochs: float = 1.0  # linear warm-up, then cosine decay to 0
     grad_clip: float | None = None  # max global gradient norm per step (None: no clipping)
 
+    def __post_init__(self) -> None:
+        """A setting no run can use fails where the config is built, before any training
+        (``from_dict`` puts the section's key in front of the message)."""
+        if self.epochs < 1:
+            raise UserError(f"epochs must be >= 1, got {self.epochs}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise UserError(f"grad_clip must be a positive norm or null, got {self.grad_clip}")
+
 
 @dataclass
 class DataConfig:
@@ -107,14 +115,6 @@ class Config:
     bench: BenchConfig = field(default_factory=BenchConfig)
 
 
-def check_train(cfg: TrainConfig, key: str) -> None:
-    """Fail on a training setting no run can use, naming its config section ``key``."""
-    if cfg.epochs < 1:
-        raise UserError(f"{key}.epochs must be >= 1, got {cfg.epochs}")
-    if cfg.grad_clip is not None and not cfg.grad_clip > 0:
-        raise UserError(f"{key}.grad_clip must be a positive norm or null, got {cfg.grad_clip}")
-
-
 def to_dict(config: Config) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
@@ -137,7 +137,10 @@ def from_dict(values: dict[str, Any], cls: type = Config, prefix: str = "") -> A
             kwargs[name] = from_dict(value, hint, key)
         else:
             kwargs[name] = _coerce(value, hint, key)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except UserError as error:  # a dataclass's own check names a field, not its section
+        raise UserError(f"{prefix}.{error}" if prefix else str(error)) from None
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qkd_deploy.config import Config, check_train, load_config, save_config, to_dict
+from qkd_deploy.config import Config, load_config, save_config, to_dict
 from qkd_deploy.errors import UserError
 
 # CLI flag -> the config keys it sets (``--epochs`` sets every training stage's epochs)
@@ -179,9 +179,6 @@ def _run_stages(config: Config, root: Path) -> dict:
     bit_list = [BitWidths.parse(b) for b in config.student.bits]
     for bits in bit_list:  # bad quantization settings fail here, before any training
         P.quantize_options(config.quant, bits)
-    check_train(config.teacher_train, "teacher_train")
-    check_train(config.student.float_train, "student.float_train")
-    check_train(config.student.train, "student.train")
     _save_sample_batch(ctx)
     with P.timed(timings, "teachers"):
         teachers, teacher_infos = P.teachers_stage(ctx, progress)

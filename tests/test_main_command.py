@@ -239,9 +239,7 @@ def test_collapse_warning_only_near_chance(accuracy, num_classes, warns):
 
 
 def test_a_bad_student_training_setting_fails_before_any_training(tmp_path):
-    config = load_config(
-        overrides=[f"out={tmp_path}", "progress=false", "student.train.grad_clip=0"]
-    )
+    overrides = [f"out={tmp_path}", "progress=false", "student.train.grad_clip=0"]
     with pytest.raises(UserError, match=r"student\.train\.grad_clip must be a positive norm"):
-        run(config, tmp_path)
+        run(load_config(overrides=overrides), tmp_path)
     assert not (tmp_path / "teacher").exists()

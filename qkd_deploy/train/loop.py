@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from qkd_deploy.config import TrainConfig, check_train
+from qkd_deploy.config import TrainConfig
 from qkd_deploy.distill.base import Distiller
 from qkd_deploy.errors import UserError
 from qkd_deploy.fileio import atomic_write_bytes
@@ -58,7 +58,6 @@ def fit(
 
     If ``checkpoint`` exists, training resumes after the epoch it holds.
     """
-    check_train(cfg, desc)
     optimizer = build_optimizer(distiller.parameter_groups(), cfg)
     scheduler = build_scheduler(optimizer, cfg, len(loader))
     history: list[dict] = []
