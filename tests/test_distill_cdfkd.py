@@ -21,11 +21,9 @@ from torch import nn
 
 from qkd_deploy.distill import build_distiller
 from qkd_deploy.distill.cdfkd import (
-    BatchNormStatistics,
     CDFKDMFSOptions,
     FeatureSharingHead,
     HeaderAttention,
-    bn_statistics_distance,
     disagreement,
     ensemble_loss,
     ensemble_target,
@@ -33,6 +31,7 @@ from qkd_deploy.distill.cdfkd import (
     generator_objective,
     head_loss,
 )
+from qkd_deploy.distill.generators import BatchNormStatistics, bn_statistics_distance
 from qkd_deploy.errors import UserError
 from qkd_deploy.models import build_model
 from qkd_deploy.quant.modules import quantizers

@@ -93,7 +93,7 @@ from qkd_deploy.distill.base import (
     trainable,
 )
 from qkd_deploy.distill.dafl import logits_and_features
-from qkd_deploy.distill.generators import ImageGenerator, calibrate_once
+from qkd_deploy.distill.generators import BatchNormStatistics, ImageGenerator, calibrate_once
 from qkd_deploy.errors import UserError
 
 LR_DECAY = 0.1  # the reference's MultiStepLR gamma
@@ -165,18 +165,6 @@ def disagreement(
     return torch.stack(terms).mean()
 
 
-def bn_statistics_distance(
-    x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor
-) -> torch.Tensor:
-    """``||mean(x) - running_mean||_2 + ||var(x) - running_var||_2`` per channel of an NCHW
-    batch, the variance biased (DeepInversion's feature-distribution regulariser)."""
-    mean = x.mean((0, 2, 3))
-    var = x.var((0, 2, 3), correction=0)
-    return torch.linalg.vector_norm(mean - running_mean) + torch.linalg.vector_norm(
-        var - running_var
-    )
-
-
 def generator_objective(
     main_logits: torch.Tensor,
     head_logits: Sequence[torch.Tensor],
@@ -191,43 +179,6 @@ def generator_objective(
         "adv": -options.adversarial_weight * d,
         "bn": options.bn_weight * torch.stack(list(bn_losses)).mean(),
     }
-
-
-class BatchNormStatistics:
-    """While open (``with``), every ``BatchNorm2d`` of ``model`` records the distance of its
-    input's batch statistics to its running statistics; ``loss()`` is their sum, the first
-    BatchNorm's term (in call order) weighted by ``first_weight``."""
-
-    def __init__(self, model: nn.Module, first_weight: float = 1.0) -> None:
-        self.model = model
-        self.first_weight = first_weight
-        self.distances: list[torch.Tensor] = []
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-
-    def __enter__(self) -> BatchNormStatistics:
-        self.distances = []
-        self._handles = [
-            m.register_forward_hook(self._record)
-            for m in self.model.modules()
-            if isinstance(m, nn.BatchNorm2d)
-        ]
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def _record(self, module: nn.BatchNorm2d, inputs: tuple, output: torch.Tensor) -> None:
-        self.distances.append(
-            bn_statistics_distance(inputs[0], module.running_mean, module.running_var)
-        )
-
-    def loss(self) -> torch.Tensor:
-        if not self.distances:
-            return torch.zeros(())
-        weights = [self.first_weight] + [1.0] * (len(self.distances) - 1)
-        return sum(w * d for w, d in zip(weights, self.distances, strict=True))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,14 @@ understand, not copied:
   a = 0.1, b = 5``: the reference code's defaults, used by its CIFAR-10 runs too.
 - ``L_ie`` is computed as ``sum p * log10(p)`` in the reference code: base-10 entropy, which is
   what ``b = 5`` was tuned with. ``entropy_log_base`` keeps 10 (``e`` gives the textbook entropy).
+- Departure from the paper (``bn_weight``): ``L_G`` gets a fourth term, ``bn * L_bn``, the
+  distance of the generated batch's per-channel statistics at every BatchNorm2d input of the
+  teacher to that layer's running statistics (DeepInversion, Yin et al., CVPR 2020; CDFKD-MFS
+  uses the same term). With the paper's three terms alone the generator learns images that make
+  the teacher confident but look nothing like its data. On the embedded digits (resnet8x4 teacher
+  at 99.7 %, a float resnet8 student, 250 steps of 256 images) the student then scored 36 % and
+  two classes were never generated; with ``bn = 1`` it scored 97 %. ``bn_weight = 0`` is the
+  paper's objective. The term needs a teacher with BatchNorm2d layers.
 - The generator has its own Adam (default betas), stepped inside ``forward_train`` at a constant
   learning rate. The student is then trained by the pipeline's optimizer with KD on the *same*
   images, detached, against the teacher logits computed before the generator step, exactly as the
@@ -47,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qkd_deploy.distill.base import Distiller, MethodOptions, register_method
-from qkd_deploy.distill.generators import ImageGenerator, calibrate_once
+from qkd_deploy.distill.generators import BatchNormStatistics, ImageGenerator, calibrate_once
 from qkd_deploy.distill.losses import kd_kl
 from qkd_deploy.errors import UserError
 
@@ -62,6 +70,7 @@ class DAFLOptions(MethodOptions):
     latent_dim: int = 100  # noise dimension (reference CIFAR: 1000)
     generator_lr: float = 0.2  # Adam, constant (reference CIFAR: 0.02)
     tau: float = 1.0  # KD temperature (the reference uses none, i.e. 1)
+    bn_weight: float = 1.0  # BatchNorm-statistics prior (not in the paper; 0 = the paper's L_G)
 
 
 def one_hot_loss(teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -82,14 +91,19 @@ def information_entropy_loss(teacher_logits: torch.Tensor, log_base: float = 10.
 
 
 def generator_losses(
-    teacher_logits: torch.Tensor, features: torch.Tensor, options: DAFLOptions
+    teacher_logits: torch.Tensor,
+    features: torch.Tensor,
+    bn_distance: torch.Tensor,
+    options: DAFLOptions,
 ) -> dict[str, torch.Tensor]:
-    """The weighted terms of ``L_G``."""
+    """The weighted terms of ``L_G``; ``bn_distance`` is the teacher's summed BatchNorm-statistics
+    distance on the generated batch (``BatchNormStatistics.loss()``)."""
     return {
         "oh": options.onehot_weight * one_hot_loss(teacher_logits),
         "act": options.activation_weight * activation_loss(features),
         "ie": options.entropy_weight
         * information_entropy_loss(teacher_logits, options.entropy_log_base),
+        "bn": options.bn_weight * bn_distance,
     }
 
 
@@ -133,6 +147,13 @@ class DAFL(Distiller):
             raise UserError("dafl needs the method context (the input shape to generate)")
         if options.batch_size < 2:
             raise UserError(f"dafl batch_size must be >= 2 (BatchNorm), got {options.batch_size}")
+        if options.bn_weight and not any(
+            isinstance(m, nn.BatchNorm2d) for m in teachers[0].modules()
+        ):
+            raise UserError(
+                "dafl's bn_weight needs a teacher with BatchNorm2d layers (their running "
+                "statistics are the prior); set student.method_options.bn_weight=0 for this teacher"
+            )
         self.generator = ImageGenerator(context.input_shape, options.latent_dim)
         self.generator_optimizer = torch.optim.Adam(
             self.generator.parameters(), lr=options.generator_lr
@@ -142,8 +163,10 @@ class DAFL(Distiller):
         """One generator step, then the student's KD loss on the same (detached) images. The real
         ``images``/``labels`` are never read (the trainer passes None)."""
         generated = self.generator.sample(self.options.batch_size)
-        teacher_logits, features = logits_and_features(self.teachers[0], generated)
-        self._step_generator(sum(generator_losses(teacher_logits, features, self.options).values()))
+        with BatchNormStatistics(self.teachers[0]) as statistics:
+            teacher_logits, features = logits_and_features(self.teachers[0], generated)
+        terms = generator_losses(teacher_logits, features, statistics.loss(), self.options)
+        self._step_generator(sum(terms.values()))
         generated = generated.detach()
         calibrate_once(self.student, generated, self.context)
         logits = self.student(generated)

@@ -1,4 +1,6 @@
-"""Image generators for the data-free methods (DAFL; shared with later data-free methods).
+"""Image generators for the data-free methods (DAFL, CDFKD-MFS) and the BatchNorm-statistics
+prior that steers them toward the teacher's training distribution (DeepInversion: Yin et al.,
+"Dreaming to Distill", CVPR 2020).
 
 ``ImageGenerator`` maps Gaussian noise ``z`` to a batch shaped like the task's preprocessed inputs
 ``(C, H, W)``. It is DAFL's generator (Chen et al., "Data-Free Learning of Student Networks",
@@ -80,6 +82,55 @@ def _conv_bn_lrelu(in_channels: int, out_channels: int) -> nn.Sequential:
         nn.BatchNorm2d(out_channels, eps=HIDDEN_BN_EPS),
         nn.LeakyReLU(0.2),
     )
+
+
+def bn_statistics_distance(
+    x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor
+) -> torch.Tensor:
+    """``||mean(x) - running_mean||_2 + ||var(x) - running_var||_2`` per channel of an NCHW
+    batch, the variance biased (DeepInversion's feature-distribution regulariser)."""
+    mean = x.mean((0, 2, 3))
+    var = x.var((0, 2, 3), correction=0)
+    return torch.linalg.vector_norm(mean - running_mean) + torch.linalg.vector_norm(
+        var - running_var
+    )
+
+
+class BatchNormStatistics:
+    """While open (``with``), every ``BatchNorm2d`` of ``model`` records the distance of its
+    input's batch statistics to its running statistics; ``loss()`` is their sum, the first
+    BatchNorm's term (in call order) weighted by ``first_weight``."""
+
+    def __init__(self, model: nn.Module, first_weight: float = 1.0) -> None:
+        self.model = model
+        self.first_weight = first_weight
+        self.distances: list[torch.Tensor] = []
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> BatchNormStatistics:
+        self.distances = []
+        self._handles = [
+            m.register_forward_hook(self._record)
+            for m in self.model.modules()
+            if isinstance(m, nn.BatchNorm2d)
+        ]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _record(self, module: nn.BatchNorm2d, inputs: tuple, output: torch.Tensor) -> None:
+        self.distances.append(
+            bn_statistics_distance(inputs[0], module.running_mean, module.running_var)
+        )
+
+    def loss(self) -> torch.Tensor:
+        if not self.distances:
+            return torch.zeros(())
+        weights = [self.first_weight] + [1.0] * (len(self.distances) - 1)
+        return sum(w * d for w, d in zip(weights, self.distances, strict=True))
 
 
 def calibrate_once(student: nn.Module, images: torch.Tensor, context: MethodContext | None) -> None:
