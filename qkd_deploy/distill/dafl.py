@@ -49,6 +49,7 @@ global RNG, which the trainer saves). Nothing of the generator reaches the expor
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import Any
@@ -166,7 +167,8 @@ class DAFL(Distiller):
         """One generator step, then the student's KD loss on the same (detached) images. The real
         ``images``/``labels`` are never read (the trainer passes None)."""
         generated = self.generator.sample(self.options.batch_size)
-        with BatchNormStatistics(self.teachers[0]) as statistics:
+        statistics = BatchNormStatistics(self.teachers[0])  # records nothing unless opened
+        with statistics if self.options.bn_weight else contextlib.nullcontext():
             teacher_logits, features = logits_and_features(self.teachers[0], generated)
         terms = generator_losses(teacher_logits, features, statistics.loss(), self.options)
         self._step_generator(sum(terms.values()))
