@@ -65,7 +65,7 @@ from qkd_deploy.config import load_config, save_config, to_dict
 from qkd_deploy.data import Preprocess, load_dataset, stratified_subset
 from qkd_deploy.runtime.base import run_in_batches
 from qkd_deploy.runtime.onnxruntime import OnnxRuntimeRunner
-from qkd_deploy.train_and_export import run
+from qkd_deploy.train_and_export import check_method, run
 
 LOW_BITS = ["w4a4", "w2a2"]
 # method -> (teachers it distils from, bit-widths); teachers are the first n of the seed's pool
@@ -128,11 +128,17 @@ def run_method(
     if method in DATA_FREE:
         overrides.append(f"student.method_options.batch_size={TRAIN_BATCH}")
     config = load_config(overrides=overrides)
+    config.student.method_options = check_method(config)
     if (root / "config.yaml").is_file():  # an earlier invocation's run: resume or read it back
-        if to_dict(load_config(str(root / "config.yaml"))) != to_dict(config):
+        earlier = load_config(str(root / "config.yaml"))
+        # runs store every method option, so a default changed since then shows as a difference
+        # (an older run's config stores only the options it set: today's defaults fill the rest)
+        earlier.student.method_options = check_method(earlier)
+        if to_dict(earlier) != to_dict(config):
             sys.exit(
                 f"{root} holds a run with other settings than this invocation's (bit-widths, "
-                "epochs, learning rate, ...); give a new --work folder or remove that one"
+                "epochs, learning rate, method options, ...); give a new --work folder or remove "
+                "that one"
             )
         if (root / "report.json").is_file():  # finished
             return json.loads((root / "report.json").read_text()), root

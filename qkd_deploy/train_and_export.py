@@ -129,8 +129,10 @@ def prepare_run_dir(args: argparse.Namespace) -> tuple[Config, Path]:
         if not (root / "config.yaml").is_file():
             raise UserError(f"--resume {root}: no config.yaml there; give the directory of a run")
         config = load_config(str(root / "config.yaml"))
+        check_method(config)  # an edited config.yaml fails before the run goes on
         return config, root
     config = build_config(args)
+    config.student.method_options = check_method(config)
     root = Path(args.out or config.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}")
     if root.exists() and any(root.iterdir()):
         raise UserError(
@@ -141,6 +143,16 @@ def prepare_run_dir(args: argparse.Namespace) -> tuple[Config, Path]:
     config.out = str(root)
     save_config(config, root / "config.yaml")
     return config, root
+
+
+def check_method(config: Config) -> dict:
+    """The configured method's full options (defaults filled in), after the checks that need no
+    training: a typo in a method option fails here, not after the teachers are trained."""
+    from qkd_deploy.distill.base import checked_method_options
+
+    return checked_method_options(
+        config.student.method, config.student.method_options, len(config.teachers) or None
+    )
 
 
 def run(config: Config, root: Path) -> dict:

@@ -6,6 +6,7 @@ from hand_math import softmax
 from torch import nn
 
 from qkd_deploy.distill import build_distiller
+from qkd_deploy.distill.base import checked_method_options
 from qkd_deploy.distill.losses import kd_kl
 from qkd_deploy.errors import UserError
 
@@ -61,6 +62,23 @@ def test_kd_decay_schedule(schedule, progress, weight):
     _, terms = d.forward_train(torch.zeros(1), torch.tensor([0]), progress)
     ce = -math.log(softmax([0.0, 1.0], 1.0)[0])
     assert terms["ce"].item() == pytest.approx((1 - weight) * ce, rel=1e-6)
+
+
+def test_checked_method_options_fill_in_defaults_and_check_the_teacher_count():
+    assert checked_method_options("kd-decay", {"tau": 2.0}, None) == {
+        "tau": 2.0,
+        "soft_start": 0.5,
+        "schedule": "linear",
+    }
+    indistill = checked_method_options("indistill", {"stage_lengths": (1, 2, 3)}, 1)
+    assert indistill["stage_lengths"] == [1, 2, 3]  # YAML-safe: tuples become lists
+    assert checked_method_options("cdfkd-mfs", {}, None)["batch_size"] == 256  # 2 default teachers
+    with pytest.raises(UserError, match="needs at least 2 teacher"):
+        checked_method_options("cdfkd-mfs", {}, 1)
+    with pytest.raises(UserError, match="2 non-negative numbers"):
+        checked_method_options("avg-teachers", {"weights": [1.0]}, 2)
+    with pytest.raises(UserError, match="must be >= 2"):
+        checked_method_options("dafl", {"batch_size": 1}, None)
 
 
 def test_method_errors_name_the_problem():

@@ -1,5 +1,6 @@
 """The main command end to end on a tiny config: real data, training, export, ONNX Runtime."""
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from qkd_deploy.config import load_config, save_config
+from qkd_deploy.distill.logit import KDDecayOptions
 from qkd_deploy.errors import UserError
 from qkd_deploy.fileio import sha256_file
 from qkd_deploy.train_and_export import main, run
@@ -133,6 +135,41 @@ def test_existing_run_directory_is_not_overwritten(tiny_run, capsys):
     assert main(["--config", str(config), "--out", str(out)]) == 2
     assert "--resume" in capsys.readouterr().err
     assert (out / "report.json").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "student.method_options.temperature=2"], "has no option(s) ['temperature']"),
+        (["--method", "kd-decay", "--set", "student.method_options.schedule=step"], "'cosine'"),
+        (["--method", "dafl", "--teacher-arch", "resnet8,resnet8"], "one teacher at most, got 2"),
+        (["--method", "cmt-kd", "--teacher-arch", "resnet8,resnet8"], "for teacher_bits"),
+    ],
+)
+def test_a_bad_method_setting_fails_before_the_run_directory_is_made(
+    args, message, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    assert main([*args, "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_a_run_stores_every_method_option_and_resume_checks_them_first(tiny_run, tmp_path, capsys):
+    _, out = tiny_run
+    stored = load_config(str(out / "config.yaml")).student.method_options
+    assert stored == dataclasses.asdict(KDDecayOptions())  # the default method, all its options
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "report.json").unlink()
+    config = load_config(str(copy / "config.yaml"))
+    config.student.method_options["schedule"] = "step"
+    save_config(config, copy / "config.yaml")
+    files = sorted(copy.rglob("*"))
+    assert main(["--resume", str(copy)]) == 2
+    assert "kd-decay schedule 'step'" in capsys.readouterr().err
+    assert sorted(copy.rglob("*")) == files
 
 
 def test_bad_input_is_one_clear_error(tmp_path, capsys):

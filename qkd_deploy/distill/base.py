@@ -54,6 +54,7 @@ class Distiller(nn.Module, metaclass=abc.ABCMeta):
     description: ClassVar[str]
     Options: ClassVar[type[MethodOptions]] = MethodOptions
     needs_teachers: ClassVar[int] = 1  # how many teachers the method wants at least (0 = none)
+    max_teachers: ClassVar[int | None] = None  # the most it distils from (None: any number)
     default_teachers: ClassVar[tuple[str, ...]] = ("resnet8x4",)  # archs the pipeline trains
     data_free: ClassVar[bool] = False  # True: the trainer passes no real images (None, None)
 
@@ -65,14 +66,25 @@ class Distiller(nn.Module, metaclass=abc.ABCMeta):
         context: MethodContext | None = None,
     ) -> None:
         super().__init__()
-        if len(teachers) < self.needs_teachers:
-            raise UserError(f"method {self.name!r} needs at least {self.needs_teachers} teacher(s)")
+        self.check_teacher_count(len(teachers), options)
         self.student = student
         self.teachers = nn.ModuleList(teachers)
         for teacher in self.teachers:
             teacher.requires_grad_(False)
         self.options = options
         self.context = context
+
+    @classmethod
+    def check_teacher_count(cls, count: int, options: MethodOptions) -> None:
+        """A ``UserError`` unless the method can distil from ``count`` teachers with ``options``
+        (checked before any training, and again when the distiller is built)."""
+        if count < cls.needs_teachers:
+            raise UserError(
+                f"method {cls.name!r} needs at least {cls.needs_teachers} teacher(s), got {count}"
+            )
+        if cls.max_teachers is not None and count > cls.max_teachers:
+            most = "one teacher" if cls.max_teachers == 1 else f"{cls.max_teachers} teachers"
+            raise UserError(f"method {cls.name!r} distils {most} at most, got {count}")
 
     @abc.abstractmethod
     def forward_train(
@@ -122,6 +134,23 @@ def parse_options(cls: type[Distiller], values: dict[str, Any]) -> MethodOptions
             f"its options are {sorted(fields) or 'none'}"
         )
     return cls.Options(**values)
+
+
+def checked_method_options(
+    name: str, values: dict[str, Any], teachers: int | None
+) -> dict[str, Any]:
+    """Every option of method ``name``, defaults filled in, after checking what can be checked
+    before any training: the name, the option names and values, and the teacher count
+    (``teachers``; None: the method's default teachers, which the pipeline trains).
+
+    A run's config stores this full set, so a resumed run keeps the options it started with even
+    when a default changes in a later version.
+    """
+    cls = method_class(name)
+    options = parse_options(cls, values)
+    cls.check_teacher_count(len(cls.default_teachers) if teachers is None else teachers, options)
+    resolved = dataclasses.asdict(options)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in resolved.items()}
 
 
 def method_class(name: str) -> type[Distiller]:

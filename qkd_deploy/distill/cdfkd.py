@@ -117,6 +117,17 @@ class CDFKDMFSOptions(MethodOptions):
     real_samples: int = 0  # > 0: train the attention on this many calibration images
     attention_lr: float = 0.01  # Adam, the attention's (CDFKD attention-train.py)
 
+    def __post_init__(self) -> None:
+        if self.batch_size < 2:
+            raise UserError(f"cdfkd-mfs batch_size must be >= 2 (BatchNorm), got {self.batch_size}")
+        if self.student_steps_per_generator_step < 1:
+            raise UserError(
+                "cdfkd-mfs student_steps_per_generator_step must be >= 1, got "
+                f"{self.student_steps_per_generator_step}"
+            )
+        if self.real_samples < 0:
+            raise UserError(f"cdfkd-mfs real_samples must be >= 0, got {self.real_samples}")
+
 
 # ---------------------------------------------------------------------------------------------
 # Loss terms
@@ -416,15 +427,6 @@ def _check(student: nn.Module, options: CDFKDMFSOptions, context: MethodContext 
             f"cdfkd-mfs first_shared_stage must be in 0..{stages - 1} (the student has {stages} "
             f"stages), got {options.first_shared_stage}"
         )
-    if options.batch_size < 2:
-        raise UserError(f"cdfkd-mfs batch_size must be >= 2 (BatchNorm), got {options.batch_size}")
-    if options.student_steps_per_generator_step < 1:
-        raise UserError(
-            "cdfkd-mfs student_steps_per_generator_step must be >= 1, got "
-            f"{options.student_steps_per_generator_step}"
-        )
-    if options.real_samples < 0:
-        raise UserError(f"cdfkd-mfs real_samples must be >= 0, got {options.real_samples}")
 
 
 def _real_images(context: MethodContext, count: int) -> torch.Tensor | None:

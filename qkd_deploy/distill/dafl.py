@@ -76,6 +76,10 @@ class DAFLOptions(MethodOptions):
     tau: float = 1.0  # KD temperature (the reference uses none, i.e. 1)
     bn_weight: float = 1.0  # BatchNorm-statistics prior (not in the paper; 0 = the paper's L_G)
 
+    def __post_init__(self) -> None:
+        if self.batch_size < 2:
+            raise UserError(f"dafl batch_size must be >= 2 (BatchNorm), got {self.batch_size}")
+
 
 def one_hot_loss(teacher_logits: torch.Tensor) -> torch.Tensor:
     """``L_oh``: cross-entropy of the teacher's logits against their own argmax."""
@@ -141,16 +145,13 @@ class DAFL(Distiller):
     name = "dafl"
     description = "data-free KD: a generator trained against the fixed teacher (DAFL + BN prior)"
     Options = DAFLOptions
+    max_teachers = 1
     data_free = True
 
     def __init__(self, student, teachers, options, context=None):
         super().__init__(student, teachers, options, context)
-        if len(teachers) != 1:
-            raise UserError(f"dafl distils exactly one teacher; got {len(teachers)}")
         if context is None:
             raise UserError("dafl needs the method context (the input shape to generate)")
-        if options.batch_size < 2:
-            raise UserError(f"dafl batch_size must be >= 2 (BatchNorm), got {options.batch_size}")
         if options.bn_weight and not any(
             isinstance(m, nn.BatchNorm2d) for m in teachers[0].modules()
         ):

@@ -78,6 +78,10 @@ class FEEDOptions(MethodOptions):
     mode: str = "parallel"  # "parallel": all teachers every step; "sequential": one per stage
     translator_kernel: int = 3  # kernel size of the translators' two convs
 
+    def __post_init__(self) -> None:
+        if self.mode not in ("parallel", "sequential"):
+            raise UserError(f"feed mode {self.mode!r}: use 'parallel' or 'sequential'")
+
 
 @register_method
 class FEED(Distiller):
@@ -125,8 +129,6 @@ class FEED(Distiller):
     default_teachers = ("resnet8x4", "resnet8x4")
 
     def __init__(self, student, teachers, options, context=None):
-        if options.mode not in ("parallel", "sequential"):
-            raise UserError(f"feed mode {options.mode!r}: use 'parallel' or 'sequential'")
         super().__init__(student, teachers, options, context)
         width = stage_channels(student, "feed student")[-1]
         self.translators = nn.ModuleList(
@@ -205,6 +207,14 @@ class InDistillOptions(MethodOptions):
     prune_by: str = "filter"  # "filter": L1 of the producing conv's filters; "activation"
     freeze_step_sizes: bool = True  # quantizer step sizes not trained during the curriculum
 
+    def __post_init__(self) -> None:
+        if self.order not in ("shallow-first", "deep-first"):
+            raise UserError(f"indistill order {self.order!r}: use 'shallow-first' or 'deep-first'")
+        if not 0.0 <= self.warmup_share < 1.0:
+            raise UserError(f"indistill warmup_share {self.warmup_share}: use 0 <= share < 1")
+        if self.prune_by not in ("filter", "activation"):
+            raise UserError(f"indistill prune_by {self.prune_by!r}: use 'filter' or 'activation'")
+
 
 @register_method
 class InDistill(Distiller):
@@ -258,10 +268,9 @@ class InDistill(Distiller):
     name = "indistill"
     description = "InDistill: pruned-teacher feature curriculum, then KD"
     Options = InDistillOptions
+    max_teachers = 1
 
     def __init__(self, student, teachers, options, context=None):
-        if len(teachers) > 1:
-            raise UserError(f"indistill distils one teacher, got {len(teachers)}")
         super().__init__(student, teachers, options, context)
         widths = stage_channels(student, "indistill student")
         teacher_widths = stage_channels(self.teachers[0], "indistill teacher")
@@ -289,8 +298,6 @@ class InDistill(Distiller):
 
     def _layer_order(self, n_stages: int) -> list[int]:
         opts = self.options
-        if opts.order not in ("shallow-first", "deep-first"):
-            raise UserError(f"indistill order {opts.order!r}: use 'shallow-first' or 'deep-first'")
         layers = sorted(opts.layers) if opts.layers is not None else list(range(n_stages))
         if not layers or any(k < 0 or k >= n_stages for k in layers):
             raise UserError(
@@ -300,8 +307,6 @@ class InDistill(Distiller):
 
     def _stage_lengths(self, n_layers: int) -> list[float]:
         opts = self.options
-        if not 0.0 <= opts.warmup_share < 1.0:
-            raise UserError(f"indistill warmup_share {opts.warmup_share}: use 0 <= share < 1")
         if opts.stage_lengths is None:
             return [3.0 + i for i in range(n_layers)]
         lengths = [float(v) for v in opts.stage_lengths]
@@ -317,10 +322,6 @@ class InDistill(Distiller):
         teacher = self.teachers[0]
         if self.options.prune_by == "filter":
             return lambda k, keep: l1_keep(producing_conv(teacher.stages[k]).weight, keep)
-        if self.options.prune_by != "activation":
-            raise UserError(
-                f"indistill prune_by {self.options.prune_by!r}: use 'filter' or 'activation'"
-            )
         batches = self.context.calibration_batches if self.context else []
         if not batches:
             raise UserError("indistill prune_by=activation needs calibration images")

@@ -67,6 +67,10 @@ class KDDecayOptions(MethodOptions):
     soft_start: float = 0.5  # soft-loss weight at the first step (hard weight is 1 - soft)
     schedule: str = "linear"  # "linear" or "cosine" decay of the soft weight to 0 at the end
 
+    def __post_init__(self) -> None:
+        if self.schedule not in ("linear", "cosine"):
+            raise UserError(f"kd-decay schedule {self.schedule!r}: use 'linear' or 'cosine'")
+
 
 @register_method
 class KDDecay(KD):
@@ -82,11 +86,6 @@ class KDDecay(KD):
     name = "kd-decay"
     description = "KD with the soft-loss weight decaying to 0 (for quantized students)"
     Options = KDDecayOptions
-
-    def __init__(self, student, teachers, options, context=None):
-        if options.schedule not in ("linear", "cosine"):
-            raise UserError(f"kd-decay schedule {options.schedule!r}: use 'linear' or 'cosine'")
-        super().__init__(student, teachers, options, context)
 
     def soft_weight(self, progress: float) -> float:
         progress = min(max(progress, 0.0), 1.0)

@@ -117,9 +117,10 @@ class AverageTeachers(Distiller):
     needs_teachers = 2
     default_teachers = ("resnet8x4", "resnet32x4")
 
-    def __init__(self, student, teachers, options, context=None):
-        super().__init__(student, teachers, options, context)
-        _check_weights(options.weights, len(teachers))
+    @classmethod
+    def check_teacher_count(cls, count, options):
+        super().check_teacher_count(count, options)
+        _check_weights(options.weights, count)
 
     def forward_train(self, images, labels, progress):
         o = self.options
@@ -235,6 +236,16 @@ class CMTKDOptions(MethodOptions):
     importance_lr_scale: float = 0.1  # the importance logits pi_k learn at lr / 10
     detach_shared: bool = True  # the student's attention loss trains neither teachers nor pi
 
+    def __post_init__(self) -> None:
+        bits = list(self.teacher_bits)
+        if not bits or any(
+            b != FULL_PRECISION and not (isinstance(b, int) and 2 <= b <= 8) for b in bits
+        ):
+            raise UserError(
+                f"cmt-kd teacher_bits {bits}: give one bit-width per teacher, each an integer "
+                f"from 2 to 8 or {FULL_PRECISION} (full precision), e.g. [8, 6, 4]"
+            )
+
 
 def cmt_kd_losses(
     student_logits: torch.Tensor,
@@ -335,6 +346,16 @@ class CMTKD(Distiller):
     needs_teachers = 1
     default_teachers = ("resnet8x4", "resnet8x4", "resnet8x4")
 
+    @classmethod
+    def check_teacher_count(cls, count, options):
+        super().check_teacher_count(count, options)
+        if count not in (1, len(options.teacher_bits)):
+            raise UserError(
+                f"cmt-kd got {count} teachers for teacher_bits {list(options.teacher_bits)}: give "
+                f"one teacher per bit-width, or one teacher to quantize at every bit-width "
+                f"(--set student.method_options.teacher_bits=[...])"
+            )
+
     def __init__(
         self,
         student: nn.Module,
@@ -343,7 +364,7 @@ class CMTKD(Distiller):
         context: MethodContext | None = None,
     ) -> None:
         super().__init__(student, teachers, options, context)
-        bits = _teacher_bits(options.teacher_bits, len(teachers))
+        bits = list(options.teacher_bits)
         if context is None or context.quantize is None or not context.calibration_batches:
             raise UserError(
                 "cmt-kd makes its quantized teachers with a MethodContext (quantize and "
@@ -388,24 +409,6 @@ class CMTKD(Distiller):
             {"params": trainable(teachers), "lr_scale": 1.0},
             {"params": self.importance_logits(), "lr_scale": self.options.importance_lr_scale},
         ]
-
-
-def _teacher_bits(bits: Sequence[int], teachers: int) -> list[int]:
-    bits = list(bits)
-    if not bits or any(
-        b != FULL_PRECISION and not (isinstance(b, int) and 2 <= b <= 8) for b in bits
-    ):
-        raise UserError(
-            f"cmt-kd teacher_bits {bits}: give one bit-width per teacher, each an integer from 2 "
-            f"to 8 or {FULL_PRECISION} (full precision), e.g. [8, 6, 4]"
-        )
-    if teachers not in (1, len(bits)):
-        raise UserError(
-            f"cmt-kd got {teachers} teachers for teacher_bits {bits}: give one teacher per "
-            f"bit-width, or one teacher to quantize at every bit-width "
-            f"(--set student.method_options.teacher_bits=[...])"
-        )
-    return bits
 
 
 def _missing_parts(model: nn.Module) -> list[str]:

@@ -138,6 +138,16 @@ def _require(condition: bool, message: str) -> None:
         raise UserError(message)
 
 
+def check_online_options(method: str, options: MethodOptions) -> None:
+    """The checks the online methods' options share: peers, temperature, EMA decay, view shift."""
+    _require(options.peers >= 2, f"{method}: peers must be >= 2, got {options.peers}")
+    _require(options.tau > 0, f"{method}: tau must be > 0, got {options.tau}")
+    decay = getattr(options, "decay", 0.0)
+    _require(0 <= decay < 1, f"{method}: decay must be in [0, 1), got {decay}")
+    padding = getattr(options, "view_padding", None)
+    _require(padding is None or padding >= 0, f"{method}: view_padding must be >= 0, got {padding}")
+
+
 # ---------------------------------------------------------------------------------------------
 # The shared machinery: quantized peers, the running measure, the step counter
 # ---------------------------------------------------------------------------------------------
@@ -164,7 +174,6 @@ class OnlineDistiller(Distiller):
             f"method {self.name!r} builds its peers with MethodContext.make_student(); "
             f"build it through the pipeline (or pass a context that has make_student)",
         )
-        _require(options.peers >= 2, f"{self.name}: peers must be >= 2, got {options.peers}")
         self.extra_peers = nn.ModuleList(context.make_student() for _ in range(options.peers - 1))
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
         self.register_buffer("running_ce", torch.full((options.peers,), math.nan))
@@ -202,7 +211,6 @@ class OnlineDistiller(Distiller):
     def _view_augment(self, padding: int | None, hflip: bool) -> Augment:
         if padding is None:
             padding = max(1, self.context.input_shape[1] // 16)
-        _require(padding >= 0, f"{self.name}: view_padding must be >= 0, got {padding}")
         return Augment(crop_padding=padding, hflip=hflip)
 
 
@@ -216,6 +224,10 @@ class DMLOptions(MethodOptions):
     peers: int = 2  # K networks trained together (the paper's main setting)
     tau: float = 1.0  # softmax temperature; the paper uses none (1)
     init_noise: float = 0.01  # weight noise of peers 1..K-1 (x each tensor's std); see docstring
+
+    def __post_init__(self) -> None:
+        check_online_options("dml", self)
+        _require(self.init_noise >= 0, f"dml: init_noise must be >= 0, got {self.init_noise}")
 
 
 @register_method
@@ -250,8 +262,6 @@ class DML(OnlineDistiller):
 
     def __init__(self, student, teachers, options, context=None):
         super().__init__(student, teachers, options, context)
-        _require(options.tau > 0, f"dml: tau must be > 0, got {options.tau}")
-        _require(options.init_noise >= 0, f"dml: init_noise must be >= 0, got {options.init_noise}")
         for peer in self.extra_peers:
             perturb_weights(peer, options.init_noise)
 
@@ -279,6 +289,9 @@ class PCLOptions(MethodOptions):
     ensemble_head: bool = True  # the paper's head on concatenated features; False: mean logits
     view_padding: int | None = None  # shift of each peer's view; None: max(1, H // 16)
     view_hflip: bool = False  # also flip each view at random (natural images only)
+
+    def __post_init__(self) -> None:
+        check_online_options("pcl", self)
 
 
 @register_method
@@ -319,8 +332,6 @@ class PCL(OnlineDistiller):
 
     def __init__(self, student, teachers, options, context=None):
         super().__init__(student, teachers, options, context)
-        _require(options.tau > 0, f"pcl: tau must be > 0, got {options.tau}")
-        _require(0 <= options.decay < 1, f"pcl: decay must be in [0, 1), got {options.decay}")
         self.augment = self._view_augment(options.view_padding, options.view_hflip)
         self.mean_teachers = nn.ModuleList(frozen_copy(peer) for peer in self.peers)
         self.head = self._ensemble_head(student) if options.ensemble_head else None
@@ -395,6 +406,14 @@ class DKELOptions(MethodOptions):
     view_padding: int | None = None  # shift of each peer's view; None: max(1, H // 16)
     view_hflip: bool = False  # also flip each view at random (natural images only)
 
+    def __post_init__(self) -> None:
+        check_online_options("dkel", self)
+        _require(self.gamma >= 0, f"dkel: gamma must be >= 0, got {self.gamma}")
+        _require(
+            self.warmup_epochs >= 0 and self.warmup_lr_scale > 0,
+            "dkel: warmup_epochs must be >= 0 and warmup_lr_scale > 0",
+        )
+
 
 @register_method
 class DKEL(OnlineDistiller):
@@ -453,13 +472,6 @@ class DKEL(OnlineDistiller):
 
     def __init__(self, student, teachers, options, context=None):
         super().__init__(student, teachers, options, context)
-        _require(options.tau > 0, f"dkel: tau must be > 0, got {options.tau}")
-        _require(0 <= options.decay < 1, f"dkel: decay must be in [0, 1), got {options.decay}")
-        _require(options.gamma >= 0, f"dkel: gamma must be >= 0, got {options.gamma}")
-        _require(
-            options.warmup_epochs >= 0 and options.warmup_lr_scale > 0,
-            "dkel: warmup_epochs must be >= 0 and warmup_lr_scale > 0",
-        )
         self.augment = self._view_augment(options.view_padding, options.view_hflip)
         self.teacher_net = context.make_student()
         self.teacher_ema = frozen_copy(self.teacher_net)

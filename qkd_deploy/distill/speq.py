@@ -50,6 +50,11 @@ class SPEQOptions(MethodOptions):
     tau: float = 1.0  # softmax temperature of the cosine loss
     alpha: float = 0.5  # weight of the hard (label) loss; the cosine loss gets 1 - alpha
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.u <= 1.0:
+            raise UserError(f"speq u is a probability in [0, 1], got {self.u}")
+        check_bits(self.high_bits, "speq high_bits")
+
 
 def cosine_kd_loss(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 1.0
@@ -107,12 +112,6 @@ class SPEQ(Distiller):
     description = "self-distillation from the student at random higher activation bits (SPEQ)"
     Options = SPEQOptions
     needs_teachers = 0  # like ``none``: the pipeline still trains its default teacher (reference)
-
-    def __init__(self, student, teachers, options, context=None):
-        if not 0.0 <= options.u <= 1.0:
-            raise UserError(f"speq u is a probability in [0, 1], got {options.u}")
-        check_bits(options.high_bits, "speq high_bits")
-        super().__init__(student, teachers, options, context)
 
     def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
         """The student's logits with stochastic activation precision, no gradient, running
