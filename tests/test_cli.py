@@ -124,3 +124,8 @@ def test_methods_lists_every_registered_method_with_its_options(capsys):
     kd = next(e for e in entries if e["name"] == "kd-decay")
     assert kd["options"] == {"tau": 4.0, "soft_start": 0.5, "schedule": "linear"}
     assert next(e for e in entries if e["name"] == "none")["needs_teachers"] == 0
+    dafl = next(e for e in entries if e["name"] == "dafl")
+    assert (dafl["needs_teachers"], dafl["max_teachers"]) == (1, 1)
+    assert main(["methods"]) == 0
+    listing = capsys.readouterr().out
+    assert "(1 teacher, data-free)" in listing and "(2+ teacher(s), data-free)" in listing

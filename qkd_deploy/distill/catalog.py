@@ -10,30 +10,31 @@ from qkd_deploy.distill import METHODS
 
 
 def describe() -> list[dict]:
-    """One entry per method: name, description, teachers it needs, data-free, option defaults."""
+    """One entry per method: name, description, teachers it takes (at least, at most: None for
+    any number), data-free, option defaults."""
     entries = []
     for name in sorted(METHODS):
         cls = METHODS[name]
-        options = {f.name: _default(f) for f in dataclasses.fields(cls.Options)}
         entries.append(
             {
                 "name": name,
                 "description": cls.description,
                 "needs_teachers": cls.needs_teachers,
+                "max_teachers": cls.max_teachers,
                 "default_teachers": list(cls.default_teachers) if cls.needs_teachers else [],
                 "data_free": cls.data_free,
-                "options": options,
+                "options": dataclasses.asdict(cls.Options()),
             }
         )
     return entries
 
 
-def _default(f: dataclasses.Field):
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return None
+def _teacher_count(least: int, most: int | None) -> str:
+    if not least:
+        return "no teacher"
+    if least == most:
+        return f"{least} teacher" + ("s" if least > 1 else "")
+    return f"{least}+ teacher(s)" if most is None else f"{least}-{most} teachers"
 
 
 def main(argv: list[str]) -> int:
@@ -47,7 +48,7 @@ def main(argv: list[str]) -> int:
         print(json.dumps(entries, indent=2, default=str))
         return 0
     for e in entries:
-        teachers = f"{e['needs_teachers']}+ teacher(s)" if e["needs_teachers"] else "no teacher"
+        teachers = _teacher_count(e["needs_teachers"], e["max_teachers"])
         flags = ", data-free" if e["data_free"] else ""
         print(f"{e['name']:<14} {e['description']} ({teachers}{flags})")
         for key, value in e["options"].items():
