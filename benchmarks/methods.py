@@ -45,6 +45,7 @@ Needs Debian's `dataset-fashion-mnist` (`apt-get install -y dataset-fashion-mnis
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import os
@@ -63,6 +64,7 @@ from results_io import machine_line, summarize, targets_table, write_results
 
 from qkd_deploy.config import load_config, save_config, to_dict
 from qkd_deploy.data import Preprocess, load_dataset, stratified_subset
+from qkd_deploy.errors import UserError
 from qkd_deploy.runtime.base import run_in_batches
 from qkd_deploy.runtime.onnxruntime import OnnxRuntimeRunner
 from qkd_deploy.train_and_export import check_method, run
@@ -133,7 +135,8 @@ def run_method(
         earlier = load_config(str(root / "config.yaml"))
         # runs store every method option, so a default changed since then shows as a difference
         # (an older run's config stores only the options it set: today's defaults fill the rest)
-        earlier.student.method_options = check_method(earlier)
+        with contextlib.suppress(UserError):  # an option this version no longer has differs
+            earlier.student.method_options = check_method(earlier)
         if to_dict(earlier) != to_dict(config):
             sys.exit(
                 f"{root} holds a run with other settings than this invocation's (bit-widths, "
