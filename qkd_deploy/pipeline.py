@@ -103,15 +103,18 @@ def train_float(
     return model.eval(), history
 
 
-def teachers_stage(ctx: Context, progress: bool) -> tuple[list[nn.Module], list[dict]]:
-    """The configured teachers (the user's, or zoo models trained here), or the method's default
-    architectures when none are configured; each with its test accuracy."""
-    configs = ctx.config.teachers or [
-        TeacherConfig(arch=arch)
-        for arch in method_class(ctx.config.student.method).default_teachers
+def teacher_configs(config: Config) -> list[TeacherConfig]:
+    """The configured teachers, or the method's default architectures when none are configured."""
+    return config.teachers or [
+        TeacherConfig(arch=arch) for arch in method_class(config.student.method).default_teachers
     ]
+
+
+def teachers_stage(ctx: Context, progress: bool) -> tuple[list[nn.Module], list[dict]]:
+    """The run's teachers (``teacher_configs``: the user's, or zoo models trained here), each with
+    its test accuracy."""
     teachers, infos = [], []
-    for i, cfg in enumerate(configs):
+    for i, cfg in enumerate(teacher_configs(ctx.config)):
         stage = "teacher" if i == 0 else f"teacher_{i}"
         if cfg.module:
             teacher = load_user_model(cfg.module, cfg.checkpoint).eval()

@@ -149,9 +149,10 @@ def check_method(config: Config) -> dict:
     """The configured method's full options (defaults filled in), after the checks that need no
     training: a typo in a method option fails here, not after the teachers are trained."""
     from qkd_deploy.distill.base import checked_method_options
+    from qkd_deploy.pipeline import teacher_configs
 
     return checked_method_options(
-        config.student.method, config.student.method_options, len(config.teachers) or None
+        config.student.method, config.student.method_options, len(teacher_configs(config))
     )
 
 

@@ -65,20 +65,20 @@ def test_kd_decay_schedule(schedule, progress, weight):
 
 
 def test_checked_method_options_fill_in_defaults_and_check_the_teacher_count():
-    assert checked_method_options("kd-decay", {"tau": 2.0}, None) == {
+    assert checked_method_options("kd-decay", {"tau": 2.0}, 1) == {
         "tau": 2.0,
         "soft_start": 0.5,
         "schedule": "linear",
     }
     indistill = checked_method_options("indistill", {"stage_lengths": (1, 2, 3)}, 1)
     assert indistill["stage_lengths"] == [1, 2, 3]  # YAML-safe: tuples become lists
-    assert checked_method_options("cdfkd-mfs", {}, None)["batch_size"] == 256  # 2 default teachers
+    assert checked_method_options("cdfkd-mfs", {}, 2)["batch_size"] == 256
     with pytest.raises(UserError, match="needs at least 2 teacher"):
         checked_method_options("cdfkd-mfs", {}, 1)
     with pytest.raises(UserError, match="2 non-negative numbers"):
         checked_method_options("avg-teachers", {"weights": [1.0]}, 2)
     with pytest.raises(UserError, match="must be >= 2"):
-        checked_method_options("dafl", {"batch_size": 1}, None)
+        checked_method_options("dafl", {"batch_size": 1}, 1)
 
 
 def test_method_errors_name_the_problem():

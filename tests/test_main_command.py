@@ -144,6 +144,8 @@ def test_existing_run_directory_is_not_overwritten(tiny_run, capsys):
         (["--method", "kd-decay", "--set", "student.method_options.schedule=step"], "'cosine'"),
         (["--method", "dafl", "--teacher-arch", "resnet8,resnet8"], "one teacher at most, got 2"),
         (["--method", "cmt-kd", "--teacher-arch", "resnet8,resnet8"], "for teacher_bits"),
+        # no teachers given: the method's three default teachers are counted
+        (["--method", "cmt-kd", "--set", "student.method_options.teacher_bits=[8,4]"], "got 3"),
     ],
 )
 def test_a_bad_method_setting_fails_before_the_run_directory_is_made(

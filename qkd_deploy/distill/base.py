@@ -136,19 +136,16 @@ def parse_options(cls: type[Distiller], values: dict[str, Any]) -> MethodOptions
     return cls.Options(**values)
 
 
-def checked_method_options(
-    name: str, values: dict[str, Any], teachers: int | None
-) -> dict[str, Any]:
+def checked_method_options(name: str, values: dict[str, Any], teachers: int) -> dict[str, Any]:
     """Every option of method ``name``, defaults filled in, after checking what can be checked
-    before any training: the name, the option names and values, and the teacher count
-    (``teachers``; None: the method's default teachers, which the pipeline trains).
+    before any training: the name, the option names and values, and the number of teachers.
 
     A run's config stores this full set, so a resumed run keeps the options it started with even
     when a default changes in a later version.
     """
     cls = method_class(name)
     options = parse_options(cls, values)
-    cls.check_teacher_count(len(cls.default_teachers) if teachers is None else teachers, options)
+    cls.check_teacher_count(teachers, options)
     resolved = dataclasses.asdict(options)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in resolved.items()}
 
