@@ -240,10 +240,22 @@ def test_spatial_size_mismatch_is_one_clear_user_error():
     student = _tiny((16, 32, 64))  # maps 8x8
     teacher = _tiny((64, 128, 256), stem_stride=2)  # maps 4x4
     x, y = torch.randn(2, 1, 8, 8), torch.tensor([0, 1])
+    mismatch = r"\(8, 8\) but the teacher's is \(4, 4\)"
     for method in ("feed", "indistill"):
         d = build_distiller(method, student, [teacher])
-        with pytest.raises(UserError, match=r"\(8, 8\) but the teacher's is \(4, 4\)"):
+        with pytest.raises(UserError, match=mismatch):
             d.forward_train(x, y, 0.0)
+        with pytest.raises(UserError, match=mismatch):  # with the input shape: when built
+            build_distiller(method, student, [teacher], {}, MethodContext(2, (1, 8, 8), 1, 1))
+    # sequential FEED reaches its second teacher late in the run: still caught when built
+    with pytest.raises(UserError, match=mismatch):
+        build_distiller(
+            "feed",
+            student,
+            [student, teacher],
+            {"mode": "sequential"},
+            MethodContext(2, (1, 8, 8), 1, 1),
+        )
 
 
 def test_option_and_model_errors_name_the_problem():

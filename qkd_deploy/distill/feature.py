@@ -26,7 +26,8 @@ def stage_channels(model: nn.Module, what: str) -> list[int]:
     if not (hasattr(model, "forward_features") and hasattr(model, "stage_channels")):
         raise UserError(
             f"{what} ({type(model).__name__}) exposes no stage feature maps; feature "
-            "distillation needs zoo models (StagedClassifier: forward_features, stage_channels)"
+            "distillation needs zoo models (StagedClassifier: forward_features, stage_channels). "
+            "Use zoo teachers (--teacher-arch) or a logit method for your own (kd, avg-teachers)"
         )
     return list(model.stage_channels)
 
@@ -39,6 +40,18 @@ def check_spatial(student_map: torch.Tensor, teacher_map: torch.Tensor, what: st
             f"teacher's is {tuple(teacher_map.shape[2:])} (height, width); pick a teacher whose "
             "stages downsample like the student's (e.g. a CIFAR ResNet for a CIFAR ResNet)"
         )
+
+
+@torch.no_grad()
+def stage_maps(model: nn.Module, input_shape: tuple[int, ...]) -> list[torch.Tensor]:
+    """A zoo-style model's stage outputs for a zero batch of two ``input_shape`` images, computed in
+    eval mode: enough to compare stage shapes when a distiller is built."""
+    was_training = model.training
+    model.eval()
+    try:
+        return model.forward_features(torch.zeros(2, *input_shape))[1]["stages"]
+    finally:
+        model.train(was_training)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,7 +127,8 @@ class FEED(Distiller):
     - Sequential stages share the trainer's single learning-rate schedule (the paper retrains
       each stage with its own schedule); stage lengths are equal.
     - Teacher and student last feature maps must have the same height and width (no pooling or
-      interpolation): a mismatch is a ``UserError`` at the first step.
+      interpolation): a mismatch is a ``UserError`` when the distiller is built with a context
+      (the pipeline's input shape), else at the first step.
     - Default teachers: two ``resnet8x4`` (seeds differ: the pipeline trains teacher ``i`` with
       seed + 100 i). The paper's teachers are several networks of one architecture, so the
       ensemble gain comes from their different solutions; resnet8x4 is the project's cheap
@@ -135,6 +149,10 @@ class FEED(Distiller):
             Translator(width, stage_channels(t, f"feed teacher {i}")[-1], options.translator_kernel)
             for i, t in enumerate(self.teachers)
         )
+        if context is not None:
+            last = stage_maps(student, context.input_shape)[-1]
+            for teacher in self.teachers:
+                check_spatial(last, stage_maps(teacher, context.input_shape)[-1], "feed")
 
     def parameter_groups(self):
         return [
@@ -287,6 +305,11 @@ class InDistill(Distiller):
                     f"indistill: teacher stage {k} has {teacher_widths[k]} channels, fewer than "
                     f"the student's {widths[k]}; pruning can only narrow the teacher"
                 )
+        if context is not None:
+            maps = stage_maps(student, context.input_shape)
+            teacher_maps = stage_maps(self.teachers[0], context.input_shape)
+            for k in self.layer_order:
+                check_spatial(maps[k], teacher_maps[k], f"indistill stage {k}")
         ranking = self._channel_ranking()
         for k in self.layer_order:
             self.register_buffer(f"kept_{k}", ranking(k, widths[k]), persistent=False)
