@@ -116,27 +116,36 @@ def teachers_stage(ctx: Context, progress: bool) -> tuple[list[nn.Module], list[
     teachers, infos = [], []
     for i, cfg in enumerate(teacher_configs(ctx.config)):
         stage = "teacher" if i == 0 else f"teacher_{i}"
-        if cfg.module:
-            teacher = load_user_model(cfg.module, cfg.checkpoint).eval()
-            _check_classifier(teacher, ctx, f"teacher {cfg.module}")
-            arch = cfg.module
-        else:
-            if cfg.checkpoint:
-                raise UserError(
-                    f"teachers[{i}]: a checkpoint needs its module "
-                    f"(--teacher MODULE:FACTORY --teacher-checkpoint PATH)"
-                )
+        if not cfg.module:
             torch.manual_seed(ctx.config.seed + 100 * i)
-            teacher = build_model(cfg.arch, ctx.data.in_channels, ctx.data.num_classes)
+        teacher = teacher_model(ctx, cfg, i)
+        if not cfg.module:
             teacher, _ = train_float(
                 ctx, stage, teacher, ctx.config.teacher_train, 100 * i, progress
             )
-            arch = cfg.arch
         teachers.append(teacher)
         infos.append(
-            {"arch": arch, "accuracy": test_accuracy(ctx, teacher, None if cfg.module else stage)}
+            {
+                "arch": cfg.module or cfg.arch,
+                "accuracy": test_accuracy(ctx, teacher, None if cfg.module else stage),
+            }
         )
     return teachers, infos
+
+
+def teacher_model(ctx: Context, cfg: TeacherConfig, index: int) -> nn.Module:
+    """Teacher ``index`` before the teachers stage: the user's model with its checkpoint, checked
+    on two test images, or a freshly initialised zoo model (trained by the teachers stage)."""
+    if cfg.module:
+        teacher = load_user_model(cfg.module, cfg.checkpoint).eval()
+        _check_classifier(teacher, ctx, f"teacher {cfg.module}")
+        return teacher
+    if cfg.checkpoint:
+        raise UserError(
+            f"teachers[{index}]: a checkpoint needs its module "
+            f"(--teacher MODULE:FACTORY --teacher-checkpoint PATH)"
+        )
+    return build_model(cfg.arch, ctx.data.in_channels, ctx.data.num_classes)
 
 
 def evaluation_key(ctx: Context, weights: Path, **settings) -> dict:
@@ -234,34 +243,11 @@ def quantized_student_stage(
         return load_state(student, final).eval()
     subset = stratified_subset(ctx.data.train, ctx.config.data.calibration_size, ctx.config.seed)
     batches = [] if data_free else [x for x, _ in BatchLoader(subset, ctx.preprocess, EVAL_BATCH)]
-
-    def calibrate_on(model: nn.Module, images: list[torch.Tensor]) -> None:
-        calibrate(
-            model, images, qcfg.weight_calibrator, qcfg.activation_calibrator, qcfg.percentile
-        )
-
-    def calibrated(model: nn.Module) -> nn.Module:
-        """Calibrated on real images; left for the method to calibrate when it is data-free."""
-        if batches:
-            calibrate_on(model, batches)
-        return model
-
-    def quantize_at(model: nn.Module, b: int) -> nn.Module:
-        return calibrated(quantize_model(model, dataclasses.replace(options, bits=BitWidths(b, b))))
-
     real_loader = ctx.train_loader(cfg.train.batch_size, 2)
     loader = StepsOnly(len(real_loader)) if data_free else real_loader
-    context = MethodContext(
-        num_classes=ctx.data.num_classes,
-        input_shape=(ctx.data.in_channels, *ctx.data.image_size),
-        steps_per_epoch=len(loader),
-        epochs=cfg.train.epochs,
-        make_student=lambda: calibrated(quantize_model(start, options)),
-        quantize=quantize_at,
-        calibration_batches=batches,
-        calibrate=calibrate_on,
-    )
-    calibrated(student)
+    context = method_context(ctx, start, options, batches, len(loader))
+    if batches:
+        context.calibrate(student, batches)
     distiller = build_distiller(cfg.method, student, teachers, cfg.method_options, context)
     fit(
         distiller,
@@ -273,6 +259,73 @@ def quantized_student_stage(
     )
     save_state(distiller.export_model(), final)
     return load_state(student, final).eval()
+
+
+def method_context(
+    ctx: Context,
+    start: nn.Module,
+    options: QuantizeOptions,
+    batches: list[torch.Tensor],
+    steps_per_epoch: int,
+) -> MethodContext:
+    """What a method may build besides its student: more students quantized from ``start`` like
+    it, quantized copies of other models, all calibrated on ``batches`` (none for a data-free
+    method, which calibrates on the images it generates)."""
+    qcfg = ctx.config.quant
+
+    def calibrate_on(model: nn.Module, images: list[torch.Tensor]) -> None:
+        calibrate(
+            model, images, qcfg.weight_calibrator, qcfg.activation_calibrator, qcfg.percentile
+        )
+
+    def calibrated(model: nn.Module) -> nn.Module:
+        if batches:
+            calibrate_on(model, batches)
+        return model
+
+    def quantize_at(model: nn.Module, b: int) -> nn.Module:
+        return calibrated(quantize_model(model, dataclasses.replace(options, bits=BitWidths(b, b))))
+
+    return MethodContext(
+        num_classes=ctx.data.num_classes,
+        input_shape=(ctx.data.in_channels, *ctx.data.image_size),
+        steps_per_epoch=steps_per_epoch,
+        epochs=ctx.config.student.train.epochs,
+        make_student=lambda: calibrated(quantize_model(start, options)),
+        quantize=quantize_at,
+        calibration_batches=batches,
+        calibrate=calibrate_on,
+    )
+
+
+PREFLIGHT_IMAGES = 4  # a BatchNorm in training mode needs more than one value per channel
+
+
+def check_method_fits(ctx: Context) -> None:
+    """Build the method on untrained copies of the run's teachers and student and compute one
+    training step's losses on a few training images (no optimizer step).
+
+    A model that does not fit the method then fails before the teachers and the float student
+    train, not hours later: a user's teacher without stage feature maps for ``feed``, stage sizes
+    the student's cannot be compared with, teachers that ``cmt-kd`` cannot mix. Untrained models
+    have the trained ones' structure; the random state is restored afterwards, so the run's
+    numbers do not change.
+    """
+    cfg = ctx.config.student
+    data_free = method_class(cfg.method).data_free
+    options = quantize_options(ctx.config.quant, BitWidths.parse(cfg.bits[0]))
+    with torch.random.fork_rng():
+        teachers = [teacher_model(ctx, t, i) for i, t in enumerate(teacher_configs(ctx.config))]
+        start = untrained_student(ctx)
+        images, labels = next(iter(ctx.train_loader(PREFLIGHT_IMAGES, 2)))
+        batches = [] if data_free else [images]
+        context = method_context(ctx, start, options, batches, steps_per_epoch=1)
+        student = context.make_student()
+        distiller = build_distiller(cfg.method, student, teachers, cfg.method_options, context)
+        distiller.train()
+        if data_free:
+            images = labels = None
+        distiller.forward_train(images, labels, 0.0)
 
 
 def _mark_calibrated(model: nn.Module) -> None:

@@ -57,6 +57,17 @@ class RunDir:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
+    def remove_if_unstarted(self) -> None:
+        """Undo a new run that stopped before any stage wrote a file (bad data, a model that does
+        not fit the method): its ``config.yaml`` and lock go, and so does the then empty
+        directory, so fixing the input and running the same command again just works."""
+        ours = {self.config, self.root / ".lock"}
+        if not self.root.is_dir() or any(p not in ours for p in self.root.iterdir()):
+            return
+        for path in ours:
+            path.unlink(missing_ok=True)
+        self.root.rmdir()
+
     @property
     def config(self) -> Path:
         return self.root / "config.yaml"

@@ -164,6 +164,19 @@ def run(config: Config, root: Path) -> dict:
         return _run_stages(config, root)
 
 
+def run_or_undo(config: Config, root: Path, new: bool) -> dict:
+    """``run``; a new run that fails on bad input before any stage wrote a file leaves no run
+    directory behind."""
+    from qkd_deploy.rundir import RunDir
+
+    try:
+        return run(config, root)
+    except UserError:
+        if new:
+            RunDir(root).remove_if_unstarted()
+        raise
+
+
 def _run_stages(config: Config, root: Path) -> dict:
     import torch
 
@@ -192,6 +205,7 @@ def _run_stages(config: Config, root: Path) -> dict:
     bit_list = [BitWidths.parse(b) for b in config.student.bits]
     for bits in bit_list:  # bad quantization settings fail here, before any training
         P.quantize_options(config.quant, bits)
+    P.check_method_fits(ctx)  # so do models that do not fit the method
     _save_sample_batch(ctx)
     with P.timed(timings, "teachers"):
         teachers, teacher_infos = P.teachers_stage(ctx, progress)
@@ -287,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         config, root = prepare_run_dir(args)
-        report = run(config, root)
+        report = run_or_undo(config, root, new=not args.resume)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

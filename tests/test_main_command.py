@@ -158,6 +158,50 @@ def test_a_bad_method_setting_fails_before_the_run_directory_is_made(
     assert not out.exists()
 
 
+SEQUENTIAL_TEACHER = """
+from torch import nn
+def teacher():
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(8, 10))
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        # resnet8's last stage is 2x2 on the 8x8 digits, mobilenetv2's 1x1
+        (["--method", "feed", "--teacher-arch", "resnet8,mobilenetv2"], "teacher's is (1, 1)"),
+        (["--method", "indistill", "--teacher-arch", "mobilenetv2"], "the teacher 4"),
+        (["--method", "feed", "--teacher", "sequential_teacher:teacher"], "no stage feature maps"),
+    ],
+)
+def test_a_model_that_does_not_fit_the_method_fails_before_any_training(
+    args, message, tmp_path, capsys, monkeypatch
+):
+    (tmp_path / "sequential_teacher.py").write_text(SEQUENTIAL_TEACHER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "run"
+    assert main([*args, "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not out.exists()  # failed before the teachers stage wrote anything
+
+
+def test_the_method_check_leaves_the_random_state_alone(tmp_path):
+    from qkd_deploy import pipeline as P
+    from qkd_deploy.data import load_dataset, normalization_stats
+    from qkd_deploy.rundir import RunDir
+
+    data = load_dataset("digits", None)
+    config = load_config(overrides=["student.method=dkel"])  # peers and an EMA teacher
+    ctx = P.Context(config, data, normalization_stats(data.train.images.numpy()), RunDir(tmp_path))
+    torch.manual_seed(7)
+    before = torch.random.get_rng_state()
+    P.check_method_fits(ctx)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_run_stores_every_method_option_and_resume_checks_them_first(tiny_run, tmp_path, capsys):
     _, out = tiny_run
     stored = load_config(str(out / "config.yaml")).student.method_options
@@ -178,6 +222,7 @@ def test_bad_input_is_one_clear_error(tmp_path, capsys):
     assert main(["--data", "cifar10:/no/such/dir", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "/no/such/dir" in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()  # the same command works once the data is there
     assert main(["--bits", "w1a8", "--out", str(tmp_path / "r2")]) == 2
     assert "2 to 8" in capsys.readouterr().err
 

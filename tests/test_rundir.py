@@ -81,3 +81,19 @@ def test_resuming_a_run_that_is_still_going_fails_before_writing_anything(tmp_pa
     assert f"in use by another run (pid {pid})" in capsys.readouterr().err
     assert sorted(p.name for p in root.iterdir()) == [".lock", "config.yaml"]
     assert (root / "config.yaml").read_bytes() == before
+
+
+def test_an_unstarted_run_directory_is_removed_and_a_started_one_kept(tmp_path):
+    unstarted, started = RunDir(tmp_path / "new"), RunDir(tmp_path / "started")
+    for run in (unstarted, started):
+        with run.exclusive():
+            save_config(load_config(), run.config)
+    (started.root / "sample_batch.npz").write_bytes(b"written by a stage")
+    unstarted.remove_if_unstarted()
+    started.remove_if_unstarted()
+    assert not unstarted.root.exists()
+    assert sorted(p.name for p in started.root.iterdir()) == [
+        ".lock",
+        "config.yaml",
+        "sample_batch.npz",
+    ]
