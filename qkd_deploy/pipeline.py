@@ -116,8 +116,7 @@ def teachers_stage(ctx: Context, progress: bool) -> tuple[list[nn.Module], list[
     teachers, infos = [], []
     for i, cfg in enumerate(teacher_configs(ctx.config)):
         stage = "teacher" if i == 0 else f"teacher_{i}"
-        if not cfg.module:
-            torch.manual_seed(ctx.config.seed + 100 * i)
+        torch.manual_seed(ctx.config.seed + 100 * i)
         teacher = teacher_model(ctx, cfg, i)
         if not cfg.module:
             teacher, _ = train_float(
@@ -134,8 +133,8 @@ def teachers_stage(ctx: Context, progress: bool) -> tuple[list[nn.Module], list[
 
 
 def teacher_model(ctx: Context, cfg: TeacherConfig, index: int) -> nn.Module:
-    """Teacher ``index`` before the teachers stage: the user's model with its checkpoint, checked
-    on two test images, or a freshly initialised zoo model (trained by the teachers stage)."""
+    """Teacher ``index`` as configured: the user's model with its checkpoint (checked on two test
+    images), or a freshly initialised zoo model for the teachers stage to train."""
     if cfg.module:
         teacher = load_user_model(cfg.module, cfg.checkpoint).eval()
         _check_classifier(teacher, ctx, f"teacher {cfg.module}")
