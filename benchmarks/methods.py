@@ -116,6 +116,11 @@ def base_overrides(args: argparse.Namespace, seed: int, root: Path) -> list[str]
     ]
 
 
+def settings(config) -> dict:
+    """A run's config without its ``out``: a work folder moved or copied elsewhere still matches."""
+    return {k: v for k, v in to_dict(config).items() if k != "out"}
+
+
 def run_method(
     args: argparse.Namespace, seed: int, method: str, teachers: int, bits: list[str], pool: Path
 ) -> tuple[dict, Path]:
@@ -137,7 +142,7 @@ def run_method(
         # (an older run's config stores only the options it set: today's defaults fill the rest)
         with contextlib.suppress(UserError):  # an option this version no longer has differs
             earlier.student.method_options = check_method(earlier)
-        if to_dict(earlier) != to_dict(config):
+        if settings(earlier) != settings(config):
             sys.exit(
                 f"{root} holds a run with other settings than this invocation's (bit-widths, "
                 "epochs, learning rate, method options, ...); give a new --work folder or remove "
