@@ -19,6 +19,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "lint": ("qkd_deploy.export.lint:main", "check a Q/DQ ONNX model against TensorRT's rules"),
     "bench": ("qkd_deploy.bench.commands:bench_main", "ONNX Runtime latency of an ONNX model"),
     "report": ("qkd_deploy.bench.commands:report_main", "re-render and print a run's report"),
+    "compare": (
+        "qkd_deploy.bench.compare:main",
+        "compare two runs; exit 1 on an accuracy or latency regression",
+    ),
     "methods": ("qkd_deploy.distill.catalog:main", "list the distillation methods and options"),
     "bundle": ("qkd_deploy.export.bundle:main_bundle", "pack one student for the device"),
     "verify": ("qkd_deploy.export.bundle:main_verify", "check a deploy bundle on the device"),

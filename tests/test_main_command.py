@@ -272,6 +272,33 @@ def test_user_teacher_from_module_and_checkpoint(tiny_run, tmp_path, monkeypatch
     assert not (run / "teacher").exists()
 
 
+def test_compare_and_plot_a_real_run(tiny_run, tmp_path, capsys, monkeypatch):
+    from qkd_deploy.cli import main as cli
+
+    _, out = tiny_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    report = json.loads((run / "report.json").read_text())
+    assert cli(["compare", str(out), str(run)]) == 0
+    report["students"][-1]["accuracy_onnx"] -= 0.02
+    (run / "report.json").write_text(json.dumps(report))
+    assert cli(["compare", str(out), str(run)]) == 1
+    assert f"| {report['students'][-1]['name']} | accuracy % |" in capsys.readouterr().out
+
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "matplotlib", None)  # as without the 'plots' extra
+        assert cli(["report", str(run), "--plot"]) == 2
+    assert "qkd-deploy[plots]" in capsys.readouterr().err
+    assert not (run / "report.png").exists()
+    pytest.importorskip("matplotlib", reason="the 'plots' extra is not installed")
+    from matplotlib.image import imread
+
+    assert cli(["report", str(run), "--plot"]) == 0
+    image = imread(run / "report.png")
+    assert image.shape[:2] == (462, 1210)  # 11 x 4.2 inches at 110 dpi
+    assert image[..., :3].std() > 0.05  # something was drawn
+
+
 def test_same_seed_same_numbers(tiny_run, tmp_path):
     config, out = tiny_run
     assert main(["--config", str(config), "--out", str(tmp_path / "again")]) == 0

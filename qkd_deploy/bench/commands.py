@@ -66,16 +66,21 @@ def report_main(argv: list[str]) -> int:
         prog="qkd-deploy report", description="re-render report.md of a run and print its table"
     )
     p.add_argument("run_dir")
+    p.add_argument(
+        "--plot",
+        action="store_true",
+        help="also draw report.png (accuracy and latency; needs matplotlib: the 'plots' extra)",
+    )
     args = p.parse_args(argv)
+    from qkd_deploy.bench.compare import load_report
     from qkd_deploy.bench.report import summary_table, write_report
 
-    path = Path(args.run_dir) / "report.json"
-    if not path.is_file():
-        raise UserError(f"{path} not found; give the directory of a finished run")
-    try:
-        report = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise UserError(f"{path} is not valid JSON ({error})") from error
-    write_report(Path(args.run_dir), report)
+    run_dir = Path(args.run_dir)
+    report = load_report(run_dir / "report.json")
+    write_report(run_dir, report)
+    if args.plot:
+        from qkd_deploy.bench.plots import plot_report
+
+        print(f"wrote {plot_report(report, run_dir / 'report.png')}")
     print(summary_table(report))
     return 0

@@ -1,0 +1,165 @@
+"""``qkd-deploy compare BASE NEW``: catch a regression between two runs before it ships.
+
+Models are matched by name (``student_float``, ``resnet8_w4a4``, ...). For each, the exported
+model's accuracy (``accuracy_onnx``) and its p50 latency at every (runtime, batch) both runs
+measured are compared. A regression is an accuracy drop of more than ``max_accuracy_drop``
+points, a p50 latency more than ``max_latency_increase`` (a fraction) above the base's, or a
+model the new run no longer has. Latency is judged only when both runs measured on the same
+machine description: times from two machines say nothing about the code.
+
+Torch-free (``report.json`` files only), so it runs on the device and in CI alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from qkd_deploy.errors import UserError
+
+
+@dataclasses.dataclass
+class Change:
+    """One compared quantity of one model."""
+
+    model: str
+    quantity: str  # "accuracy %" or "p50 ms <runtime> b<batch>"
+    base: float | None
+    new: float | None
+    regression: bool
+    note: str = ""
+
+
+def load_report(path: str | Path) -> dict:
+    """A run's ``report.json``, given the run directory or the file itself."""
+    path = Path(path)
+    file = path / "report.json" if path.is_dir() else path
+    if not file.is_file():
+        raise UserError(f"{file} not found; give a finished run's directory or its report.json")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as error:
+        raise UserError(f"{file} is not valid JSON ({error})") from error
+
+
+def exported_models(report: dict) -> dict[str, dict]:
+    """Every exported model of a report by name: float references, then students."""
+    return {m["name"]: m for m in report.get("float_references", []) + report.get("students", [])}
+
+
+def p50_latencies(model: dict) -> dict[tuple[str, int], float]:
+    """``(runtime, batch) -> p50 ms`` from the model's ``latency_ms`` and, when an engine was
+    built and measured, the engine's."""
+    sources = [model.get("latency_ms") or {}]
+    engine = model.get("engine")
+    if isinstance(engine, dict):
+        sources.append(engine.get("latency_ms") or {})
+    return {
+        (runtime, row["batch"]): row["p50"]
+        for source in sources
+        for runtime, rows in source.items()
+        for row in rows
+    }
+
+
+def compare_reports(
+    base: dict, new: dict, max_accuracy_drop: float, max_latency_increase: float
+) -> list[Change]:
+    """The changes from ``base`` to ``new`` (see the module docstring for what regresses)."""
+    same_machine = _machine(base) == _machine(new)
+    base_models, new_models = exported_models(base), exported_models(new)
+    changes = []
+    for name, before in base_models.items():
+        after = new_models.get(name)
+        if after is None:
+            changes.append(Change(name, "model", None, None, True, "missing in the new run"))
+            continue
+        drop = 100 * (before["accuracy_onnx"] - after["accuracy_onnx"])
+        changes.append(
+            Change(
+                name,
+                "accuracy %",
+                100 * before["accuracy_onnx"],
+                100 * after["accuracy_onnx"],
+                drop > max_accuracy_drop,
+            )
+        )
+        old_times, new_times = p50_latencies(before), p50_latencies(after)
+        for key in sorted(old_times.keys() & new_times.keys()):
+            slower = new_times[key] > old_times[key] * (1 + max_latency_increase)
+            changes.append(
+                Change(
+                    name,
+                    f"p50 ms {key[0]} b{key[1]}",
+                    old_times[key],
+                    new_times[key],
+                    slower and same_machine,
+                    "" if same_machine else "other machine: not judged",
+                )
+            )
+    for name in new_models.keys() - base_models.keys():
+        changes.append(Change(name, "model", None, None, False, "new in this run"))
+    return changes
+
+
+def _machine(report: dict) -> str | None:
+    return (report.get("environment") or {}).get("machine")
+
+
+def markdown(changes: list[Change]) -> str:
+    def cell(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    lines = [
+        "| model | quantity | base | new | change | |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for c in changes:
+        delta = "-" if c.base is None or c.new is None else f"{c.new - c.base:+.3f}"
+        verdict = "**REGRESSION**" if c.regression else ""
+        note = "; ".join(part for part in (verdict, c.note) if part)
+        lines.append(
+            f"| {c.model} | {c.quantity} | {cell(c.base)} | {cell(c.new)} | {delta} | {note} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="qkd-deploy compare",
+        description="compare two runs' exported models; exit 1 on a regression",
+    )
+    p.add_argument("base", help="the reference run (directory or report.json)")
+    p.add_argument("new", help="the run to check")
+    p.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        default=0.5,
+        help="points of ONNX accuracy a model may lose (default 0.5)",
+    )
+    p.add_argument(
+        "--max-latency-increase",
+        type=float,
+        default=0.10,
+        help="fraction a p50 latency may grow on the same machine (default 0.10)",
+    )
+    p.add_argument("--json", action="store_true", help="print the changes as JSON")
+    args = p.parse_args(argv)
+    if args.max_accuracy_drop < 0 or args.max_latency_increase < 0:
+        raise UserError("--max-accuracy-drop and --max-latency-increase must be >= 0")
+    changes = compare_reports(
+        load_report(args.base),
+        load_report(args.new),
+        args.max_accuracy_drop,
+        args.max_latency_increase,
+    )
+    if args.json:
+        print(json.dumps([dataclasses.asdict(c) for c in changes], indent=2))
+    else:
+        print(markdown(changes))
+    regressions = [c for c in changes if c.regression]
+    if regressions and not args.json:
+        print(f"\n{len(regressions)} regression(s)")
+    return 1 if regressions else 0
