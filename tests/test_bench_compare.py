@@ -3,8 +3,11 @@
 import copy
 import json
 
+import pytest
+
 from qkd_deploy.bench.compare import compare_reports
 from qkd_deploy.cli import main
+from qkd_deploy.errors import UserError
 
 
 def _model(name, accuracy, p50_b1, p50_b32):
@@ -14,6 +17,7 @@ def _model(name, accuracy, p50_b1, p50_b32):
 
 BASE = {
     "dataset": "digits",
+    "test_samples": 360,
     "target": "tensorrt",
     "teacher": {"arch": "resnet8x4", "accuracy": 0.995},
     "float_references": [_model("student_float", 0.990, 0.05, 0.30)],
@@ -103,3 +107,10 @@ def test_compare_command_exit_codes(tmp_path, capsys):
     ]
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "nothing")]) == 2
     assert "nothing not found; give a finished run" in capsys.readouterr().err
+
+
+def test_runs_on_different_test_data_are_refused():
+    other = copy.deepcopy(BASE)
+    other["dataset"] = "fashion-mnist"
+    with pytest.raises(UserError, match="different test data"):
+        compare_reports(BASE, other, 0.5, 0.10)

@@ -1,11 +1,11 @@
 """``qkd-deploy compare BASE NEW``: catch a regression between two runs before it ships.
 
-Models are matched by name (``student_float``, ``resnet8_w4a4``, ...). For each, the exported
-model's accuracy (``accuracy_onnx``) and its p50 latency at every (runtime, batch) both runs
-measured are compared. A regression is an accuracy drop of more than ``max_accuracy_drop``
-points, a p50 latency more than ``max_latency_increase`` (a fraction) above the base's, or a
-model the new run no longer has. Latency is judged only when both runs measured on the same
-machine description: times from two machines say nothing about the code.
+Models are matched by name (``student_float``, ``resnet8_w4a4``, ...) in two runs on the same
+test data. For each, the exported model's accuracy (``accuracy_onnx``) and its p50 latency at
+every (runtime, batch) both runs measured are compared. A regression is an accuracy drop of more
+than ``max_accuracy_drop`` points, a p50 latency more than ``max_latency_increase`` (a fraction)
+above the base's, or a model the new run no longer has. Latency is judged only when both runs
+measured on the same machine description: times from two machines say nothing about the code.
 
 Torch-free (``report.json`` files only), so it runs on the device and in CI alike.
 """
@@ -68,6 +68,12 @@ def compare_reports(
     base: dict, new: dict, max_accuracy_drop: float, max_latency_increase: float
 ) -> list[Change]:
     """The changes from ``base`` to ``new`` (see the module docstring for what regresses)."""
+    data = [(r.get("dataset"), r.get("test_samples")) for r in (base, new)]
+    if data[0] != data[1]:
+        raise UserError(
+            f"the runs were measured on different test data ({data[0][0]}, {data[0][1]} images "
+            f"vs {data[1][0]}, {data[1][1]}); compare runs of one data set"
+        )
     same_machine = _machine(base) == _machine(new)
     base_models, new_models = exported_models(base), exported_models(new)
     changes = []
