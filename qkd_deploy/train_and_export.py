@@ -128,7 +128,9 @@ def prepare_run_dir(args: argparse.Namespace) -> tuple[Config, Path]:
         root = Path(args.resume)
         if not (root / "config.yaml").is_file():
             raise UserError(f"--resume {root}: no config.yaml there; give the directory of a run")
-        config = load_config(str(root / "config.yaml"))
+        check_resume_flags(args)
+        overrides = args.set + (["progress=false"] if args.no_progress else [])
+        config = load_config(str(root / "config.yaml"), overrides)
         check_method(config)  # an edited config.yaml fails before the run goes on
         return config, root
     config = build_config(args)
@@ -143,6 +145,48 @@ def prepare_run_dir(args: argparse.Namespace) -> tuple[Config, Path]:
     config.out = str(root)
     save_config(config, root / "config.yaml")
     return config, root
+
+
+SETTING_FLAGS = (
+    "out",
+    "config",
+    "data",
+    "normalize",
+    "teacher_arch",
+    "teacher",
+    "teacher_checkpoint",
+    "student_arch",
+    "bits",
+    "method",
+    "target",
+    "epochs",
+    "seed",
+)
+RESUMABLE_SECTIONS = ("export.", "bench.")  # what a resumed run may change: no model retrains
+
+
+def check_resume_flags(args: argparse.Namespace) -> None:
+    """A resumed run keeps the settings its models were trained with: a flag that would change
+    them is an error, not silently ignored. ``--set export.*`` and ``--set bench.*`` may change;
+    the finished models are then exported and measured again (e.g. ``export.opset=17`` for
+    TensorRT 8.6)."""
+    given = [
+        "--" + flag.replace("_", "-")
+        for flag in SETTING_FLAGS
+        if getattr(args, flag) not in (None, [])
+    ]
+    if given:
+        raise UserError(
+            f"--resume continues a run with the settings in its config.yaml, so {', '.join(given)} "
+            "would be ignored; start a new run for other settings"
+        )
+    for item in args.set:
+        if not item.partition("=")[0].strip().startswith(RESUMABLE_SECTIONS):
+            raise UserError(
+                f"--resume with --set {item!r}: a resumed run keeps the settings its models were "
+                "trained with; only export.* and bench.* keys can change (the models are then "
+                "exported and measured again). Start a new run for other settings"
+            )
 
 
 def check_method(config: Config) -> dict:
@@ -161,6 +205,11 @@ def run(config: Config, root: Path) -> dict:
     from qkd_deploy.rundir import RunDir
 
     with RunDir(root).exclusive():
+        stored = root / "config.yaml"
+        if stored.is_file() and to_dict(load_config(str(stored))) != to_dict(config):
+            save_config(
+                config, stored
+            )  # a resume with --set export.*/bench.*: keep the record true
         return _run_stages(config, root)
 
 

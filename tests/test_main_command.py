@@ -299,6 +299,41 @@ def test_compare_and_plot_a_real_run(tiny_run, tmp_path, capsys, monkeypatch):
     assert image[..., :3].std() > 0.05  # something was drawn
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--epochs", "5"], "--epochs would be ignored"),
+        (["--method", "kd", "--seed", "3"], "--method, --seed would be ignored"),
+        (["--set", "student.train.lr=0.5"], "only export.* and bench.* keys can change"),
+    ],
+)
+def test_resume_refuses_settings_it_would_ignore(tiny_run, tmp_path, capsys, args, message):
+    _, out = tiny_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    files = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    assert main(["--resume", str(run), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == files
+
+
+def test_resume_reexports_at_another_opset_without_retraining(tiny_run, tmp_path):
+    _, out = tiny_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    trained = {p: sha256_file(p) for p in run.glob("*/model.pt")}
+    assert main(["--resume", str(run), "--set", "export.opset=17", "--no-progress"]) == 0
+    assert load_config(str(run / "config.yaml")).export.opset == 17
+    for name in ("student_float", "w8a8", "w4a4"):
+        model = onnx.load(run / name / "model.onnx")
+        assert {o.domain: o.version for o in model.opset_import}[""] == 17
+    assert {p: sha256_file(p) for p in run.glob("*/model.pt")} == trained
+    before, after = (json.loads((r / "report.json").read_text()) for r in (out, run))
+    assert [s["accuracy_onnx"] for s in after["students"]] == [
+        s["accuracy_onnx"] for s in before["students"]
+    ]
+
+
 def test_same_seed_same_numbers(tiny_run, tmp_path):
     config, out = tiny_run
     assert main(["--config", str(config), "--out", str(tmp_path / "again")]) == 0
