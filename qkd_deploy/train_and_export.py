@@ -206,10 +206,9 @@ def run(config: Config, root: Path) -> dict:
 
     with RunDir(root).exclusive():
         stored = root / "config.yaml"
+        # a resume with --set export.*/bench.* changed the config: the run's record follows
         if stored.is_file() and to_dict(load_config(str(stored))) != to_dict(config):
-            save_config(
-                config, stored
-            )  # a resume with --set export.*/bench.*: keep the record true
+            save_config(config, stored)
         return _run_stages(config, root)
 
 
