@@ -105,6 +105,7 @@ class Config:
     seed: int = 0
     out: str | None = None  # run directory; None = runs/<timestamp>
     progress: bool = True
+    device: str = "auto"  # where models train: auto (a CUDA GPU if torch sees one), cpu, cuda:N
     data: DataConfig = field(default_factory=DataConfig)
     # empty: the method's default teacher architectures, trained by the pipeline
     teachers: list[TeacherConfig] = field(default_factory=list)

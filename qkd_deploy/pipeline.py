@@ -7,6 +7,7 @@ run resumes where it stopped (a half-trained model resumes from its last epoch c
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import sys
 import time
@@ -22,7 +23,7 @@ from qkd_deploy.calib.calibrate import calibrate
 from qkd_deploy.config import Config, QuantConfig, TeacherConfig, TrainConfig
 from qkd_deploy.data import BatchLoader, DatasetSplits, Preprocess, stratified_subset
 from qkd_deploy.distill import build_distiller
-from qkd_deploy.distill.base import MethodContext, method_class
+from qkd_deploy.distill.base import Distiller, MethodContext, method_class
 from qkd_deploy.errors import UserError
 from qkd_deploy.export.onnx import export_onnx
 from qkd_deploy.fileio import atomic_write_bytes, sha256_file
@@ -33,6 +34,7 @@ from qkd_deploy.quant.fold import fold_batchnorm
 from qkd_deploy.rundir import RunDir, library_versions, machine_description
 from qkd_deploy.runtime.base import run_in_batches
 from qkd_deploy.runtime.onnxruntime import OnnxRuntimeRunner, fused_kernel_inexactness
+from qkd_deploy.train.device import resolve_device
 from qkd_deploy.train.evaluate import predict
 from qkd_deploy.train.loop import StepsOnly, fit
 
@@ -47,6 +49,11 @@ class Context:
     data: DatasetSplits
     preprocess: Preprocess
     run: RunDir
+
+    @functools.cached_property
+    def device(self) -> torch.device:
+        """Where the models train (``config.device``; everything else runs on the CPU)."""
+        return resolve_device(self.config.device)
 
     def train_loader(self, batch_size: int, seed_offset: int) -> BatchLoader:
         augment = self.data.augment if self.config.data.augment else None
@@ -98,6 +105,7 @@ def train_float(
         folder / "checkpoint.pt",
         desc=stage,
         progress=progress,
+        device=ctx.device,
     )
     save_state(model, final)
     return model.eval(), history
@@ -255,6 +263,7 @@ def quantized_student_stage(
         folder / "checkpoint.pt",
         desc=f"{bits.name} {cfg.method}",
         progress=progress,
+        device=ctx.device,
     )
     save_state(distiller.export_model(), final)
     return load_state(student, final).eval()
@@ -310,21 +319,28 @@ def check_method_fits(ctx: Context) -> None:
     have the trained ones' structure; the random state is restored afterwards, so the run's
     numbers do not change.
     """
+    with torch.random.fork_rng():
+        distiller, images, labels = untrained_method(ctx)
+        distiller.train()
+        distiller.forward_train(images, labels, 0.0)
+
+
+def untrained_method(ctx: Context) -> tuple[Distiller, torch.Tensor | None, torch.Tensor | None]:
+    """The run's method built on untrained copies of its teachers and student (quantized at the
+    first bit-width, calibrated on the batch), with ``PREFLIGHT_IMAGES`` augmented training
+    images and labels to step it with (None, None for a data-free method)."""
     cfg = ctx.config.student
     data_free = method_class(cfg.method).data_free
     options = quantize_options(ctx.config.quant, BitWidths.parse(cfg.bits[0]))
-    with torch.random.fork_rng():
-        teachers = [teacher_model(ctx, t, i) for i, t in enumerate(teacher_configs(ctx.config))]
-        start = untrained_student(ctx)
-        images, labels = next(iter(ctx.train_loader(PREFLIGHT_IMAGES, 2)))
-        batches = [] if data_free else [images]
-        context = method_context(ctx, start, options, batches, steps_per_epoch=1)
-        student = context.make_student()
-        distiller = build_distiller(cfg.method, student, teachers, cfg.method_options, context)
-        distiller.train()
-        if data_free:
-            images = labels = None
-        distiller.forward_train(images, labels, 0.0)
+    teachers = [teacher_model(ctx, t, i) for i, t in enumerate(teacher_configs(ctx.config))]
+    start = untrained_student(ctx)
+    images, labels = next(iter(ctx.train_loader(PREFLIGHT_IMAGES, 2)))
+    batches = [] if data_free else [images]
+    context = method_context(ctx, start, options, batches, steps_per_epoch=1)
+    distiller = build_distiller(
+        cfg.method, context.make_student(), teachers, cfg.method_options, context
+    )
+    return (distiller, None, None) if data_free else (distiller, images, labels)
 
 
 def _mark_calibrated(model: nn.Module) -> None:

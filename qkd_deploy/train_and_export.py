@@ -162,14 +162,16 @@ SETTING_FLAGS = (
     "epochs",
     "seed",
 )
-RESUMABLE_SECTIONS = ("export.", "bench.")  # what a resumed run may change: no model retrains
+# what a resumed run may change: nothing a model was trained with
+RESUMABLE_SECTIONS = ("export.", "bench.")
+RESUMABLE_KEYS = ("device",)
 
 
 def check_resume_flags(args: argparse.Namespace) -> None:
     """A resumed run keeps the settings its models were trained with: a flag that would change
-    them is an error, not silently ignored. ``--set export.*`` and ``--set bench.*`` may change;
-    the finished models are then exported and measured again (e.g. ``export.opset=17`` for
-    TensorRT 8.6)."""
+    them is an error, not silently ignored. ``--set export.*`` and ``--set bench.*`` may change
+    (the finished models are then exported and measured again, e.g. ``export.opset=17`` for
+    TensorRT 8.6), and ``--set device=...`` (where the rest trains)."""
     given = [
         "--" + flag.replace("_", "-")
         for flag in SETTING_FLAGS
@@ -181,10 +183,11 @@ def check_resume_flags(args: argparse.Namespace) -> None:
             "would be ignored; start a new run for other settings"
         )
     for item in args.set:
-        if not item.partition("=")[0].strip().startswith(RESUMABLE_SECTIONS):
+        key = item.partition("=")[0].strip()
+        if not (key in RESUMABLE_KEYS or key.startswith(RESUMABLE_SECTIONS)):
             raise UserError(
                 f"--resume with --set {item!r}: a resumed run keeps the settings its models were "
-                "trained with; only export.* and bench.* keys can change (the models are then "
+                "trained with; only export.*, bench.* and device can change (the models are then "
                 "exported and measured again). Start a new run for other settings"
             )
 
@@ -237,6 +240,7 @@ def _run_stages(config: Config, root: Path) -> dict:
     )
     from qkd_deploy.quant.convert import BitWidths
     from qkd_deploy.rundir import RunDir, library_versions, machine_description, write_manifest
+    from qkd_deploy.train.device import describe
 
     timings: dict[str, float] = {}
     progress = config.progress
@@ -250,6 +254,7 @@ def _run_stages(config: Config, root: Path) -> dict:
             else normalization_stats(data.train.images.numpy())
         )
     ctx = P.Context(config, data, preprocess, RunDir(root))
+    device = ctx.device  # a GPU asked for that is not there fails here, before any training
     bit_list = [BitWidths.parse(b) for b in config.student.bits]
     for bits in bit_list:  # bad quantization settings fail here, before any training
         P.quantize_options(config.quant, bits)
@@ -304,6 +309,7 @@ def _run_stages(config: Config, root: Path) -> dict:
         "environment": {
             "machine": machine_description(),
             "threads": torch.get_num_threads(),
+            "training_device": describe(device),
             **library_versions(),
         },
     }

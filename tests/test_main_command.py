@@ -304,7 +304,7 @@ def test_compare_and_plot_a_real_run(tiny_run, tmp_path, capsys, monkeypatch):
     [
         (["--epochs", "5"], "--epochs would be ignored"),
         (["--method", "kd", "--seed", "3"], "--method, --seed would be ignored"),
-        (["--set", "student.train.lr=0.5"], "only export.* and bench.* keys can change"),
+        (["--set", "student.train.lr=0.5"], "only export.*, bench.* and device can change"),
     ],
 )
 def test_resume_refuses_settings_it_would_ignore(tiny_run, tmp_path, capsys, args, message):

@@ -23,7 +23,7 @@ class Observer:
         self.max = float("-inf")
 
     def observe(self, x: torch.Tensor) -> None:
-        flat = x.detach().float().flatten()
+        flat = x.detach().float().flatten().cpu()  # statistics on the CPU, whatever trains where
         self.min = min(self.min, flat.min().item())
         self.max = max(self.max, flat.max().item())
         if flat.numel() > self.max_samples:

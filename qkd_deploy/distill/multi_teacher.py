@@ -42,8 +42,11 @@ def average_soft_targets(
     """``sum_i w_i * softmax(z_i / tau)``: the teachers' softened probabilities averaged with
     ``weights`` normalised to sum 1 (equal weights when ``None``)."""
     probs = torch.stack([F.softmax(z / tau, dim=1) for z in teacher_logits])
-    w = torch.ones(len(teacher_logits)) if weights is None else torch.tensor(weights).float()
-    w = (w / w.sum()).to(probs)
+    if weights is None:
+        w = torch.ones(len(teacher_logits), device=probs.device)
+    else:
+        w = torch.tensor(weights, dtype=torch.float32, device=probs.device)
+    w = (w / w.sum()).to(probs.dtype)
     return torch.einsum("t,tbc->bc", w, probs)
 
 

@@ -129,7 +129,8 @@ def perturb_weights(model: nn.Module, relative_std: float) -> None:
 
 def peer_views(images: torch.Tensor, count: int, augment: Augment) -> list[torch.Tensor]:
     """``count`` independent random augmentations of the batch, one per peer."""
-    generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
+    seed = int(torch.randint(0, 2**62, (), device="cpu"))  # from the global CPU RNG
+    generator = torch.Generator().manual_seed(seed)
     return [augment(images, generator) for _ in range(count)]
 
 

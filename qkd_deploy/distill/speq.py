@@ -75,7 +75,7 @@ def stochastic_precision(model: nn.Module, u: float, high_bits: int) -> Iterator
     probability ``u`` (one draw each from the global RNG); ``active_bits`` is reset to None on
     the way out, also on an exception."""
     chosen = activation_quantizers(model)
-    draws = torch.rand(len(chosen)) < u
+    draws = torch.rand(len(chosen), device="cpu") < u
     try:
         for q, high in zip(chosen, draws.tolist(), strict=True):
             if high and q.bits < high_bits:

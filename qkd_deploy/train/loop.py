@@ -18,6 +18,7 @@ from qkd_deploy.config import TrainConfig
 from qkd_deploy.distill.base import Distiller
 from qkd_deploy.errors import UserError
 from qkd_deploy.fileio import atomic_write_bytes
+from qkd_deploy.train.device import CPU
 from qkd_deploy.train.optim import build_optimizer, build_scheduler
 
 
@@ -53,32 +54,36 @@ def fit(
     checkpoint: Path,
     desc: str = "train",
     progress: bool = True,
+    device: torch.device = CPU,
 ) -> list[dict]:
-    """Train ``distiller`` with ``loader`` (a ``data.BatchLoader``); returns per-epoch stats.
+    """Train ``distiller`` with ``loader`` (a ``data.BatchLoader``) on ``device``; returns
+    per-epoch stats. The distiller (student, teachers and every extra part) is moved to
+    ``device`` for training and back to the CPU when it ends.
 
     If ``checkpoint`` exists, training resumes after the epoch it holds.
     """
+    distiller.to(device)  # before the optimizer is built: it keeps the parameters' devices
     optimizer = build_optimizer(distiller.parameter_groups(), cfg)
     scheduler = build_scheduler(optimizer, cfg, len(loader))
     history: list[dict] = []
     start = 0
     if checkpoint.exists():
-        start, history = _load_checkpoint(checkpoint, distiller, optimizer, scheduler)
+        start, history = _load_checkpoint(checkpoint, distiller, optimizer, scheduler, device)
     total_steps = cfg.epochs * len(loader)
     for epoch in range(start, cfg.epochs):
         loader.set_epoch(epoch)
         distiller.train()
         stats = _train_epoch(
-            distiller, loader, optimizer, scheduler, epoch, cfg, total_steps, desc, progress
+            distiller, loader, optimizer, scheduler, epoch, cfg, total_steps, desc, progress, device
         )
         history.append(stats.__dict__)
-        _save_checkpoint(checkpoint, distiller, optimizer, scheduler, epoch + 1, history)
-    distiller.eval()
+        _save_checkpoint(checkpoint, distiller, optimizer, scheduler, epoch + 1, history, device)
+    distiller.to(CPU).eval()
     return history
 
 
 def _train_epoch(
-    distiller, loader, optimizer, scheduler, epoch, cfg, total_steps, desc, progress
+    distiller, loader, optimizer, scheduler, epoch, cfg, total_steps, desc, progress, device
 ) -> EpochStats:
     seen = correct = 0
     loss_sum = 0.0
@@ -93,6 +98,8 @@ def _train_epoch(
     )
     for step, (images, labels) in enumerate(bar):
         done = (epoch * len(loader) + step) / total_steps
+        if images is not None:  # data-free methods get None and generate on the model's device
+            images, labels = images.to(device), labels.to(device)
         logits, terms = distiller.forward_train(images, labels, done)
         loss = sum(terms.values())
         if not torch.isfinite(loss):
@@ -122,7 +129,7 @@ def _train_epoch(
 
 
 def _save_checkpoint(
-    path: Path, distiller, optimizer, scheduler, epoch: int, history: list
+    path: Path, distiller, optimizer, scheduler, epoch: int, history: list, device: torch.device
 ) -> None:
     state = {
         "epoch": epoch,
@@ -132,12 +139,16 @@ def _save_checkpoint(
         "rng": torch.get_rng_state(),
         "history": history,
     }
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
     buffer = io.BytesIO()
     torch.save(state, buffer)
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def _load_checkpoint(path: Path, distiller, optimizer, scheduler) -> tuple[int, list]:
+def _load_checkpoint(
+    path: Path, distiller, optimizer, scheduler, device: torch.device
+) -> tuple[int, list]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         distiller.load_state_dict(state["model"])
@@ -149,4 +160,6 @@ def _load_checkpoint(path: Path, distiller, optimizer, scheduler) -> tuple[int, 
             f"resume with the config it was made with, or delete it to start over"
         ) from error
     torch.set_rng_state(state["rng"])
+    if device.type == "cuda" and "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
     return int(state["epoch"]), list(state["history"])
