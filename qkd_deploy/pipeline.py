@@ -306,6 +306,25 @@ def method_context(
     )
 
 
+def check_batch_sizes(ctx: Context) -> None:
+    """Every training stage that runs needs at least one full batch per epoch (an epoch drops its
+    last partial batch): a small image folder with the default batch of 64 would otherwise train
+    for no steps at all."""
+    config, images = ctx.config, len(ctx.data.train)
+    stages = [("student.train", config.student.train)]
+    if config.student.float_reference:
+        stages.insert(0, ("student.float_train", config.student.float_train))
+    if any(not t.module for t in teacher_configs(config)):
+        stages.insert(0, ("teacher_train", config.teacher_train))
+    for key, train in stages:
+        if train.batch_size > images:
+            raise UserError(
+                f"{key}.batch_size is {train.batch_size} but the training split has only "
+                f"{images} images, so an epoch would have no full batch; set a smaller one "
+                f"(--set {key}.batch_size=N, N <= {images}) or give more images"
+            )
+
+
 PREFLIGHT_IMAGES = 4  # a BatchNorm in training mode needs more than one value per channel
 
 

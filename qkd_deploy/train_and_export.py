@@ -258,7 +258,8 @@ def _run_stages(config: Config, root: Path) -> dict:
     bit_list = [BitWidths.parse(b) for b in config.student.bits]
     for bits in bit_list:  # bad quantization settings fail here, before any training
         P.quantize_options(config.quant, bits)
-    P.check_method_fits(ctx)  # so do models that do not fit the method
+    P.check_batch_sizes(ctx)  # and batches larger than the training split
+    P.check_method_fits(ctx)  # and models that do not fit the method
     _save_sample_batch(ctx)
     with P.timed(timings, "teachers"):
         teachers, teacher_infos = P.teachers_stage(ctx, progress)

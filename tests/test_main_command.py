@@ -227,6 +227,24 @@ def test_bad_input_is_one_clear_error(tmp_path, capsys):
     assert "2 to 8" in capsys.readouterr().err
 
 
+def test_a_batch_larger_than_the_training_split_fails_before_training(tmp_path, capsys):
+    from PIL import Image
+
+    for split, count in (("train", 6), ("test", 2)):
+        for name in ("cats", "dogs"):
+            folder = tmp_path / "images" / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.new("L", (8, 8), color=40 * i).save(folder / f"{i}.png")
+    out = tmp_path / "run"
+    args = ["--data", f"folder:{tmp_path / 'images'}", "--out", str(out), "--no-progress"]
+    assert main(args) == 2
+    assert "teacher_train.batch_size is 64 but the training split has only 12 images" in (
+        capsys.readouterr().err
+    )
+    assert not out.exists()
+
+
 def test_user_teacher_from_module_and_checkpoint(tiny_run, tmp_path, monkeypatch):
     """--teacher MODULE:FACTORY with --teacher-checkpoint replaces teacher training."""
     _, out = tiny_run
