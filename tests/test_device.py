@@ -1,5 +1,7 @@
 """Training on a GPU (config ``device``): the device names, and what can be checked without one."""
 
+import json
+
 import pytest
 import torch
 
@@ -63,8 +65,6 @@ def test_main_command_trains_on_the_gpu(tmp_path):
     out = tmp_path / "run"
     args = ["--set", "device=cuda", "--epochs", "1", "--out", str(out), "--no-progress"]
     assert main(args) == 0
-    import json
-
     report = json.loads((out / "report.json").read_text())
     assert report["environment"]["training_device"].startswith("cuda:0")
     assert all(s["onnx_agreement"] >= 0.99 for s in report["students"])
