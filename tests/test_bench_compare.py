@@ -44,6 +44,13 @@ def _regressions(base, new, drop=0.5, slower=0.10):
     return [(c.model, c.quantity) for c in compare_reports(base, new, drop, slower) if c.regression]
 
 
+def test_latency_is_only_judged_when_asked():
+    slower = _changed(resnet8_w8a8=(0.992, 0.40))  # twice as slow
+    changes = compare_reports(BASE, slower, 0.5, None)
+    assert not any(c.regression for c in changes)
+    assert "not judged (give --max-latency-increase)" in {c.note for c in changes}
+
+
 def test_identical_runs_have_no_regression():
     changes = compare_reports(BASE, copy.deepcopy(BASE), 0.5, 0.10)
     assert len(changes) == 9  # 3 models x (accuracy + 2 batch sizes)
@@ -105,6 +112,10 @@ def test_compare_command_exit_codes(tmp_path, capsys):
     assert [(r["model"], r["quantity"]) for r in rows if r["regression"]] == [
         ("resnet8_w4a4", "accuracy %")
     ]
+    slower = tmp_path / "slower.json"
+    slower.write_text(json.dumps(_changed(resnet8_w8a8=(0.992, 0.40))))
+    assert main(["compare", str(tmp_path / "a"), str(slower)]) == 0
+    assert main(["compare", str(tmp_path / "a"), str(slower), "--max-latency-increase", "0.5"]) == 1
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "nothing")]) == 2
     assert "nothing not found; give a finished run" in capsys.readouterr().err
 

@@ -4,8 +4,10 @@ Models are matched by name (``student_float``, ``resnet8_w4a4``, ...) in two run
 test data. For each, the exported model's accuracy (``accuracy_onnx``) and its p50 latency at
 every (runtime, batch) both runs measured are compared. A regression is an accuracy drop of more
 than ``max_accuracy_drop`` points, a p50 latency more than ``max_latency_increase`` (a fraction)
-above the base's, or a model the new run no longer has. Latency is judged only when both runs
-measured on the same machine description: times from two machines say nothing about the code.
+above the base's (only when that fraction is given: one run's latencies on a shared CPU vary by
+a third from run to run, measured: 2.33 and 3.09 ms p50 for the same W8A8 model at batch 32),
+or a model the new run no longer has. Latency is judged only when both runs measured on the
+same machine description: times from two machines say nothing about the code.
 
 Torch-free (``report.json`` files only), so it runs on the device and in CI alike.
 """
@@ -65,7 +67,7 @@ def p50_latencies(model: dict) -> dict[tuple[str, int], float]:
 
 
 def compare_reports(
-    base: dict, new: dict, max_accuracy_drop: float, max_latency_increase: float
+    base: dict, new: dict, max_accuracy_drop: float, max_latency_increase: float | None
 ) -> list[Change]:
     """The changes from ``base`` to ``new`` (see the module docstring for what regresses)."""
     data = [(r.get("dataset"), r.get("test_samples")) for r in (base, new)]
@@ -74,7 +76,12 @@ def compare_reports(
             f"the runs were measured on different test data ({data[0][0]}, {data[0][1]} images "
             f"vs {data[1][0]}, {data[1][1]}); compare runs of one data set"
         )
-    same_machine = _machine(base) == _machine(new)
+    if max_latency_increase is None:
+        latency_note = "not judged (give --max-latency-increase)"
+    elif _machine(base) != _machine(new):
+        latency_note = "other machine: not judged"
+    else:
+        latency_note = ""
     base_models, new_models = exported_models(base), exported_models(new)
     changes = []
     for name, before in base_models.items():
@@ -94,15 +101,17 @@ def compare_reports(
         )
         old_times, new_times = p50_latencies(before), p50_latencies(after)
         for key in sorted(old_times.keys() & new_times.keys()):
-            slower = new_times[key] > old_times[key] * (1 + max_latency_increase)
+            slower = not latency_note and (
+                new_times[key] > old_times[key] * (1 + max_latency_increase)
+            )
             changes.append(
                 Change(
                     name,
                     f"p50 ms {key[0]} b{key[1]}",
                     old_times[key],
                     new_times[key],
-                    slower and same_machine,
-                    "" if same_machine else "other machine: not judged",
+                    slower,
+                    latency_note,
                 )
             )
     for name in new_models.keys() - base_models.keys():
@@ -148,12 +157,12 @@ def main(argv: list[str]) -> int:
     p.add_argument(
         "--max-latency-increase",
         type=float,
-        default=0.10,
-        help="fraction a p50 latency may grow on the same machine (default 0.10)",
+        help="fraction a p50 latency may grow on the same machine, e.g. 0.5 (default: latency "
+        "is shown, not judged; one run's timings are noisy)",
     )
     p.add_argument("--json", action="store_true", help="print the changes as JSON")
     args = p.parse_args(argv)
-    if args.max_accuracy_drop < 0 or args.max_latency_increase < 0:
+    if args.max_accuracy_drop < 0 or (args.max_latency_increase or 0) < 0:
         raise UserError("--max-accuracy-drop and --max-latency-increase must be >= 0")
     changes = compare_reports(
         load_report(args.base),
