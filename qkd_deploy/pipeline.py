@@ -347,9 +347,15 @@ def check_method_fits(ctx: Context) -> None:
 def untrained_method(ctx: Context) -> tuple[Distiller, torch.Tensor | None, torch.Tensor | None]:
     """The run's method built on untrained copies of its teachers and student (quantized at the
     first bit-width, calibrated on the batch), with ``PREFLIGHT_IMAGES`` augmented training
-    images and labels to step it with (None, None for a data-free method)."""
+    images and labels to step it with (None, None for a data-free method, which generates as
+    many: its ``batch_size`` option is cut to that, as 512 generated images through a large
+    teacher on the CPU would take minutes and gigabytes)."""
     cfg = ctx.config.student
-    data_free = method_class(cfg.method).data_free
+    method = method_class(cfg.method)
+    data_free = method.data_free
+    method_options = dict(cfg.method_options)
+    if "batch_size" in {f.name for f in dataclasses.fields(method.Options)}:
+        method_options["batch_size"] = PREFLIGHT_IMAGES
     options = quantize_options(ctx.config.quant, BitWidths.parse(cfg.bits[0]))
     teachers = [teacher_model(ctx, t, i) for i, t in enumerate(teacher_configs(ctx.config))]
     start = untrained_student(ctx)
@@ -357,7 +363,7 @@ def untrained_method(ctx: Context) -> tuple[Distiller, torch.Tensor | None, torc
     batches = [] if data_free else [images]
     context = method_context(ctx, start, options, batches, steps_per_epoch=1)
     distiller = build_distiller(
-        cfg.method, context.make_student(), teachers, cfg.method_options, context
+        cfg.method, context.make_student(), teachers, method_options, context
     )
     return (distiller, None, None) if data_free else (distiller, images, labels)
 

@@ -50,8 +50,6 @@ def test_a_training_step_makes_its_tensors_on_the_models_device(method, tmp_path
     outside creates the optimizer state of methods that step a generator inside theirs.)"""
     data = load_dataset("digits")
     config = load_config(overrides=[f"student.method={method}", "student.bits=[w4a4]"])
-    if METHODS[method].data_free:
-        config.student.method_options = {"batch_size": 8}
     ctx = P.Context(config, data, normalization_stats(data.train.images.numpy()), RunDir(tmp_path))
     distiller, images, labels = P.untrained_method(ctx)
     distiller.train()
