@@ -15,6 +15,7 @@ from qkd_deploy.config import load_config, save_config
 from qkd_deploy.distill.logit import KDDecayOptions
 from qkd_deploy.errors import UserError
 from qkd_deploy.fileio import sha256_file
+from qkd_deploy.train.device import describe, resolve_device
 from qkd_deploy.train_and_export import main, run
 
 TINY = """
@@ -64,6 +65,9 @@ def test_report_follows_the_schema(tiny_run):
         assert s["engine"] is None
     assert report["preprocess"]["mean"] and report["input_shape"] == [1, 8, 8]
     assert "| resnet8_w4a4 |" in (out / "report.md").read_text()
+    trained_on = describe(resolve_device("auto"))  # "cpu" here, the GPU where torch sees one
+    assert report["environment"]["training_device"] == trained_on
+    assert f"; trained on {trained_on};" in (out / "report.md").read_text()
 
 
 def test_onnx_files_are_quantized_and_self_contained(tiny_run):

@@ -81,8 +81,8 @@ def render_markdown(report: dict) -> str:
         "",
         summary_table(report),
         "",
-        f"Machine: {env.get('machine', '?')}; torch {env.get('torch', '?')}, "
-        f"onnxruntime {env.get('onnxruntime', '?')}.",
+        f"Machine: {env.get('machine', '?')}; trained on {env.get('training_device', 'cpu')}; "
+        f"torch {env.get('torch', '?')}, onnxruntime {env.get('onnxruntime', '?')}.",
         "",
     ]
     for s in report["students"]:
