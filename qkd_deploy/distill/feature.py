@@ -9,6 +9,8 @@ student, so the exported model is the plain quantized student.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,15 +45,20 @@ def check_spatial(student_map: torch.Tensor, teacher_map: torch.Tensor, what: st
 
 
 @torch.no_grad()
-def stage_maps(model: nn.Module, input_shape: tuple[int, ...]) -> list[torch.Tensor]:
-    """A zoo-style model's stage outputs for a zero batch of two ``input_shape`` images, computed in
-    eval mode: enough to compare stage shapes when a distiller is built."""
+def on_zero_batch(model: nn.Module, input_shape: tuple[int, ...], compute: Callable) -> Any:
+    """``compute(model, x)`` for ``x`` a zero batch of two ``input_shape`` images, in eval mode
+    (the model's mode is restored): enough to compare stage shapes when a distiller is built."""
     was_training = model.training
     model.eval()
     try:
-        return model.forward_features(torch.zeros(2, *input_shape))[1]["stages"]
+        return compute(model, torch.zeros(2, *input_shape))
     finally:
         model.train(was_training)
+
+
+def stage_maps(model: nn.Module, input_shape: tuple[int, ...]) -> list[torch.Tensor]:
+    """A zoo-style model's stage outputs (``forward_features``) on a zero batch."""
+    return on_zero_batch(model, input_shape, lambda m, x: m.forward_features(x)[1]["stages"])
 
 
 # ---------------------------------------------------------------------------------------------

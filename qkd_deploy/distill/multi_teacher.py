@@ -22,6 +22,7 @@ from qkd_deploy.distill.base import (
     register_method,
     trainable,
 )
+from qkd_deploy.distill.feature import on_zero_batch
 from qkd_deploy.distill.losses import kd_kl
 from qkd_deploy.errors import UserError
 from qkd_deploy.quant.modules import quantizers
@@ -418,15 +419,9 @@ def _missing_parts(model: nn.Module) -> list[str]:
     return [part for part in STAGED_PARTS if not hasattr(model, part)]
 
 
-@torch.no_grad()
 def _stage_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
-    """Each stage's output shape (C, H, W) for one input of ``input_shape``, in eval mode."""
-    was_training = model.training
-    model.eval()
-    try:
-        return [tuple(o.shape[1:]) for o in stage_outputs(model, torch.zeros(1, *input_shape))]
-    finally:
-        model.train(was_training)
+    """Each stage's output shape (C, H, W) for inputs of ``input_shape``."""
+    return [tuple(o.shape[1:]) for o in on_zero_batch(model, input_shape, stage_outputs)]
 
 
 def _check_shapes(
