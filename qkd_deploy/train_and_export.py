@@ -147,20 +147,15 @@ def prepare_run_dir(args: argparse.Namespace) -> tuple[Config, Path]:
     return config, root
 
 
+# every flag that sets the run's settings (what --resume cannot change)
 SETTING_FLAGS = (
     "out",
     "config",
-    "data",
-    "normalize",
     "teacher_arch",
     "teacher",
     "teacher_checkpoint",
-    "student_arch",
     "bits",
-    "method",
-    "target",
-    "epochs",
-    "seed",
+    *FLAG_KEYS,
 )
 # what a resumed run may change: nothing a model was trained with
 RESUMABLE_SECTIONS = ("export.", "bench.")
