@@ -72,8 +72,7 @@ def report_main(argv: list[str]) -> int:
         help="also draw report.png (accuracy and latency; needs matplotlib: the 'plots' extra)",
     )
     args = p.parse_args(argv)
-    from qkd_deploy.bench.compare import load_report
-    from qkd_deploy.bench.report import summary_table, write_report
+    from qkd_deploy.bench.report import load_report, summary_table, write_report
 
     run_dir = Path(args.run_dir)
     report = load_report(run_dir / "report.json")

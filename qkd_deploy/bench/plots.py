@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from qkd_deploy.bench.compare import exported_models
+from qkd_deploy.bench.report import exported_models
 from qkd_deploy.errors import UserError
 from qkd_deploy.fileio import atomic_write_bytes
 

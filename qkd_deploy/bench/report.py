@@ -2,9 +2,28 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from qkd_deploy.errors import UserError
 from qkd_deploy.fileio import atomic_write_json, atomic_write_text
+
+
+def load_report(path: str | Path) -> dict:
+    """A run's ``report.json``, given the run directory or the file itself."""
+    path = Path(path)
+    file = path / "report.json" if path.is_dir() else path
+    if not file.is_file():
+        raise UserError(f"{file} not found; give a finished run's directory or its report.json")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as error:
+        raise UserError(f"{file} is not valid JSON ({error})") from error
+
+
+def exported_models(report: dict) -> dict[str, dict]:
+    """Every exported model of a report by name: float references, then students."""
+    return {m["name"]: m for m in report.get("float_references", []) + report.get("students", [])}
 
 
 def _pct(value: float | None) -> str:
