@@ -7,6 +7,7 @@ of the wrong type is one clear error naming the key.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -116,6 +117,22 @@ class Config:
     bench: BenchConfig = field(default_factory=BenchConfig)
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, where a float needs a dot: ``1e-4`` would load as the string
+    ``"1e-4"`` and fail as a float setting. YAML 1.2 (and every user) reads it as a float."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)
+
+
 def to_dict(config: Config) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
@@ -153,7 +170,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise UserError(f"override {item!r} is not key=value (e.g. student.train.epochs=5)")
-        _set_dotted(values, key.strip(), yaml.safe_load(text))
+        _set_dotted(values, key.strip(), _parse_yaml(text))
     merged = _merge(to_dict(Config()), values)
     return from_dict(merged)
 
@@ -168,7 +185,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = _parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise UserError(f"config file {path} is not valid YAML: {error}") from error
     if not isinstance(values, dict):

@@ -1,0 +1,45 @@
+"""Loading the typed config: YAML files, ``key=value`` overrides, and their errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from qkd_deploy.config import load_config, save_config
+from qkd_deploy.errors import UserError
+
+
+def test_exponent_floats_without_a_dot_load_as_floats(tmp_path):
+    """PyYAML (YAML 1.1) reads ``1e-4`` as a string; the config must not."""
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "student:\n"
+        "  train: {weight_decay: 1e-4, lr: 5E-2}\n"
+        "  method: feed\n"
+        "  method_options: {beta: 5e2}\n"
+    )
+    config = load_config(str(path), ["teacher_train.lr=-2.5e-1", "data.spec=folder:1e5"])
+    assert config.student.train.weight_decay == pytest.approx(1e-4)
+    assert config.student.train.lr == pytest.approx(0.05)
+    assert config.student.method_options == {"beta": 500.0}
+    assert config.teacher_train.lr == pytest.approx(-0.25)
+    assert config.data.spec == "folder:1e5"  # a string that merely contains one stays a string
+
+
+def test_saved_config_reads_back_equal(tmp_path):
+    config = load_config(overrides=["student.train.weight_decay=1e-7", "student.bits=[w2a2]"])
+    save_config(config, tmp_path / "config.yaml")
+    assert load_config(str(tmp_path / "config.yaml")) == config
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("student.train.epoch=3", r"unknown config key\(s\) \['epoch'\] in 'student.train'"),
+        ("student.train.lr=fast", r"'student.train.lr' must be float, got 'fast'"),
+        ("student.train.epochs=0", r"student.train.epochs must be >= 1"),
+        ("seed", r"not key=value"),
+    ],
+)
+def test_bad_settings_name_the_key(override, message):
+    with pytest.raises(UserError, match=message):
+        load_config(overrides=[override])
