@@ -34,6 +34,7 @@ from qkd_deploy.quant.fold import fold_batchnorm
 from qkd_deploy.rundir import RunDir, library_versions, machine_description
 from qkd_deploy.runtime.base import run_in_batches
 from qkd_deploy.runtime.onnxruntime import OnnxRuntimeRunner, fused_kernel_inexactness
+from qkd_deploy.train import distributed
 from qkd_deploy.train.device import resolve_device
 from qkd_deploy.train.evaluate import predict
 from qkd_deploy.train.loop import StepsOnly, fit
@@ -280,48 +281,88 @@ def method_context(
     it, quantized copies of other models, all calibrated on ``batches`` (none for a data-free
     method, which calibrates on the images it generates)."""
     qcfg = ctx.config.quant
-
-    def calibrate_on(model: nn.Module, images: list[torch.Tensor]) -> None:
-        calibrate(
-            model, images, qcfg.weight_calibrator, qcfg.activation_calibrator, qcfg.percentile
-        )
-
-    def calibrated(model: nn.Module) -> nn.Module:
-        if batches:
-            calibrate_on(model, batches)
-        return model
-
-    def quantize_at(model: nn.Module, b: int) -> nn.Module:
-        return calibrated(quantize_model(model, dataclasses.replace(options, bits=BitWidths(b, b))))
-
+    calibrate_on = functools.partial(
+        calibrate,
+        weight_method=qcfg.weight_calibrator,
+        activation_method=qcfg.activation_calibrator,
+        percentile=qcfg.percentile,
+    )
     return MethodContext(
         num_classes=ctx.data.num_classes,
         input_shape=(ctx.data.in_channels, *ctx.data.image_size),
         steps_per_epoch=steps_per_epoch,
         epochs=ctx.config.student.train.epochs,
-        make_student=lambda: calibrated(quantize_model(start, options)),
-        quantize=quantize_at,
+        make_student=functools.partial(_calibrated_copy, start, options, batches, calibrate_on),
+        quantize=functools.partial(_quantized_at, options, batches, calibrate_on),
         calibration_batches=batches,
         calibrate=calibrate_on,
     )
+
+
+# MethodContext's builders are partials of module-level functions, not closures, so a distiller
+# holding its context can be pickled (sent to the other processes of a multi-GPU run).
+def _calibrated_copy(
+    model: nn.Module, options: QuantizeOptions, batches: list, calibrate_on
+) -> nn.Module:
+    """A fake-quant copy of ``model`` calibrated on ``batches`` (if any)."""
+    quantized = quantize_model(model, options)
+    if batches:
+        calibrate_on(quantized, batches)
+    return quantized
+
+
+def _quantized_at(
+    options: QuantizeOptions, batches: list, calibrate_on, model: nn.Module, bits: int
+) -> nn.Module:
+    wider = dataclasses.replace(options, bits=BitWidths(bits, bits))
+    return _calibrated_copy(model, wider, batches, calibrate_on)
+
+
+def _training_stages(config: Config) -> list[tuple[str, TrainConfig]]:
+    """The config keys and settings of the training stages this run has."""
+    stages = [("student.train", config.student.train)]
+    if config.student.float_reference:
+        stages.insert(0, ("student.float_train", config.student.float_train))
+    if any(not t.module for t in teacher_configs(config)):
+        stages.insert(0, ("teacher_train", config.teacher_train))
+    return stages
 
 
 def check_batch_sizes(ctx: Context) -> None:
     """Every training stage that runs needs at least one full batch per epoch (an epoch drops its
     last partial batch): a small image folder with the default batch of 64 would otherwise train
     for no steps at all."""
-    config, images = ctx.config, len(ctx.data.train)
-    stages = [("student.train", config.student.train)]
-    if config.student.float_reference:
-        stages.insert(0, ("student.float_train", config.student.float_train))
-    if any(not t.module for t in teacher_configs(config)):
-        stages.insert(0, ("teacher_train", config.teacher_train))
-    for key, train in stages:
+    images = len(ctx.data.train)
+    for key, train in _training_stages(ctx.config):
         if train.batch_size > images:
             raise UserError(
                 f"{key}.batch_size is {train.batch_size} but the training split has only "
                 f"{images} images, so an epoch would have no full batch; set a smaller one "
                 f"(--set {key}.batch_size=N, N <= {images}) or give more images"
+            )
+
+
+def training_processes() -> int:
+    group = distributed.current()
+    return 1 if group is None else group.world
+
+
+def check_training_processes(config: Config) -> None:
+    """Under torchrun, every process trains on a share of each batch, and a data-free method
+    (which generates its batches and steps its generator inside the step) cannot be split."""
+    group = distributed.current()
+    if group is None:
+        return
+    if method_class(config.student.method).data_free:
+        raise UserError(
+            f"{config.student.method} is data-free: it generates its batches inside the training "
+            f"step and trains on one device; run it without torchrun"
+        )
+    for key, train in _training_stages(config):
+        if train.batch_size < group.world:
+            raise UserError(
+                f"{key}.batch_size is {train.batch_size}, fewer images than the {group.world} "
+                "training processes that share each batch; set a larger one"
             )
 
 

@@ -254,6 +254,7 @@ def _run_stages(config: Config, root: Path) -> dict:
     for bits in bit_list:  # bad quantization settings fail here, before any training
         P.quantize_options(config.quant, bits)
     P.check_batch_sizes(ctx)  # and batches larger than the training split
+    P.check_training_processes(config)  # and what torchrun's processes cannot share
     P.check_method_fits(ctx)  # and models that do not fit the method
     _save_sample_batch(ctx)
     with P.timed(timings, "teachers"):
@@ -306,6 +307,7 @@ def _run_stages(config: Config, root: Path) -> dict:
             "machine": machine_description(),
             "threads": torch.get_num_threads(),
             "training_device": describe(device),
+            "training_processes": P.training_processes(),
             **library_versions(),
         },
     }
@@ -348,10 +350,17 @@ def _inputs(config: Config) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The whole pipeline; under torchrun, process 0 runs it and the others train with it."""
+    from qkd_deploy.train import distributed
+
     try:
         args = parse_args(argv)
-        config, root = prepare_run_dir(args)
-        report = run_or_undo(config, root, new=not args.resume)
+        with distributed.session() as group:
+            if group is not None and not group.leader:
+                distributed.serve(group)
+                return 0
+            config, root = prepare_run_dir(args)
+            report = run_or_undo(config, root, new=not args.resume)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

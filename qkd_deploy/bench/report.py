@@ -100,7 +100,7 @@ def render_markdown(report: dict) -> str:
         "",
         summary_table(report),
         "",
-        f"Machine: {env.get('machine', '?')}; trained on {env.get('training_device', 'cpu')}; "
+        f"Machine: {env.get('machine', '?')}; trained on {_training_device(env)}; "
         f"torch {env.get('torch', '?')}, onnxruntime {env.get('onnxruntime', '?')}.",
         "",
     ]
@@ -118,3 +118,9 @@ def render_markdown(report: dict) -> str:
 def write_report(run_dir: Path, report: dict) -> None:
     atomic_write_json(run_dir / "report.json", report)
     atomic_write_text(run_dir / "report.md", render_markdown(report))
+
+
+def _training_device(env: dict) -> str:
+    """``cpu``, ``cuda:0 (GPU)``, or ``... x N processes`` for a torchrun run."""
+    device, processes = env.get("training_device", "cpu"), env.get("training_processes", 1)
+    return device if processes == 1 else f"{device} x {processes} processes"

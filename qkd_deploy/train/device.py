@@ -10,29 +10,32 @@ from __future__ import annotations
 import torch
 
 from qkd_deploy.errors import UserError
+from qkd_deploy.train import distributed
 
 CPU = torch.device("cpu")
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto``: the first CUDA GPU torch sees, else the CPU. A GPU asked for by name must exist."""
+    """``auto``: a CUDA GPU if torch sees one, else the CPU. A GPU asked for by name must exist.
+    Under torchrun each process takes the GPU of its local rank."""
     if name == "auto":
-        return torch.device("cuda:0") if torch.cuda.is_available() else CPU
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
         device = None
     if device is None or device.type not in ("cpu", "cuda"):
         raise UserError(f"device {name!r}: use auto, cpu, cuda or cuda:N")
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        index = 0 if device.index is None else device.index
-        if index >= count:
-            raise UserError(
-                f"device {name!r}: torch {torch.__version__} sees {count} CUDA GPU(s) here; "
-                "use device=auto or cpu, or install a CUDA build of torch"
-            )
-        return torch.device("cuda", index)
+    if device.type == "cpu":
+        return device
+    group = distributed.current()
+    device = group.cuda_device(name) if group else torch.device("cuda", device.index or 0)
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.index >= count:
+        raise UserError(
+            f"device {name!r}: torch {torch.__version__} sees {count} CUDA GPU(s) here; "
+            "use device=auto or cpu, or install a CUDA build of torch"
+        )
     return device
 
 

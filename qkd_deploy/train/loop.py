@@ -8,8 +8,10 @@ gives the same numbers as an uninterrupted one.
 from __future__ import annotations
 
 import io
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -18,6 +20,7 @@ from qkd_deploy.config import TrainConfig
 from qkd_deploy.distill.base import Distiller
 from qkd_deploy.errors import UserError
 from qkd_deploy.fileio import atomic_write_bytes
+from qkd_deploy.train import distributed
 from qkd_deploy.train.device import CPU
 from qkd_deploy.train.optim import build_optimizer, build_scheduler
 
@@ -47,6 +50,18 @@ class StepsOnly:
         return iter([(None, None)] * self.steps)
 
 
+@dataclass
+class TrainingJob:
+    """What ``fit`` trains: sent as is to the other processes of a torchrun run."""
+
+    distiller: Distiller
+    loader: Any
+    cfg: TrainConfig
+    checkpoint: Path
+    saved: dict | None  # the checkpoint's contents, when resuming
+    desc: str
+
+
 def fit(
     distiller: Distiller,
     loader,
@@ -60,31 +75,66 @@ def fit(
     per-epoch stats. The distiller (student, teachers and every extra part) is moved to
     ``device`` for training and back to the CPU when it ends.
 
-    If ``checkpoint`` exists, training resumes after the epoch it holds.
+    If ``checkpoint`` exists, training resumes after the epoch it holds. Under torchrun, the
+    other processes get the job and train with this one (``train.distributed``).
     """
+    saved = _read_checkpoint(checkpoint) if checkpoint.exists() else None
+    job = TrainingJob(distiller, loader, cfg, checkpoint, saved, desc)
+    group = distributed.current()
+    if group is not None:
+        group.send_job({"job": job, "device_type": device.type, "rng": torch.get_rng_state()})
+    return _train(job, write=True, progress=progress, device=device, group=group)
+
+
+def train_job(
+    group: distributed.Group, job: TrainingJob, device_type: str, rng: torch.Tensor
+) -> None:
+    """The other processes' side of ``fit``: the same training on this process's shards,
+    without progress bar or checkpoints."""
+    torch.set_rng_state(rng)
+    device = group.cuda_device("cuda") if device_type == "cuda" else CPU
+    _train(job, write=False, progress=False, device=device, group=group)
+
+
+def _train(
+    job: TrainingJob,
+    *,
+    write: bool,
+    progress: bool,
+    device: torch.device,
+    group: distributed.Group | None,
+) -> list[dict]:
+    distiller, cfg = job.distiller, job.cfg
     distiller.to(device)  # before the optimizer is built: it keeps the parameters' devices
     optimizer = build_optimizer(distiller.parameter_groups(), cfg)
-    scheduler = build_scheduler(optimizer, cfg, len(loader))
+    scheduler = build_scheduler(optimizer, cfg, len(job.loader))
     history: list[dict] = []
     start = 0
-    if checkpoint.exists():
-        start, history = _load_checkpoint(checkpoint, distiller, optimizer, scheduler, device)
-    total_steps = cfg.epochs * len(loader)
+    if job.saved is not None:
+        start, history = _restore(job, optimizer, scheduler, device)
+    if group is not None:
+        group.busy = True  # until the last epoch: an error in between leaves the others waiting
     for epoch in range(start, cfg.epochs):
-        loader.set_epoch(epoch)
+        job.loader.set_epoch(epoch)
         distiller.train()
-        stats = _train_epoch(
-            distiller, loader, optimizer, scheduler, epoch, cfg, total_steps, desc, progress, device
-        )
+        stats = _train_epoch(job, optimizer, scheduler, epoch, progress, device, group)
+        if group is not None:
+            group.average_batchnorm_statistics(distiller)
         history.append(stats.__dict__)
-        _save_checkpoint(checkpoint, distiller, optimizer, scheduler, epoch + 1, history, device)
+        if write:
+            state = _checkpoint_state(distiller, optimizer, scheduler, epoch + 1, history, device)
+            _write_checkpoint(job.checkpoint, state)
+    if group is not None:
+        group.busy = False
     distiller.to(CPU).eval()
     return history
 
 
 def _train_epoch(
-    distiller, loader, optimizer, scheduler, epoch, cfg, total_steps, desc, progress, device
+    job: TrainingJob, optimizer, scheduler, epoch: int, progress: bool, device, group
 ) -> EpochStats:
+    distiller, loader, cfg, desc = job.distiller, job.loader, job.cfg, job.desc
+    total_steps = cfg.epochs * len(loader)
     seen = correct = 0
     loss_sum = 0.0
     term_sums: dict[str, float] = {}
@@ -98,7 +148,10 @@ def _train_epoch(
     )
     for step, (images, labels) in enumerate(bar):
         done = (epoch * len(loader) + step) / total_steps
+        share = 1.0
         if images is not None:  # data-free methods get None and generate on the model's device
+            if group is not None:
+                images, labels, share = group.shard(images, labels)
             images, labels = images.to(device), labels.to(device)
         logits, terms = distiller.forward_train(images, labels, done)
         loss = sum(terms.values())
@@ -108,6 +161,8 @@ def _train_epoch(
             )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if group is not None:
+            group.average_gradients(optimizer, share)
         if cfg.grad_clip is not None:
             params = [p for g in optimizer.param_groups for p in g["params"]]
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -123,14 +178,20 @@ def _train_epoch(
             term_sums[name] = term_sums.get(name, 0.0) + value.item() * n
         bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
     bar.close()
+    if group is not None:  # the whole batch's statistics, not this process's shard's
+        names = list(term_sums)
+        seen, correct, loss_sum, *sums = group.sum(
+            [seen, correct, loss_sum, *(term_sums[n] for n in names)]
+        )
+        term_sums = dict(zip(names, sums, strict=True))
     return EpochStats(
         epoch + 1, loss_sum / seen, correct / seen, {k: v / seen for k, v in term_sums.items()}
     )
 
 
-def _save_checkpoint(
-    path: Path, distiller, optimizer, scheduler, epoch: int, history: list, device: torch.device
-) -> None:
+def _checkpoint_state(
+    distiller, optimizer, scheduler, epoch: int, history: list, device: torch.device
+) -> dict:
     state = {
         "epoch": epoch,
         "model": distiller.state_dict(),
@@ -141,22 +202,33 @@ def _save_checkpoint(
     }
     if device.type == "cuda":
         state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _write_checkpoint(path: Path, state: dict) -> None:
     buffer = io.BytesIO()
     torch.save(state, buffer)
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def _load_checkpoint(
-    path: Path, distiller, optimizer, scheduler, device: torch.device
-) -> tuple[int, list]:
+def _read_checkpoint(path: Path) -> dict:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as error:
+        raise UserError(
+            f"checkpoint {path} cannot be read ({error}); delete it to train that stage again"
+        ) from error
+
+
+def _restore(job: TrainingJob, optimizer, scheduler, device: torch.device) -> tuple[int, list]:
+    state, distiller = job.saved, job.distiller
+    try:
         distiller.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
     except (RuntimeError, KeyError, ValueError) as error:
         raise UserError(
-            f"checkpoint {path} does not match this run's model/config ({error}); "
+            f"checkpoint {job.checkpoint} does not match this run's model/config ({error}); "
             f"resume with the config it was made with, or delete it to start over"
         ) from error
     torch.set_rng_state(state["rng"])
