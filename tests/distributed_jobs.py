@@ -36,6 +36,22 @@ def toy_job() -> tuple[nn.Module, BatchLoader, TrainConfig]:
     return model, loader, TrainConfig(epochs=2, lr=0.1, warmup_epochs=0.0)
 
 
+class RankGate(nn.Module):
+    """A classifier whose second layer only process 0's steps use: process 1 gets no gradient
+    for it, as a method that draws a branch at random per step may."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+        self.extra = nn.Linear(10, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.body(x)
+        if self.training and distributed.current().rank == 1:
+            return y
+        return self.extra(y)
+
+
 def method_job(method: str, folder: Path) -> tuple[nn.Module, BatchLoader, TrainConfig]:
     """``method`` built as the pipeline builds it (untrained teachers and student, digits), and
     a few steps of 6 images."""
@@ -50,8 +66,10 @@ def method_job(method: str, folder: Path) -> tuple[nn.Module, BatchLoader, Train
 
 
 def lead(kind: str, out: Path) -> None:
-    if kind == "toy":
+    if kind in ("toy", "gate"):
         model, loader, cfg = toy_job()
+        if kind == "gate":
+            torch.save((model := RankGate()).state_dict(), out / "gate.before.pt")
         history = fit(build_distiller("none", model, []), loader, cfg, out / "checkpoint.pt")
         torch.save({"state": model.state_dict(), "history": history}, out / "result.pt")
         return

@@ -43,6 +43,19 @@ def test_two_processes_train_as_one(tmp_path):
     assert (tmp_path / "checkpoint.pt").is_file()
 
 
+def test_a_parameter_that_one_process_did_not_use_is_averaged_too(tmp_path):
+    """Process 1's steps skip a layer (no gradient there): the processes still average the
+    same parameters, with process 1's share of that layer's gradient zero, and end identical."""
+    _check(torchrun(str(JOBS), "gate", str(tmp_path)))
+    first = torch.load(tmp_path / "result.pt", weights_only=True)["state"]
+    second = torch.load(tmp_path / "train.rank1.pt", weights_only=True)
+    before = torch.load(tmp_path / "gate.before.pt", weights_only=True)
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+    assert not torch.equal(first["extra.weight"], before["extra.weight"])
+
+
 def test_every_method_that_can_be_shared_trains_on_two_processes(tmp_path):
     """Every non-data-free method's distiller travels to the other process (pickled) and trains
     there in step: a collective that one process skipped would hang, one of another size fail,

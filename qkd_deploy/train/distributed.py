@@ -90,8 +90,18 @@ class Group:
         )
 
     def average_gradients(self, optimizer: torch.optim.Optimizer, weight: float) -> None:
-        """Every process ends with ``sum over processes of weight * gradient``."""
-        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        """Every process ends with ``sum over processes of weight * gradient``. A parameter
+        that got no gradient here but did elsewhere (a branch this shard's step skipped)
+        counts as zero here; one that got none anywhere keeps none, as on one device."""
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        anywhere = torch.tensor([p.grad is not None for p in params], dtype=torch.int32)
+        dist.all_reduce(anywhere)
+        grads = []
+        for param, count in zip(params, anywhere.tolist(), strict=True):
+            if count and param.grad is None:
+                param.grad = torch.zeros_like(param)
+            if count:
+                grads.append(param.grad)
         if not grads:
             return
         flat = _flatten_dense_tensors(grads).mul_(weight)
@@ -136,11 +146,14 @@ def session() -> Iterator[Group | None]:
     if not launched_by_torchrun():
         yield None
         return
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)  # NCCL's communicator uses the current GPU
     dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     group = Group(
         rank=dist.get_rank(),
         world=dist.get_world_size(),
-        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        local_rank=local_rank,
         control=dist.new_group(backend="gloo", timeout=JOB_WAIT),
     )
     _current = group

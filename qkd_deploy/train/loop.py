@@ -82,17 +82,15 @@ def fit(
     job = TrainingJob(distiller, loader, cfg, checkpoint, saved, desc)
     group = distributed.current()
     if group is not None:
-        group.send_job({"job": job, "device_type": device.type, "rng": torch.get_rng_state()})
+        group.send_job({"job": job, "device_type": device.type, "rng": _rng_state(device)})
     return _train(job, write=True, progress=progress, device=device, group=group)
 
 
-def train_job(
-    group: distributed.Group, job: TrainingJob, device_type: str, rng: torch.Tensor
-) -> None:
-    """The other processes' side of ``fit``: the same training on this process's shards,
-    without progress bar or checkpoints."""
-    torch.set_rng_state(rng)
+def train_job(group: distributed.Group, job: TrainingJob, device_type: str, rng: dict) -> None:
+    """The other processes' side of ``fit``: the same training on this process's shards, with
+    process 0's random state, without progress bar or checkpoints."""
     device = group.cuda_device("cuda") if device_type == "cuda" else CPU
+    _set_rng_state(rng, device)
     _train(job, write=False, progress=False, device=device, group=group)
 
 
@@ -192,17 +190,14 @@ def _train_epoch(
 def _checkpoint_state(
     distiller, optimizer, scheduler, epoch: int, history: list, device: torch.device
 ) -> dict:
-    state = {
+    return {
         "epoch": epoch,
         "model": distiller.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
-        "rng": torch.get_rng_state(),
         "history": history,
+        **_rng_state(device),
     }
-    if device.type == "cuda":
-        state["cuda_rng"] = torch.cuda.get_rng_state(device)
-    return state
 
 
 def _write_checkpoint(path: Path, state: dict) -> None:
@@ -231,7 +226,19 @@ def _restore(job: TrainingJob, optimizer, scheduler, device: torch.device) -> tu
             f"checkpoint {job.checkpoint} does not match this run's model/config ({error}); "
             f"resume with the config it was made with, or delete it to start over"
         ) from error
+    _set_rng_state(state, device)
+    return int(state["epoch"]), list(state["history"])
+
+
+def _rng_state(device: torch.device) -> dict:
+    """torch's random state, and the GPU's when training on one."""
+    state = {"rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["rng"])
     if device.type == "cuda" and "cuda_rng" in state:
         torch.cuda.set_rng_state(state["cuda_rng"], device)
-    return int(state["epoch"]), list(state["history"])
