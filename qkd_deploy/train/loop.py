@@ -106,12 +106,12 @@ def _train(
     distiller.to(device)  # before the optimizer is built: it keeps the parameters' devices
     optimizer = build_optimizer(distiller.parameter_groups(), cfg)
     scheduler = build_scheduler(optimizer, cfg, len(job.loader))
+    if group is not None:
+        group.busy = True  # until the last epoch: an error in between leaves the others waiting
     history: list[dict] = []
     start = 0
     if job.saved is not None:
         start, history = _restore(job, optimizer, scheduler, device)
-    if group is not None:
-        group.busy = True  # until the last epoch: an error in between leaves the others waiting
     for epoch in range(start, cfg.epochs):
         job.loader.set_epoch(epoch)
         distiller.train()
