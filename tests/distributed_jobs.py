@@ -66,12 +66,15 @@ def method_job(method: str, folder: Path) -> tuple[nn.Module, BatchLoader, Train
 
 
 def lead(kind: str, out: Path) -> None:
-    if kind in ("toy", "gate"):
-        model, loader, cfg = toy_job()
-        if kind == "gate":
-            torch.save((model := RankGate()).state_dict(), out / "gate.before.pt")
-        history = fit(build_distiller("none", model, []), loader, cfg, out / "checkpoint.pt")
-        torch.save({"state": model.state_dict(), "history": history}, out / "result.pt")
+    if kind == "toy":  # the toy job, then the same with a layer process 1 does not use
+        for name, model in (("toy", None), ("gate", RankGate())):
+            toy, loader, cfg = toy_job()
+            model = model or toy
+            torch.save(model.state_dict(), out / f"{name}.before.pt")
+            distiller = build_distiller("none", model, [])
+            history = fit(distiller, loader, cfg, out / f"{name}.checkpoint.pt", desc=name)
+            torch.save({"state": model.state_dict(), "history": history}, out / f"{name}.pt")
+            torch.save(model.state_dict(), out / f"{name}.rank0.pt")
         return
     for method in SHARED_METHODS:
         distiller, loader, cfg = method_job(method, Path(tempfile.mkdtemp()))

@@ -12,7 +12,9 @@ import pytest
 import torch
 from distributed_jobs import SHARED_METHODS, toy_job
 
+from qkd_deploy import train_and_export
 from qkd_deploy.distill import build_distiller
+from qkd_deploy.train import distributed
 from qkd_deploy.train.loop import fit
 
 JOBS = Path(__file__).with_name("distributed_jobs.py")
@@ -28,11 +30,26 @@ def _check(done: subprocess.CompletedProcess) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def test_two_processes_train_as_one(tmp_path):
+@pytest.fixture(scope="module")
+def toy_runs(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("toy")
+    _check(torchrun(str(JOBS), "toy", str(out)))
+    return out
+
+
+def _same_on_both_processes(out: Path, name: str) -> dict:
+    first, second = (torch.load(out / f"{name}.rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), f"{name}: {key}"
+    return first
+
+
+def test_two_processes_train_as_one(toy_runs, tmp_path):
     """Each process trains on half of every batch; the averaged gradient is the whole batch's,
     so a model without BatchNorm ends where one process would have taken it."""
-    _check(torchrun(str(JOBS), "toy", str(tmp_path)))
-    shared = torch.load(tmp_path / "result.pt", weights_only=True)
+    shared = torch.load(toy_runs / "toy.pt", weights_only=True)
+    _same_on_both_processes(toy_runs, "toy")
     model, loader, cfg = toy_job()
     alone = fit(build_distiller("none", model, []), loader, cfg, tmp_path / "alone.pt")
     for name, value in model.state_dict().items():
@@ -40,20 +57,15 @@ def test_two_processes_train_as_one(tmp_path):
     for mine, theirs in zip(shared["history"], alone, strict=True):
         assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-4)
         assert mine["train_accuracy"] == pytest.approx(theirs["train_accuracy"])
-    assert (tmp_path / "checkpoint.pt").is_file()
+    assert torch.load(toy_runs / "toy.checkpoint.pt", weights_only=True)["epoch"] == cfg.epochs
 
 
-def test_a_parameter_that_one_process_did_not_use_is_averaged_too(tmp_path):
+def test_a_parameter_that_one_process_did_not_use_is_averaged_too(toy_runs):
     """Process 1's steps skip a layer (no gradient there): the processes still average the
     same parameters, with process 1's share of that layer's gradient zero, and end identical."""
-    _check(torchrun(str(JOBS), "gate", str(tmp_path)))
-    first = torch.load(tmp_path / "result.pt", weights_only=True)["state"]
-    second = torch.load(tmp_path / "train.rank1.pt", weights_only=True)
-    before = torch.load(tmp_path / "gate.before.pt", weights_only=True)
-    assert first.keys() == second.keys()
-    for name in first:
-        assert torch.equal(first[name], second[name]), name
-    assert not torch.equal(first["extra.weight"], before["extra.weight"])
+    trained = _same_on_both_processes(toy_runs, "gate")
+    before = torch.load(toy_runs / "gate.before.pt", weights_only=True)
+    assert not torch.equal(trained["extra.weight"], before["extra.weight"])
 
 
 def test_every_method_that_can_be_shared_trains_on_two_processes(tmp_path):
@@ -65,25 +77,36 @@ def test_every_method_that_can_be_shared_trains_on_two_processes(tmp_path):
         result = torch.load(tmp_path / f"{method}.result.pt", weights_only=True)
         assert result["changed"], method
         assert all(torch.isfinite(torch.tensor(e["loss"])) for e in result["history"]), method
-        first, second = (torch.load(tmp_path / f"{method}.rank{r}.pt") for r in (0, 1))
-        assert first.keys() == second.keys()
-        for name in first:
-            assert torch.equal(first[name], second[name]), f"{method}: {name}"
+        _same_on_both_processes(tmp_path, method)
 
 
 def test_main_command_under_torchrun(tmp_path):
     """Process 0 runs the pipeline and alone writes the run directory; the report says how many
-    processes trained. A data-free method is refused before anything is written."""
+    processes trained."""
     out = tmp_path / "run"
-    main = ["-m", "qkd_deploy.train_and_export", "--no-progress", "--bits", "4", "--epochs", "2"]
-    _check(torchrun(*main, "--out", str(out)))
+    bench = ["--set", "bench.batch_sizes=[1]", "--set", "bench.iterations=5"]
+    main = ["-m", "qkd_deploy.train_and_export", "--no-progress", "--bits", "4", "--epochs", "1"]
+    _check(torchrun(*main, *bench, "--out", str(out)))
     report = json.loads((out / "report.json").read_text())
     assert report["environment"]["training_processes"] == 2
     assert "cpu x 2 processes" in (out / "report.md").read_text()
     (student,) = report["students"]
     assert student["onnx_agreement"] >= 0.99 and student["accuracy_onnx"] > 0.5
 
-    refused = torchrun(*main, "--method", "dafl", "--out", str(tmp_path / "dafl"))
-    assert refused.returncode != 0
-    assert "dafl is data-free" in refused.stderr and "run it without torchrun" in refused.stderr
-    assert not (tmp_path / "dafl").exists()
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--method", "dafl"], "dafl is data-free: it generates its batches"),
+        (["--set", "student.train.batch_size=3"], "batch_size is 3, fewer images than the 4"),
+    ],
+)
+def test_what_the_processes_cannot_share_fails_before_training(
+    flags, message, tmp_path, monkeypatch, capsys
+):
+    """As process 0 of four (the check needs no other process): nothing is trained or kept."""
+    monkeypatch.setattr(distributed, "_current", distributed.Group(0, 4, 0, control=None))
+    out = tmp_path / "run"
+    assert train_and_export.main([*flags, "--out", str(out), "--no-progress"]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
