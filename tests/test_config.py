@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from qkd_deploy.config import load_config, save_config
@@ -43,3 +46,15 @@ def test_saved_config_reads_back_equal(tmp_path):
 def test_bad_settings_name_the_key(override, message):
     with pytest.raises(UserError, match=message):
         load_config(overrides=[override])
+
+
+def test_the_readme_config_example_loads(tmp_path):
+    """The YAML example in the README is a valid config with valid method options."""
+    from qkd_deploy.train_and_export import check_method
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    (example,) = re.findall(r"```yaml\n(.*?)```", readme, re.S)
+    (tmp_path / "example.yaml").write_text(example)
+    config = load_config(str(tmp_path / "example.yaml"))
+    assert config.student.bits == ["w8a8", "w4a4", "w2a2"]
+    assert check_method(config)["schedule"] == "cosine"
