@@ -66,8 +66,10 @@ def method_job(method: str, folder: Path) -> tuple[nn.Module, BatchLoader, Train
 
 
 def lead(kind: str, out: Path) -> None:
-    if kind == "toy":  # the toy job, then the same with a layer process 1 does not use
-        for name, model in (("toy", None), ("gate", RankGate())):
+    if kind == "toy":
+        # the toy job; again from the test's checkpoint of its first epoch (trained by one
+        # process); and with a layer that process 1 does not use
+        for name, model in (("toy", None), ("resume", None), ("gate", RankGate())):
             toy, loader, cfg = toy_job()
             model = model or toy
             torch.save(model.state_dict(), out / f"{name}.before.pt")

@@ -23,7 +23,9 @@ JOBS = Path(__file__).with_name("distributed_jobs.py")
 def torchrun(*args: str, processes: int = 2) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     command += [f"--nproc-per-node={processes}", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=300
+    )  # a process left waiting in a collective hangs
 
 
 def _check(done: subprocess.CompletedProcess) -> None:
@@ -33,8 +35,24 @@ def _check(done: subprocess.CompletedProcess) -> None:
 @pytest.fixture(scope="module")
 def toy_runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("toy")
+    _first_epoch_alone(out / "resume.checkpoint.pt")
     _check(torchrun(str(JOBS), "toy", str(out)))
     return out
+
+
+def _first_epoch_alone(checkpoint: Path) -> None:
+    """The toy job's checkpoint after its first epoch, trained by one process and killed."""
+    model, loader, cfg = toy_job()
+    set_epoch = loader.set_epoch
+
+    def killed_after_the_first(epoch: int) -> None:
+        if epoch == 1:
+            raise KeyboardInterrupt
+        set_epoch(epoch)
+
+    loader.set_epoch = killed_after_the_first
+    with pytest.raises(KeyboardInterrupt):
+        fit(build_distiller("none", model, []), loader, cfg, checkpoint)
 
 
 def _same_on_both_processes(out: Path, name: str) -> dict:
@@ -58,6 +76,17 @@ def test_two_processes_train_as_one(toy_runs, tmp_path):
         assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-4)
         assert mine["train_accuracy"] == pytest.approx(theirs["train_accuracy"])
     assert torch.load(toy_runs / "toy.checkpoint.pt", weights_only=True)["epoch"] == cfg.epochs
+
+
+def test_a_run_resumes_on_two_processes_from_a_checkpoint(toy_runs):
+    """A checkpoint written by one process resumes on two (process 0 sends its contents), and
+    the run ends where the uninterrupted one did."""
+    resumed = _same_on_both_processes(toy_runs, "resume")
+    straight = torch.load(toy_runs / "toy.pt", weights_only=True)
+    for name, value in straight["state"].items():
+        torch.testing.assert_close(resumed[name], value, atol=2e-5, rtol=1e-4)
+    history = torch.load(toy_runs / "resume.pt", weights_only=True)["history"]
+    assert [e["epoch"] for e in history] == [1, 2]
 
 
 def test_a_parameter_that_one_process_did_not_use_is_averaged_too(toy_runs):
