@@ -1,5 +1,5 @@
 """Training jobs that ``test_distributed`` runs under torchrun (``python distributed_jobs.py
-KIND OUT``): process 0 trains, process 1 follows, and both save what they trained in OUT."""
+OUT``): process 0 trains, process 1 follows, and both save what they trained in OUT."""
 
 from __future__ import annotations
 
@@ -65,19 +65,17 @@ def method_job(method: str, folder: Path) -> tuple[nn.Module, BatchLoader, Train
     return distiller, loader, TrainConfig(epochs=1, lr=0.01, warmup_epochs=0.0)
 
 
-def lead(kind: str, out: Path) -> None:
-    if kind == "toy":
-        # the toy job; again from the test's checkpoint of its first epoch (trained by one
-        # process); and with a layer that process 1 does not use
-        for name, model in (("toy", None), ("resume", None), ("gate", RankGate())):
-            toy, loader, cfg = toy_job()
-            model = model or toy
-            torch.save(model.state_dict(), out / f"{name}.before.pt")
-            distiller = build_distiller("none", model, [])
-            history = fit(distiller, loader, cfg, out / f"{name}.checkpoint.pt", desc=name)
-            torch.save({"state": model.state_dict(), "history": history}, out / f"{name}.pt")
-            torch.save(model.state_dict(), out / f"{name}.rank0.pt")
-        return
+def lead(out: Path) -> None:
+    """The toy job; again from the test's checkpoint of its first epoch (trained by one
+    process); with a layer that process 1 does not use; then every method that can be shared."""
+    for name, model in (("toy", None), ("resume", None), ("gate", RankGate())):
+        toy, loader, cfg = toy_job()
+        model = model or toy
+        torch.save(model.state_dict(), out / f"{name}.before.pt")
+        distiller = build_distiller("none", model, [])
+        history = fit(distiller, loader, cfg, out / f"{name}.checkpoint.pt", desc=name)
+        torch.save({"state": model.state_dict(), "history": history}, out / f"{name}.pt")
+        torch.save(model.state_dict(), out / f"{name}.rank0.pt")
     for method in SHARED_METHODS:
         distiller, loader, cfg = method_job(method, Path(tempfile.mkdtemp()))
         before = [p.detach().clone() for p in distiller.student.parameters()]
@@ -97,10 +95,10 @@ def follow(group: distributed.Group, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    kind, out = sys.argv[1], Path(sys.argv[2])
+    out = Path(sys.argv[1])
     with distributed.session() as group:
         assert group is not None, "run me under torchrun"
         if group.leader:
-            lead(kind, out)
+            lead(out)
         else:
             follow(group, out)

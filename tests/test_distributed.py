@@ -33,10 +33,11 @@ def _check(done: subprocess.CompletedProcess) -> None:
 
 
 @pytest.fixture(scope="module")
-def toy_runs(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("toy")
+def jobs(tmp_path_factory) -> Path:
+    """One torchrun launch of every job in ``distributed_jobs.py``; their results."""
+    out = tmp_path_factory.mktemp("jobs")
     _first_epoch_alone(out / "resume.checkpoint.pt")
-    _check(torchrun(str(JOBS), "toy", str(out)))
+    _check(torchrun(str(JOBS), str(out)))
     return out
 
 
@@ -63,11 +64,11 @@ def _same_on_both_processes(out: Path, name: str) -> dict:
     return first
 
 
-def test_two_processes_train_as_one(toy_runs, tmp_path):
+def test_two_processes_train_as_one(jobs, tmp_path):
     """Each process trains on half of every batch; the averaged gradient is the whole batch's,
     so a model without BatchNorm ends where one process would have taken it."""
-    shared = torch.load(toy_runs / "toy.pt", weights_only=True)
-    _same_on_both_processes(toy_runs, "toy")
+    shared = torch.load(jobs / "toy.pt", weights_only=True)
+    _same_on_both_processes(jobs, "toy")
     model, loader, cfg = toy_job()
     alone = fit(build_distiller("none", model, []), loader, cfg, tmp_path / "alone.pt")
     for name, value in model.state_dict().items():
@@ -75,38 +76,37 @@ def test_two_processes_train_as_one(toy_runs, tmp_path):
     for mine, theirs in zip(shared["history"], alone, strict=True):
         assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-4)
         assert mine["train_accuracy"] == pytest.approx(theirs["train_accuracy"])
-    assert torch.load(toy_runs / "toy.checkpoint.pt", weights_only=True)["epoch"] == cfg.epochs
+    assert torch.load(jobs / "toy.checkpoint.pt", weights_only=True)["epoch"] == cfg.epochs
 
 
-def test_a_run_resumes_on_two_processes_from_a_checkpoint(toy_runs):
+def test_a_run_resumes_on_two_processes_from_a_checkpoint(jobs):
     """A checkpoint written by one process resumes on two (process 0 sends its contents), and
     the run ends where the uninterrupted one did."""
-    resumed = _same_on_both_processes(toy_runs, "resume")
-    straight = torch.load(toy_runs / "toy.pt", weights_only=True)
+    resumed = _same_on_both_processes(jobs, "resume")
+    straight = torch.load(jobs / "toy.pt", weights_only=True)
     for name, value in straight["state"].items():
         torch.testing.assert_close(resumed[name], value, atol=2e-5, rtol=1e-4)
-    history = torch.load(toy_runs / "resume.pt", weights_only=True)["history"]
+    history = torch.load(jobs / "resume.pt", weights_only=True)["history"]
     assert [e["epoch"] for e in history] == [1, 2]
 
 
-def test_a_parameter_that_one_process_did_not_use_is_averaged_too(toy_runs):
+def test_a_parameter_that_one_process_did_not_use_is_averaged_too(jobs):
     """Process 1's steps skip a layer (no gradient there): the processes still average the
     same parameters, with process 1's share of that layer's gradient zero, and end identical."""
-    trained = _same_on_both_processes(toy_runs, "gate")
-    before = torch.load(toy_runs / "gate.before.pt", weights_only=True)
+    trained = _same_on_both_processes(jobs, "gate")
+    before = torch.load(jobs / "gate.before.pt", weights_only=True)
     assert not torch.equal(trained["extra.weight"], before["extra.weight"])
 
 
-def test_every_method_that_can_be_shared_trains_on_two_processes(tmp_path):
+def test_every_method_that_can_be_shared_trains_on_two_processes(jobs):
     """Every non-data-free method's distiller travels to the other process (pickled) and trains
     there in step: a collective that one process skipped would hang, one of another size fail,
     and the two students end identical (same averaged gradients, same BatchNorm statistics)."""
-    _check(torchrun(str(JOBS), "methods", str(tmp_path)))
     for method in SHARED_METHODS:
-        result = torch.load(tmp_path / f"{method}.result.pt", weights_only=True)
+        result = torch.load(jobs / f"{method}.result.pt", weights_only=True)
         assert result["changed"], method
         assert all(torch.isfinite(torch.tensor(e["loss"])) for e in result["history"]), method
-        _same_on_both_processes(tmp_path, method)
+        _same_on_both_processes(jobs, method)
 
 
 def test_main_command_under_torchrun(tmp_path):
