@@ -16,6 +16,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "qkd_deploy.train_and_export:main",
         "train, distil, export, check and bench: the whole pipeline",
     ),
+    "export": (
+        "qkd_deploy.train_and_export:export_main",
+        "export a finished run's models again (e.g. --opset 17) and measure them; never trains",
+    ),
     "lint": ("qkd_deploy.export.lint:main", "check a Q/DQ ONNX model against TensorRT's rules"),
     "bench": ("qkd_deploy.bench.commands:bench_main", "ONNX Runtime latency of an ONNX model"),
     "report": ("qkd_deploy.bench.commands:report_main", "re-render and print a run's report"),

@@ -119,12 +119,25 @@ def teacher_configs(config: Config) -> list[TeacherConfig]:
     ]
 
 
+def teacher_stage(i: int) -> str:
+    return "teacher" if i == 0 else f"teacher_{i}"
+
+
+def trained_model_files(config: Config, root: Path) -> list[Path]:
+    """The weights that a finished run's training stages leave in ``root``."""
+    stages = [teacher_stage(i) for i, t in enumerate(teacher_configs(config)) if not t.module]
+    if config.student.float_reference:
+        stages.append("student_float")
+    stages += [BitWidths.parse(b).name for b in config.student.bits]
+    return [root / stage / "model.pt" for stage in stages]
+
+
 def teachers_stage(ctx: Context, progress: bool) -> tuple[list[nn.Module], list[dict]]:
     """The run's teachers (``teacher_configs``: the user's, or zoo models trained here), each with
     its test accuracy."""
     teachers, infos = [], []
     for i, cfg in enumerate(teacher_configs(ctx.config)):
-        stage = "teacher" if i == 0 else f"teacher_{i}"
+        stage = teacher_stage(i)
         torch.manual_seed(ctx.config.seed + 100 * i)
         teacher = teacher_model(ctx, cfg, i)
         if not cfg.module:

@@ -372,5 +372,36 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def export_main(argv: list[str]) -> int:
+    """``qkd-deploy export RUN``: export and measure a finished run's models again with other
+    export or bench settings (``--resume`` with those alone); it never trains."""
+    from qkd_deploy.pipeline import trained_model_files
+
+    p = argparse.ArgumentParser(
+        prog="qkd-deploy export",
+        description="Export a finished run's models again (e.g. --opset 17 for TensorRT 8.6), "
+        "check and measure them; rewrites the run's ONNX files and report, never trains.",
+    )
+    p.add_argument("run", help="the run directory")
+    p.add_argument("--opset", type=int, help="ONNX opset (17 for TensorRT 8.6 / JetPack 6.0)")
+    p.add_argument("--set", action="append", default=[], metavar="export.KEY=VALUE")
+    args = p.parse_args(argv)
+    root = Path(args.run)
+    if not (root / "config.yaml").is_file():
+        raise UserError(f"{root}: no config.yaml there; give the directory of a finished run")
+    for item in args.set:
+        if not item.partition("=")[0].strip().startswith(RESUMABLE_SECTIONS):
+            raise UserError(f"--set {item!r}: export changes only export.* and bench.* settings")
+    config = load_config(str(root / "config.yaml"))
+    missing = [f for f in trained_model_files(config, root) if not f.is_file()]
+    if missing:
+        raise UserError(
+            f"{root} has not finished training ({missing[0]} is missing) and export never trains; "
+            f"finish it with python -m qkd_deploy.train_and_export --resume {root}"
+        )
+    sets = args.set + ([f"export.opset={args.opset}"] if args.opset is not None else [])
+    return main(["--resume", str(root), "--no-progress", *(f"--set={item}" for item in sets)])
+
+
 if __name__ == "__main__":
     sys.exit(main())

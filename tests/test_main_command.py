@@ -11,6 +11,7 @@ import onnx
 import pytest
 import torch
 
+from qkd_deploy import cli
 from qkd_deploy.config import load_config, save_config
 from qkd_deploy.distill.logit import KDDecayOptions
 from qkd_deploy.errors import UserError
@@ -339,12 +340,23 @@ def test_resume_refuses_settings_it_would_ignore(tiny_run, tmp_path, capsys, arg
     assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == files
 
 
-def test_resume_reexports_at_another_opset_without_retraining(tiny_run, tmp_path):
+def test_export_command_reexports_a_finished_run_at_another_opset(tiny_run, tmp_path, capsys):
+    """``qkd-deploy export RUN --opset 17`` (``--resume`` with export settings only): new ONNX
+    files, the same weights and accuracies. It refuses a run whose training is not finished."""
     _, out = tiny_run
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(out, unfinished)
+    (unfinished / "w4a4" / "model.pt").unlink()
+    assert cli.main(["export", str(unfinished), "--opset", "17"]) == 2
+    assert "has not finished training" in capsys.readouterr().err
+    assert not (unfinished / "w4a4" / "model.pt").exists()
+    assert cli.main(["export", str(out), "--set", "student.train.epochs=2"]) == 2
+    assert "only export.* and bench.*" in capsys.readouterr().err
+
     run = tmp_path / "run"
     shutil.copytree(out, run)
     trained = {p: sha256_file(p) for p in run.glob("*/model.pt")}
-    assert main(["--resume", str(run), "--set", "export.opset=17", "--no-progress"]) == 0
+    assert cli.main(["export", str(run), "--opset", "17"]) == 0
     assert load_config(str(run / "config.yaml")).export.opset == 17
     for name in ("student_float", "w8a8", "w4a4"):
         model = onnx.load(run / name / "model.onnx")
