@@ -11,6 +11,7 @@ import argparse
 import io
 import json
 import os
+import shutil
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -385,6 +386,7 @@ def export_main(argv: list[str]) -> int:
     p.add_argument("run", help="the run directory")
     p.add_argument("--opset", type=int, help="ONNX opset (17 for TensorRT 8.6 / JetPack 6.0)")
     p.add_argument("--set", action="append", default=[], metavar="export.KEY=VALUE")
+    p.add_argument("--out", help="export into a copy of the run here, keeping the run as it is")
     args = p.parse_args(argv)
     root = Path(args.run)
     if not (root / "config.yaml").is_file():
@@ -399,8 +401,18 @@ def export_main(argv: list[str]) -> int:
             f"{root} has not finished training ({missing[0]} is missing) and export never trains; "
             f"finish it with python -m qkd_deploy.train_and_export --resume {root}"
         )
+    if args.out:
+        root = _copy_run(root, Path(args.out))
     sets = args.set + ([f"export.opset={args.opset}"] if args.opset is not None else [])
     return main(["--resume", str(root), "--no-progress", *(f"--set={item}" for item in sets)])
+
+
+def _copy_run(root: Path, out: Path) -> Path:
+    """A copy of the run ``root`` at ``out`` (new or empty), without its lock file."""
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--out {out} is not empty; choose a new directory")
+    shutil.copytree(root, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".lock"))
+    return out
 
 
 if __name__ == "__main__":

@@ -341,8 +341,9 @@ def test_resume_refuses_settings_it_would_ignore(tiny_run, tmp_path, capsys, arg
 
 
 def test_export_command_reexports_a_finished_run_at_another_opset(tiny_run, tmp_path, capsys):
-    """``qkd-deploy export RUN --opset 17`` (``--resume`` with export settings only): new ONNX
-    files, the same weights and accuracies. It refuses a run whose training is not finished."""
+    """``qkd-deploy export RUN --opset 17 --out COPY`` (``--resume`` with export settings only,
+    in a copy of the run): new ONNX files, the same weights and accuracies, the run untouched.
+    It refuses a run whose training is not finished."""
     _, out = tiny_run
     unfinished = tmp_path / "unfinished"
     shutil.copytree(out, unfinished)
@@ -353,16 +354,17 @@ def test_export_command_reexports_a_finished_run_at_another_opset(tiny_run, tmp_
     assert cli.main(["export", str(out), "--set", "student.train.epochs=2"]) == 2
     assert "only export.* and bench.*" in capsys.readouterr().err
 
-    run = tmp_path / "run"
-    shutil.copytree(out, run)
-    trained = {p: sha256_file(p) for p in run.glob("*/model.pt")}
-    assert cli.main(["export", str(run), "--opset", "17"]) == 0
-    assert load_config(str(run / "config.yaml")).export.opset == 17
+    copy = tmp_path / "copy"
+    trained = {p.relative_to(out): sha256_file(p) for p in out.glob("*/model.pt")}
+    at_18 = sha256_file(out / "w4a4" / "model.onnx")
+    assert cli.main(["export", str(out), "--opset", "17", "--out", str(copy)]) == 0
+    assert sha256_file(out / "w4a4" / "model.onnx") == at_18  # --out keeps the run as it was
+    assert load_config(str(copy / "config.yaml")).export.opset == 17
     for name in ("student_float", "w8a8", "w4a4"):
-        model = onnx.load(run / name / "model.onnx")
+        model = onnx.load(copy / name / "model.onnx")
         assert {o.domain: o.version for o in model.opset_import}[""] == 17
-    assert {p: sha256_file(p) for p in run.glob("*/model.pt")} == trained
-    before, after = (json.loads((r / "report.json").read_text()) for r in (out, run))
+    assert {p.relative_to(copy): sha256_file(p) for p in copy.glob("*/model.pt")} == trained
+    before, after = (json.loads((r / "report.json").read_text()) for r in (out, copy))
     assert [s["accuracy_onnx"] for s in after["students"]] == [
         s["accuracy_onnx"] for s in before["students"]
     ]
