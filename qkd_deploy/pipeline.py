@@ -246,7 +246,8 @@ def quantized_student_stage(
     teachers: list[nn.Module],
     progress: bool,
 ) -> nn.Module:
-    """Quantize, calibrate and distil one student; returns the eval-mode fake-quant model.
+    """Quantize, calibrate and distil one student (``ptq``, which does not train, stops after
+    calibrating); returns the eval-mode fake-quant model.
 
     The student starts from the float student, except for a data-free method: the float student
     learnt from the training images, so that student starts from fresh weights (the float
@@ -270,15 +271,16 @@ def quantized_student_stage(
     if batches:
         context.calibrate(student, batches)
     distiller = build_distiller(cfg.method, student, teachers, cfg.method_options, context)
-    fit(
-        distiller,
-        loader,
-        cfg.train,
-        folder / "checkpoint.pt",
-        desc=f"{bits.name} {cfg.method}",
-        progress=progress,
-        device=ctx.device,
-    )
+    if distiller.trains:
+        fit(
+            distiller,
+            loader,
+            cfg.train,
+            folder / "checkpoint.pt",
+            desc=f"{bits.name} {cfg.method}",
+            progress=progress,
+            device=ctx.device,
+        )
     save_state(distiller.export_model(), final)
     return load_state(student, final).eval()
 

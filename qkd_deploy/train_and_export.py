@@ -191,9 +191,15 @@ def check_resume_flags(args: argparse.Namespace) -> None:
 def check_method(config: Config) -> dict:
     """The configured method's full options (defaults filled in), after the checks that need no
     training: a typo in a method option fails here, not after the teachers are trained."""
-    from qkd_deploy.distill.base import checked_method_options
+    from qkd_deploy.distill.base import checked_method_options, method_class
     from qkd_deploy.pipeline import teacher_configs
 
+    method = config.student.method
+    if not method_class(method).trains and not config.student.float_reference:
+        raise UserError(
+            f"{method} quantizes the trained float student without training it further, and "
+            "student.float_reference=false skips that student; set it to true"
+        )
     return checked_method_options(
         config.student.method, config.student.method_options, len(teacher_configs(config))
     )

@@ -17,7 +17,7 @@ from qkd_deploy.distill.logit import KDDecayOptions
 from qkd_deploy.errors import UserError
 from qkd_deploy.fileio import sha256_file
 from qkd_deploy.train.device import describe, resolve_device
-from qkd_deploy.train_and_export import main, run
+from qkd_deploy.train_and_export import check_method, main, run
 
 TINY = """
 teachers: [{arch: resnet8}]
@@ -368,6 +368,37 @@ def test_export_command_reexports_a_finished_run_at_another_opset(tiny_run, tmp_
     assert [s["accuracy_onnx"] for s in after["students"]] == [
         s["accuracy_onnx"] for s in before["students"]
     ]
+
+
+def test_ptq_exports_the_calibrated_float_student_without_training(tiny_run, tmp_path):
+    """``--method ptq`` on the tiny run's trained teacher and float student (copied in): the
+    students are the float student's weights, calibrated, never trained."""
+    config, out = tiny_run
+    run = tmp_path / "ptq"
+    for stage in ("teacher", "student_float"):
+        shutil.copytree(out / stage, run / stage)
+    overrides = ["student.method=ptq", "student.bits=[w8a8, w2a2]", f"out={run}"]
+    save_config(load_config(str(config), overrides), run / "config.yaml")
+    assert main(["--resume", str(run)]) == 0
+    report = json.loads((run / "report.json").read_text())
+    (float_student,) = report["float_references"]
+    w8, w2 = report["students"]
+    assert w8["method"] == w2["method"] == "ptq"
+    assert w8["accuracy_onnx"] >= float_student["accuracy_onnx"] - 0.03
+    assert w2["accuracy_onnx"] < w8["accuracy_onnx"] - 0.05  # 2 bits without training lose
+    float_weights = torch.load(out / "student_float" / "model.pt", weights_only=True)
+    for bits in ("w8a8", "w2a2"):
+        assert not (run / bits / "checkpoint.pt").exists()
+        weights = torch.load(run / bits / "model.pt", weights_only=True)
+        shared = [k for k in float_weights if k.endswith(".weight") and k in weights]
+        assert len(shared) > 5
+        assert all(torch.equal(weights[k], float_weights[k]) for k in shared)
+
+
+def test_ptq_needs_the_float_student():
+    config = load_config(overrides=["student.method=ptq", "student.float_reference=false"])
+    with pytest.raises(UserError, match="student.float_reference=false skips that student"):
+        check_method(config)
 
 
 def test_same_seed_same_numbers(tiny_run, tmp_path):

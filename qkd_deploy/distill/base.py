@@ -57,6 +57,7 @@ class Distiller(nn.Module, metaclass=abc.ABCMeta):
     max_teachers: ClassVar[int | None] = None  # the most it distils from (None: any number)
     default_teachers: ClassVar[tuple[str, ...]] = ("resnet8x4",)  # archs the pipeline trains
     data_free: ClassVar[bool] = False  # True: the trainer passes no real images (None, None)
+    trains: ClassVar[bool] = True  # False: the calibrated student is exported untrained (PTQ)
 
     def __init__(
         self,

@@ -27,6 +27,17 @@ class NoDistillation(Distiller):
         return logits, {"ce": F.cross_entropy(logits, labels)}
 
 
+@register_method
+class PostTrainingQuantization(NoDistillation):
+    """Post-training quantization: the float student quantized and calibrated with the run's
+    calibrators (``quant.*``), then exported without a training step, so ``student.train`` is
+    not used. The baseline that shows what QAT and distillation add at each bit-width."""
+
+    name = "ptq"
+    description = "post-training quantization: calibrate and export, no training"
+    trains = False
+
+
 @dataclasses.dataclass
 class KDOptions(MethodOptions):
     tau: float = 4.0  # softmax temperature
