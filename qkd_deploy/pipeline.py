@@ -357,11 +357,6 @@ def check_batch_sizes(ctx: Context) -> None:
             )
 
 
-def training_processes() -> int:
-    group = distributed.current()
-    return 1 if group is None else group.world
-
-
 def check_training_processes(config: Config) -> None:
     """Under torchrun, every process trains on a share of each batch, and a data-free method
     (which generates its batches and steps its generator inside the step) cannot be split."""

@@ -127,11 +127,10 @@ def prepare_run_dir(args: argparse.Namespace) -> tuple[Config, Path]:
     """A new run directory, or the existing one of ``--resume`` with the config it was made with."""
     if args.resume:
         root = Path(args.resume)
-        if not (root / "config.yaml").is_file():
-            raise UserError(f"--resume {root}: no config.yaml there; give the directory of a run")
+        stored = _stored_config(root)
         check_resume_flags(args)
         overrides = args.set + (["progress=false"] if args.no_progress else [])
-        config = load_config(str(root / "config.yaml"), overrides)
+        config = load_config(str(stored), overrides)
         check_method(config)  # an edited config.yaml fails before the run goes on
         return config, root
     config = build_config(args)
@@ -242,6 +241,7 @@ def _run_stages(config: Config, root: Path) -> dict:
     )
     from qkd_deploy.quant.convert import BitWidths
     from qkd_deploy.rundir import RunDir, library_versions, machine_description, write_manifest
+    from qkd_deploy.train import distributed
     from qkd_deploy.train.device import describe
 
     timings: dict[str, float] = {}
@@ -314,7 +314,7 @@ def _run_stages(config: Config, root: Path) -> dict:
             "machine": machine_description(),
             "threads": torch.get_num_threads(),
             "training_device": describe(device),
-            "training_processes": P.training_processes(),
+            "training_processes": distributed.world_size(),
             **library_versions(),
         },
     }
@@ -395,12 +395,11 @@ def export_main(argv: list[str]) -> int:
     p.add_argument("--out", help="export into a copy of the run here, keeping the run as it is")
     args = p.parse_args(argv)
     root = Path(args.run)
-    if not (root / "config.yaml").is_file():
-        raise UserError(f"{root}: no config.yaml there; give the directory of a finished run")
+    stored = _stored_config(root)
     for item in args.set:
         if not item.partition("=")[0].strip().startswith(RESUMABLE_SECTIONS):
             raise UserError(f"--set {item!r}: export changes only export.* and bench.* settings")
-    config = load_config(str(root / "config.yaml"))
+    config = load_config(str(stored))
     missing = [f for f in trained_model_files(config, root) if not f.is_file()]
     if missing:
         raise UserError(
@@ -413,11 +412,23 @@ def export_main(argv: list[str]) -> int:
     return main(["--resume", str(root), "--no-progress", *(f"--set={item}" for item in sets)])
 
 
+def _stored_config(root: Path) -> Path:
+    """The ``config.yaml`` of the run directory ``root``."""
+    stored = root / "config.yaml"
+    if not stored.is_file():
+        raise UserError(f"{root}: no config.yaml there; give the directory of a run")
+    return stored
+
+
 def _copy_run(root: Path, out: Path) -> Path:
-    """A copy of the run ``root`` at ``out`` (new or empty), without its lock file."""
+    """A copy of the run ``root`` at ``out`` (new or empty), without its lock file; its
+    ``config.yaml`` names its own directory."""
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} is not empty; choose a new directory")
     shutil.copytree(root, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".lock"))
+    config = load_config(str(out / "config.yaml"))
+    config.out = str(out)
+    save_config(config, out / "config.yaml")
     return out
 
 

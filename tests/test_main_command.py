@@ -359,7 +359,8 @@ def test_export_command_reexports_a_finished_run_at_another_opset(tiny_run, tmp_
     at_18 = sha256_file(out / "w4a4" / "model.onnx")
     assert cli.main(["export", str(out), "--opset", "17", "--out", str(copy)]) == 0
     assert sha256_file(out / "w4a4" / "model.onnx") == at_18  # --out keeps the run as it was
-    assert load_config(str(copy / "config.yaml")).export.opset == 17
+    copied = load_config(str(copy / "config.yaml"))
+    assert copied.export.opset == 17 and copied.out == str(copy)
     for name in ("student_float", "w8a8", "w4a4"):
         model = onnx.load(copy / name / "model.onnx")
         assert {o.domain: o.version for o in model.opset_import}[""] == 17

@@ -77,17 +77,11 @@ class Group:
     def shard(
         self, images: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """This process's images of the batch, and their share of it (the gradient weight)."""
-        if len(images) < self.world:
-            raise UserError(
-                f"a batch of {len(images)} images cannot be split over {self.world} processes; "
-                "use a batch_size of at least the number of processes"
-            )
-        return (
-            images[self.rank :: self.world],
-            labels[self.rank :: self.world],
-            (len(range(self.rank, len(images), self.world)) / len(images)),
-        )
+        """This process's images of the batch (every ``world``-th from its rank), and their
+        share of it, the weight of its gradient. A batch holds at least ``world`` images
+        (``pipeline.check_training_processes``)."""
+        mine = images[self.rank :: self.world]
+        return mine, labels[self.rank :: self.world], len(mine) / len(images)
 
     def average_gradients(self, optimizer: torch.optim.Optimizer, weight: float) -> None:
         """Every process ends with ``sum over processes of weight * gradient``. A parameter
@@ -131,6 +125,11 @@ _current: Group | None = None
 def current() -> Group | None:
     """The group of this run's training processes, or None when training on one device."""
     return _current
+
+
+def world_size() -> int:
+    """How many processes train: 1 without torchrun."""
+    return 1 if _current is None else _current.world
 
 
 def launched_by_torchrun() -> bool:
