@@ -20,7 +20,7 @@ from qkd_deploy.rundir import RunDir
 from qkd_deploy.train import distributed
 from qkd_deploy.train.loop import fit, train_job
 
-SHARED_METHODS = sorted(name for name, cls in METHODS.items() if not cls.data_free)
+SHARED_METHODS = sorted(name for name, cls in METHODS.items() if cls.trains and not cls.data_free)
 
 
 def toy_job() -> tuple[nn.Module, BatchLoader, TrainConfig]:
