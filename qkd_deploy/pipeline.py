@@ -521,16 +521,25 @@ def export_and_measure(ctx: Context, model: nn.Module, name: str, quantized: boo
     return result
 
 
-def collapse_warning(name: str, accuracy: float, num_classes: int) -> str | None:
+def collapse_warning(name: str, accuracy: float, num_classes: int, trained: bool) -> str | None:
     """A warning when a student ends within 5 points of chance: its training collapsed (a
     2-bit student can die in a few steps at a high learning rate), which the accuracy column
-    alone does not tell apart from a merely poor method."""
+    alone does not tell apart from a merely poor method. A student that was not trained
+    (``ptq``) lost its accuracy to rounding alone: it needs training, not other settings."""
     chance = 1 / num_classes
     if accuracy >= chance + 0.05:
         return None
-    return (
+    ends = (
         f"{name}: the student ends at {100 * accuracy:.1f} % test accuracy, chance level for "
-        f"{num_classes} classes: its training collapsed (per-epoch loss and train accuracy: "
+        f"{num_classes} classes"
+    )
+    if not trained:
+        return (
+            f"{ends}: post-training quantization alone loses the model at this bit-width. "
+            "Train it: --method none (plain QAT) or a distillation method"
+        )
+    return (
+        f"{ends}: its training collapsed (per-epoch loss and train accuracy: "
         f"'history' in {name}/checkpoint.pt). Try a lower student.train.lr, gradient clipping "
         "(student.train.grad_clip, e.g. 1.0) or another method for this bit-width"
     )

@@ -239,6 +239,7 @@ def _run_stages(config: Config, root: Path) -> dict:
         parse_normalize,
         stratified_subset,
     )
+    from qkd_deploy.distill.base import method_class
     from qkd_deploy.quant.convert import BitWidths
     from qkd_deploy.rundir import RunDir, library_versions, machine_description, write_manifest
     from qkd_deploy.train import distributed
@@ -274,13 +275,14 @@ def _run_stages(config: Config, root: Path) -> dict:
             ref = P.export_stage(ctx, float_student, "student_float", quantized=False)
         references.append({"name": "student_float", "arch": config.student.arch, **ref})
     students = []
+    trains = method_class(config.student.method).trains
     for bits in bit_list:
         with P.timed(timings, f"train_{bits.name}"):
             student = P.quantized_student_stage(ctx, bits, float_student, teachers, progress)
         with P.timed(timings, f"export_{bits.name}"):
             result = dict(P.export_stage(ctx, student, bits.name, quantized=True))
         warnings = [result.pop("warning")] if "warning" in result else []
-        collapse = P.collapse_warning(bits.name, result["accuracy_onnx"], data.num_classes)
+        collapse = P.collapse_warning(bits.name, result["accuracy_onnx"], data.num_classes, trains)
         if collapse:
             print(f"warning: {collapse}", file=sys.stderr)
             warnings.append(collapse)

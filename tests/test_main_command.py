@@ -446,10 +446,19 @@ def test_onnxruntime_target_end_to_end_runs_on_integer_kernels(tiny_run, tmp_pat
 def test_collapse_warning_only_near_chance(accuracy, num_classes, warns):
     from qkd_deploy.pipeline import collapse_warning
 
-    warning = collapse_warning("w2a2", accuracy, num_classes)
+    warning = collapse_warning("w2a2", accuracy, num_classes, trained=True)
     assert (warning is not None) == warns
     if warns:
         assert "w2a2/checkpoint.pt" in warning and f"{100 * accuracy:.1f} %" in warning
+
+
+def test_collapse_warning_of_an_untrained_student_asks_for_training_not_a_lower_rate():
+    from qkd_deploy.pipeline import collapse_warning
+
+    warning = collapse_warning("w2a2", 0.11, 10, trained=False)
+    assert "post-training quantization" in warning and "--method none" in warning
+    assert "checkpoint.pt" not in warning and "student.train.lr" not in warning
+    assert collapse_warning("w2a2", 0.83, 10, trained=False) is None
 
 
 def test_a_bad_student_training_setting_fails_before_any_training(tmp_path):
