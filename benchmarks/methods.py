@@ -4,10 +4,12 @@ One student architecture, one epoch budget for every method, several seeds. Per 
 run trains the teachers and the float student once; every method's run directory gets copies of
 them (the pipeline treats copied stages as finished), so all methods distil from the same
 teachers and start QAT from the same float student. Baselines in the same table: the float
-student, plain QAT (`none`) and ONNX Runtime's `quantize_static` PTQ at INT8 (QDQ format, its CPU
-defaults: UINT8 activations, INT8 per-channel weights) with MinMax, Entropy and Percentile
-calibration on the pipeline's calibration images. Every accuracy is that of the exported ONNX
-model in ONNX Runtime on the full 10 000-image test split.
+student, plain QAT (`none`), the pipeline's own post-training quantization (`ptq`: the float
+student calibrated and exported at every bit-width, no training step) and ONNX Runtime's
+`quantize_static` PTQ at INT8 (QDQ format, its CPU defaults: UINT8 activations, INT8 per-channel
+weights) with MinMax, Entropy and Percentile calibration on the pipeline's calibration images.
+Every accuracy is that of the exported ONNX model in ONNX Runtime on the full 10 000-image test
+split.
 
 Teachers and the float student are trained for 30 epochs on 2000 images before any QAT. With 6
 epochs they stopped at 74-79 %, and QAT then mostly acted as extra float training of an
@@ -84,12 +86,20 @@ METHODS = {
     "speq": (1, LOW_BITS),
     "dafl": (1, LOW_BITS),
     "cdfkd-mfs": (2, LOW_BITS),
+    "ptq": (1, ["w8a8", *LOW_BITS]),
 }
 # methods without a teacher (online, self) still get the pool's first teacher: the report's
 # reference accuracy, never used in their loss
 POOL_METHOD = "none"
+# baselines that run as pipeline methods: in the table, never a "best distillation" candidate
+PIPELINE_BASELINES = (POOL_METHOD, "ptq")
 FLOAT_STAGES = ("student_float",)
 DATA_FREE = ("dafl", "cdfkd-mfs")
+BASELINE_LABELS = {
+    POOL_METHOD: f"{POOL_METHOD} (plain QAT baseline)",
+    "ptq": "ptq (the float student calibrated, no training; baseline)",
+}
+ORT_PTQ = "ort-ptq-"  # result keys of ONNX Runtime's quantize_static baselines: ort-ptq-NAME/int8
 TRAIN_BATCH = 64  # the pipeline's default training batch; data-free methods generate this many
 
 
@@ -181,7 +191,7 @@ def ptq_accuracies(pool: Path, args: argparse.Namespace, seed: int) -> dict[str,
                 float_model, Path(tmp) / f"{name}.onnx", calib_images, input_name, name
             )
             logits = run_in_batches(OnnxRuntimeRunner(out), test_images, 500)
-            results[f"ptq-{name}/int8"] = float((logits.argmax(1) == labels).mean())
+            results[f"{ORT_PTQ}{name}/int8"] = float((logits.argmax(1) == labels).mean())
     return results
 
 
@@ -280,12 +290,13 @@ def _mean(summary: dict, key: str) -> float | None:
 
 
 def best_distillation(summary: dict, bits: str) -> tuple[str, float] | None:
-    """The distillation method (not ``none``) with the best mean accuracy at ``bits``; None
-    when no distillation method ran at ``bits``."""
+    """The distillation method (no baseline: not ``none``, ``ptq`` or ONNX Runtime's PTQ) with
+    the best mean accuracy at ``bits``; None when no distillation method ran at ``bits``."""
     candidates = {
         k.split("/")[0]: v["mean"]
         for k, v in summary.items()
-        if k.endswith(f"/{bits}") and not k.startswith((POOL_METHOD + "/", "ptq-"))
+        if k.endswith(f"/{bits}")
+        and not k.startswith((*(m + "/" for m in PIPELINE_BASELINES), ORT_PTQ))
     }
     if not candidates:
         return None
@@ -323,7 +334,7 @@ def targets(summary: dict) -> list[tuple[str, bool, str]]:
     never = [
         m
         for m in {k.split("/")[0] for k in summary if "/w" in k}
-        if m not in ("kd", POOL_METHOD)
+        if m not in ("kd", *PIPELINE_BASELINES)
         and not any(
             summary[k]["mean"] > summary.get("kd/" + k.split("/")[1], {"mean": 1.0})["mean"]
             for k in summary
@@ -346,7 +357,7 @@ def markdown(
     seed_minutes = [sum(t.values()) / 60 for t in timing]
     columns = ["w8a8", "w4a4", "w2a2"]
     rows = sorted(
-        {k.split("/")[0] for k in summary if "/w" in k and not k.startswith("ptq-")},
+        {k.split("/")[0] for k in summary if "/w" in k and not k.startswith(ORT_PTQ)},
         key=lambda m: -(_mean(summary, f"{m}/w2a2") or 0),
     )
     lines = [
@@ -377,14 +388,14 @@ def markdown(
         f"| float student (baseline) | {_cell(summary, 'float')} | | | |",
     ]
     for method in rows:
-        label = f"{method} (plain QAT baseline)" if method == POOL_METHOD else method
+        label = BASELINE_LABELS.get(method, method)
         cells = [_cell(summary, f"{method}/{c}") for c in columns]
         lines.append(f"| {label} | | " + " | ".join(cells) + " |")
     ptq = CALIBRATION_METHODS if "w8a8" in args.bits else []
     for name in ptq:  # UINT8 activations, INT8 per-channel weights: W8A8
         lines.append(
             f"| ORT quantize_static {name} (PTQ, baseline) | | "
-            f"{_cell(summary, f'ptq-{name}/int8')} | | |"
+            f"{_cell(summary, f'{ORT_PTQ}{name}/int8')} | | |"
         )
     teachers = [k for k in summary if k.startswith("teacher_")]
     missing = [m for m in METHODS if m not in args.methods]
