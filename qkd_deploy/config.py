@@ -33,10 +33,25 @@ class TrainConfig:
     def __post_init__(self) -> None:
         """A setting no run can use fails where the config is built, before any training
         (``from_dict`` puts the section's key in front of the message)."""
-        if self.epochs < 1:
-            raise UserError(f"epochs must be >= 1, got {self.epochs}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise UserError(f"grad_clip must be a positive norm or null, got {self.grad_clip}")
+        checks = [
+            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (
+                self.optimizer in ("sgd", "adamw"),
+                f"optimizer {self.optimizer!r}: use 'sgd' or 'adamw'",
+            ),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}"),
+            (
+                self.grad_clip is None or self.grad_clip > 0,
+                f"grad_clip must be a positive norm or null, got {self.grad_clip}",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
 
 
 @dataclass

@@ -20,11 +20,12 @@ def test_exponent_floats_without_a_dot_load_as_floats(tmp_path):
         "  method: feed\n"
         "  method_options: {beta: 5e2}\n"
     )
-    config = load_config(str(path), ["teacher_train.lr=-2.5e-1", "data.spec=folder:1e5"])
+    overrides = ["teacher_train.weight_decay=2.5e-1", "student.method_options.gamma=-2.5e-1"]
+    config = load_config(str(path), [*overrides, "data.spec=folder:1e5"])
     assert config.student.train.weight_decay == pytest.approx(1e-4)
     assert config.student.train.lr == pytest.approx(0.05)
-    assert config.student.method_options == {"beta": 500.0}
-    assert config.teacher_train.lr == pytest.approx(-0.25)
+    assert config.student.method_options == {"beta": 500.0, "gamma": -0.25}
+    assert config.teacher_train.weight_decay == pytest.approx(2.5e-1)
     assert config.data.spec == "folder:1e5"  # a string that merely contains one stays a string
 
 
@@ -40,6 +41,12 @@ def test_saved_config_reads_back_equal(tmp_path):
         ("student.train.epoch=3", r"unknown config key\(s\) \['epoch'\] in 'student.train'"),
         ("student.train.lr=fast", r"'student.train.lr' must be float, got 'fast'"),
         ("student.train.epochs=0", r"student.train.epochs must be >= 1"),
+        ("student.train.optimizer=adam", r"student.train.optimizer 'adam': use 'sgd' or 'adamw'"),
+        ("student.train.lr=-0.1", r"student.train.lr must be > 0"),
+        ("teacher_train.momentum=1", r"teacher_train.momentum must be in \[0, 1\)"),
+        ("student.float_train.batch_size=0", r"student.float_train.batch_size must be >= 1"),
+        ("student.train.weight_decay=-1e-4", r"student.train.weight_decay must be >= 0"),
+        ("student.train.warmup_epochs=-1", r"student.train.warmup_epochs must be >= 0"),
         ("seed", r"not key=value"),
     ],
 )

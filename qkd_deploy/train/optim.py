@@ -7,7 +7,6 @@ import math
 import torch
 
 from qkd_deploy.config import TrainConfig
-from qkd_deploy.errors import UserError
 
 
 def parameter_groups(groups: list[dict], cfg: TrainConfig) -> list[dict]:
@@ -31,9 +30,7 @@ def build_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimiz
     groups = parameter_groups(groups, cfg)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr)
-    raise UserError(f"unknown optimizer {cfg.optimizer!r}; use 'sgd' or 'adamw'")
+    return torch.optim.AdamW(groups, lr=cfg.lr)  # TrainConfig allows only "sgd" and "adamw"
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int):
