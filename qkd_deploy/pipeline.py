@@ -334,8 +334,11 @@ def _quantized_at(
 
 
 def _training_stages(config: Config) -> list[tuple[str, TrainConfig]]:
-    """The config keys and settings of the training stages this run has."""
-    stages = [("student.train", config.student.train)]
+    """The config keys and settings of the training stages this run has (``ptq`` students do
+    not train)."""
+    stages = []
+    if method_class(config.student.method).trains:
+        stages.append(("student.train", config.student.train))
     if config.student.float_reference:
         stages.insert(0, ("student.float_train", config.student.float_train))
     if any(not t.module for t in teacher_configs(config)):

@@ -402,6 +402,19 @@ def test_ptq_needs_the_float_student():
         check_method(config)
 
 
+def test_ptq_students_batch_size_is_not_checked_as_it_never_trains():
+    """A small folder with the default student batch of 64 is fine for ``ptq``."""
+    from qkd_deploy.pipeline import _training_stages
+
+    small = ["teacher_train.batch_size=8", "student.float_train.batch_size=8"]
+    keys = [
+        key for key, _ in _training_stages(load_config(overrides=[*small, "student.method=ptq"]))
+    ]
+    assert keys == ["teacher_train", "student.float_train"]
+    keys = [key for key, _ in _training_stages(load_config(overrides=small))]
+    assert keys == ["teacher_train", "student.float_train", "student.train"]
+
+
 def test_same_seed_same_numbers(tiny_run, tmp_path):
     config, out = tiny_run
     assert main(["--config", str(config), "--out", str(tmp_path / "again")]) == 0
