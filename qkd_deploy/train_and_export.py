@@ -90,8 +90,9 @@ def build_config(args: argparse.Namespace) -> Config:
     overrides = []
     for flag, keys in FLAG_KEYS.items():
         value = getattr(args, flag)
-        if value is not None:
-            overrides += [f"{key}={value}" for key in keys]
+        if value is not None:  # a string flag is taken as written: quoted, YAML sees no "#"
+            text = json.dumps(value) if isinstance(value, str) else value
+            overrides += [f"{key}={text}" for key in keys]
     teachers = _teacher_entries(args)
     if teachers:
         overrides.append("teachers=" + json.dumps(teachers))

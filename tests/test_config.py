@@ -65,3 +65,15 @@ def test_the_readme_config_example_loads(tmp_path):
     config = load_config(str(tmp_path / "example.yaml"))
     assert config.student.bits == ["w8a8", "w4a4", "w2a2"]
     assert check_method(config)["schedule"] == "cosine"
+
+
+@pytest.mark.parametrize(
+    "spec", ["folder:/data/set #2", "folder:/data/a: b", "cifar10:/data/[x]", "folder:1e5"]
+)
+def test_cli_string_flags_are_taken_as_written(spec):
+    """``--data`` and the other string flags are not YAML: a ``#`` or ``: `` in a path stays."""
+    from qkd_deploy.train_and_export import build_config, parse_args
+
+    config = build_config(parse_args(["--data", spec, "--student-arch", "resnet8 #x"]))
+    assert config.data.spec == spec
+    assert config.student.arch == "resnet8 #x"
