@@ -83,7 +83,7 @@ def lead(out: Path) -> None:
         after = distiller.student.parameters()
         changed = any(not torch.equal(a, p) for a, p in zip(before, after, strict=True))
         torch.save({"history": history, "changed": changed}, out / f"{method}.result.pt")
-        torch.save(distiller.student.state_dict(), out / f"{method}.rank0.pt")
+        torch.save(distiller.state_dict(), out / f"{method}.rank0.pt")
 
 
 def follow(group: distributed.Group, out: Path) -> None:
@@ -91,7 +91,9 @@ def follow(group: distributed.Group, out: Path) -> None:
     while (job := group.receive_job()) is not None:
         train_job(group, **job)
         trained = job["job"]
-        torch.save(trained.distiller.student.state_dict(), out / f"{trained.desc}.rank1.pt")
+        # the toy jobs' distiller holds just the student: their files are its state, as rank 0's
+        model = trained.distiller if trained.desc in SHARED_METHODS else trained.distiller.student
+        torch.save(model.state_dict(), out / f"{trained.desc}.rank1.pt")
 
 
 if __name__ == "__main__":

@@ -101,12 +101,15 @@ def test_a_parameter_that_one_process_did_not_use_is_averaged_too(jobs):
 def test_every_method_that_can_be_shared_trains_on_two_processes(jobs):
     """Every non-data-free method's distiller travels to the other process (pickled) and trains
     there in step: a collective that one process skipped would hang, one of another size fail,
-    and the two students end identical (same averaged gradients, same BatchNorm statistics)."""
+    and the two distillers end identical (same averaged gradients, same BatchNorm statistics,
+    and the online methods' running CE, which picks the exported peer, averaged too)."""
     for method in SHARED_METHODS:
         result = torch.load(jobs / f"{method}.result.pt", weights_only=True)
         assert result["changed"], method
         assert all(torch.isfinite(torch.tensor(e["loss"])) for e in result["history"]), method
-        _same_on_both_processes(jobs, method)
+        state = _same_on_both_processes(jobs, method)
+        if method in ("dml", "pcl", "dkel"):
+            assert torch.isfinite(state["running_ce"]).all(), method
 
 
 def test_main_command_under_torchrun(tmp_path):

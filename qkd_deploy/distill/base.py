@@ -101,6 +101,11 @@ class Distiller(nn.Module, metaclass=abc.ABCMeta):
     def after_step(self) -> None:
         """Called after each optimizer step (EMA teachers update here)."""
 
+    def running_statistics(self) -> list[torch.Tensor]:
+        """Buffers that average what this process's steps saw (besides BatchNorm's running
+        statistics), averaged over the processes after every epoch under torchrun."""
+        return []
+
     def export_model(self) -> nn.Module:
         """The model to export and evaluate: the student unless the method picks another."""
         return self.student

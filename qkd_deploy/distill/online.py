@@ -195,6 +195,12 @@ class OnlineDistiller(Distiller):
         blended = self.ce_momentum * self.running_ce + (1.0 - self.ce_momentum) * ce
         self.running_ce.copy_(torch.where(torch.isnan(self.running_ce), ce, blended))
 
+    def running_statistics(self) -> list[torch.Tensor]:
+        """Under torchrun each process's ``running_ce`` sees its share of each batch; averaged
+        after every epoch, process 0 picks the export from all of them (an EMA is linear, so
+        the average of the processes' EMAs is the EMA of their averaged CEs)."""
+        return [self.running_ce]
+
     def best_index(self) -> int:
         """The candidate with the lowest running CE (0 before any training)."""
         return int(torch.nan_to_num(self.running_ce, nan=math.inf).argmin())

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -36,6 +36,9 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from qkd_deploy.errors import UserError
+
+if TYPE_CHECKING:
+    from qkd_deploy.distill.base import Distiller
 
 # process 0 may evaluate and export for hours between two training jobs while the others wait
 JOB_WAIT = timedelta(days=2)
@@ -103,14 +106,16 @@ class Group:
         for grad, averaged in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
             grad.copy_(averaged)
 
-    def average_batchnorm_statistics(self, model: nn.Module) -> None:
-        """The running mean and variance of every BatchNorm in training mode, averaged."""
-        for module in model.modules():
+    def average_running_statistics(self, distiller: Distiller) -> None:
+        """The running mean and variance of every BatchNorm in training mode, and the
+        distiller's own ``running_statistics()``, averaged."""
+        stats = list(distiller.running_statistics())
+        for module in distiller.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
-                for stat in (module.running_mean, module.running_var):
-                    if stat is not None:
-                        dist.all_reduce(stat)
-                        stat.div_(self.world)
+                stats += [s for s in (module.running_mean, module.running_var) if s is not None]
+        for stat in stats:
+            dist.all_reduce(stat)
+            stat.div_(self.world)
 
     def sum(self, values: list[float]) -> list[float]:
         """Numbers summed over the processes (epoch statistics)."""

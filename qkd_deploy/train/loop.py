@@ -117,7 +117,7 @@ def _train(
         distiller.train()
         stats = _train_epoch(job, optimizer, scheduler, epoch, progress, device, group)
         if group is not None:
-            group.average_batchnorm_statistics(distiller)
+            group.average_running_statistics(distiller)
         history.append(stats.__dict__)
         if write:
             state = _checkpoint_state(distiller, optimizer, scheduler, epoch + 1, history, device)
