@@ -179,8 +179,7 @@ def check_resume_flags(args: argparse.Namespace) -> None:
             "would be ignored; start a new run for other settings"
         )
     for item in args.set:
-        key = item.partition("=")[0].strip()
-        if not (key in RESUMABLE_KEYS or key.startswith(RESUMABLE_SECTIONS)):
+        if not _resumable(item):
             raise UserError(
                 f"--resume with --set {item!r}: a resumed run keeps the settings its models were "
                 "trained with; only export.*, bench.* and device can change (the models are then "
@@ -400,8 +399,10 @@ def export_main(argv: list[str]) -> int:
     root = Path(args.run)
     stored = _stored_config(root)
     for item in args.set:
-        if not item.partition("=")[0].strip().startswith(RESUMABLE_SECTIONS):
-            raise UserError(f"--set {item!r}: export changes only export.* and bench.* settings")
+        if not _resumable(item):
+            raise UserError(
+                f"--set {item!r}: export changes only export.*, bench.* and device settings"
+            )
     config = load_config(str(stored))
     missing = [f for f in trained_model_files(config, root) if not f.is_file()]
     if missing:
@@ -409,10 +410,20 @@ def export_main(argv: list[str]) -> int:
             f"{root} has not finished training ({missing[0]} is missing) and export never trains; "
             f"finish it with python -m qkd_deploy.train_and_export --resume {root}"
         )
-    if args.out:
-        root = _copy_run(root, Path(args.out))
     sets = args.set + ([f"export.opset={args.opset}"] if args.opset is not None else [])
-    return main(["--resume", str(root), "--no-progress", *(f"--set={item}" for item in sets)])
+    if not args.out:
+        return main(["--resume", str(root), *(f"--set={item}" for item in sets)])
+    copy = _copy_run(root, Path(args.out))
+    code = main(["--resume", str(copy), *(f"--set={item}" for item in sets)])
+    if code != 0:  # the error is printed; a copy that did not export is not left behind
+        shutil.rmtree(copy)
+    return code
+
+
+def _resumable(item: str) -> bool:
+    """Whether ``--set item`` changes only what a resumed run may change."""
+    key = item.partition("=")[0].strip()
+    return key in RESUMABLE_KEYS or key.startswith(RESUMABLE_SECTIONS)
 
 
 def _stored_config(root: Path) -> Path:

@@ -352,15 +352,20 @@ def test_export_command_reexports_a_finished_run_at_another_opset(tiny_run, tmp_
     assert "has not finished training" in capsys.readouterr().err
     assert not (unfinished / "w4a4" / "model.pt").exists()
     assert cli.main(["export", str(out), "--set", "student.train.epochs=2"]) == 2
-    assert "only export.* and bench.*" in capsys.readouterr().err
+    assert "only export.*, bench.* and device" in capsys.readouterr().err
+    # a device that is not there fails, and the copy made for it is not left behind
+    failed = tmp_path / "on-cuda"
+    assert cli.main(["export", str(out), "--set", "device=cuda", "--out", str(failed)]) == 2
+    assert "cuda" in capsys.readouterr().err and not failed.exists()
 
     copy = tmp_path / "copy"
     trained = {p.relative_to(out): sha256_file(p) for p in out.glob("*/model.pt")}
     at_18 = sha256_file(out / "w4a4" / "model.onnx")
-    assert cli.main(["export", str(out), "--opset", "17", "--out", str(copy)]) == 0
+    export = ["export", str(out), "--opset", "17", "--set", "device=cpu", "--out", str(copy)]
+    assert cli.main(export) == 0  # device too: a run trained on a GPU exports on a CPU
     assert sha256_file(out / "w4a4" / "model.onnx") == at_18  # --out keeps the run as it was
     copied = load_config(str(copy / "config.yaml"))
-    assert copied.export.opset == 17 and copied.out == str(copy)
+    assert copied.export.opset == 17 and copied.out == str(copy) and copied.device == "cpu"
     for name in ("student_float", "w8a8", "w4a4"):
         model = onnx.load(copy / name / "model.onnx")
         assert {o.domain: o.version for o in model.opset_import}[""] == 17
