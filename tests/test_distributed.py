@@ -32,12 +32,22 @@ def _check(done: subprocess.CompletedProcess) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+# A rare abort seen in 2 of about 40 launches on 2026-11-30 (not reproduced in 16 launches
+# made to catch it): process 1 dies in C++ between two jobs, after the previous one finished.
+# README, "Known issues". The launch is repeated once for it, and only for it.
+NATIVE_ABORT = "terminate called without an active exception"
+
+
 @pytest.fixture(scope="module")
 def jobs(tmp_path_factory) -> Path:
     """One torchrun launch of every job in ``distributed_jobs.py``; their results."""
-    out = tmp_path_factory.mktemp("jobs")
-    _first_epoch_alone(out / "resume.checkpoint.pt")
-    _check(torchrun(str(JOBS), str(out)))
+    for _attempt in range(2):
+        out = tmp_path_factory.mktemp("jobs")  # a fresh folder: the jobs write checkpoints
+        _first_epoch_alone(out / "resume.checkpoint.pt")
+        done = torchrun(str(JOBS), str(out))
+        if done.returncode == 0 or NATIVE_ABORT not in done.stderr:
+            break
+    _check(done)
     return out
 
 
