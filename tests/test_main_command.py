@@ -374,6 +374,12 @@ def test_export_command_reexports_a_finished_run_at_another_opset(tiny_run, tmp_
     assert [s["accuracy_onnx"] for s in after["students"]] == [
         s["accuracy_onnx"] for s in before["students"]
     ]
+    # exporting in place keeps the run's own settings (here progress bars on)
+    config = load_config(str(copy / "config.yaml"))
+    config.progress = True
+    save_config(config, copy / "config.yaml")
+    assert cli.main(["export", str(copy), "--opset", "18"]) == 0
+    assert load_config(str(copy / "config.yaml")).progress is True
 
 
 def test_ptq_exports_the_calibrated_float_student_without_training(tiny_run, tmp_path):
