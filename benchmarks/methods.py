@@ -91,14 +91,14 @@ METHODS = {
 # methods without a teacher (online, self) still get the pool's first teacher: the report's
 # reference accuracy, never used in their loss
 POOL_METHOD = "none"
-# baselines that run as pipeline methods: in the table, never a "best distillation" candidate
-PIPELINE_BASELINES = (POOL_METHOD, "ptq")
-FLOAT_STAGES = ("student_float",)
-DATA_FREE = ("dafl", "cdfkd-mfs")
+# baselines that run as pipeline methods, with their table labels: never a "best distillation"
 BASELINE_LABELS = {
     POOL_METHOD: f"{POOL_METHOD} (plain QAT baseline)",
     "ptq": "ptq (the float student calibrated, no training; baseline)",
 }
+PIPELINE_BASELINES = tuple(BASELINE_LABELS)
+FLOAT_STAGES = ("student_float",)
+DATA_FREE = ("dafl", "cdfkd-mfs")
 ORT_PTQ = "ort-ptq-"  # result keys of ONNX Runtime's quantize_static baselines: ort-ptq-NAME/int8
 TRAIN_BATCH = 64  # the pipeline's default training batch; data-free methods generate this many
 

@@ -337,12 +337,12 @@ def _training_stages(config: Config) -> list[tuple[str, TrainConfig]]:
     """The config keys and settings of the training stages this run has (``ptq`` students do
     not train)."""
     stages = []
+    if any(not t.module for t in teacher_configs(config)):
+        stages.append(("teacher_train", config.teacher_train))
+    if config.student.float_reference:
+        stages.append(("student.float_train", config.student.float_train))
     if method_class(config.student.method).trains:
         stages.append(("student.train", config.student.train))
-    if config.student.float_reference:
-        stages.insert(0, ("student.float_train", config.student.float_train))
-    if any(not t.module for t in teacher_configs(config)):
-        stages.insert(0, ("teacher_train", config.teacher_train))
     return stages
 
 
