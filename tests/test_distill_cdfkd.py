@@ -101,6 +101,16 @@ def test_bn_statistics_distance_on_a_tiny_batchnorm():
     assert len(stats.distances) == 2
 
 
+def test_batchnorm_statistics_without_batchnorm_is_a_zero_on_the_models_device():
+    """A teacher with no BatchNorm2d records nothing; its zero must live where the teacher
+    does, or adding it to the other (GPU) terms fails. The meta device stands in for a GPU."""
+    model = nn.Linear(3, 2, device="meta")
+    with BatchNormStatistics(model) as stats:
+        model(torch.zeros(1, 3, device="meta"))
+    assert stats.distances == []
+    assert stats.loss().device.type == "meta"
+
+
 def test_generator_objective_maximises_the_disagreement():
     options = CDFKDMFSOptions(adversarial_weight=2.0, bn_weight=0.1)
     heads = [h.requires_grad_() for h in _t(H1, H2)]

@@ -127,8 +127,10 @@ class BatchNormStatistics:
         )
 
     def loss(self) -> torch.Tensor:
+        """The weighted sum; a zero on the model's device when nothing was recorded."""
         if not self.distances:
-            return torch.zeros(())
+            tensors = [*self.model.parameters(), *self.model.buffers()]
+            return torch.zeros((), device=tensors[0].device if tensors else None)
         weights = [self.first_weight] + [1.0] * (len(self.distances) - 1)
         return sum(w * d for w, d in zip(weights, self.distances, strict=True))
 
