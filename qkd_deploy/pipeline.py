@@ -329,8 +329,11 @@ def _calibrated_copy(
 def _quantized_at(
     options: QuantizeOptions, batches: list, calibrate_on, model: nn.Module, bits: int
 ) -> nn.Module:
-    wider = dataclasses.replace(options, bits=BitWidths(bits, bits))
-    return _calibrated_copy(model, wider, batches, calibrate_on)
+    """A calibrated fake-quant copy of ``model`` (a teacher) at ``bits``; ``quant.layer_bits``
+    names the student's layers and would override ``bits`` in a teacher of the same
+    architecture, so it does not apply."""
+    at_bits = dataclasses.replace(options, bits=BitWidths(bits, bits), layer_bits={})
+    return _calibrated_copy(model, at_bits, batches, calibrate_on)
 
 
 def _training_stages(config: Config) -> list[tuple[str, TrainConfig]]:

@@ -18,6 +18,9 @@ from method_helpers import (
 )
 from torch import nn
 
+from qkd_deploy import pipeline
+from qkd_deploy.config import load_config
+from qkd_deploy.data import load_dataset, normalization_stats
 from qkd_deploy.distill import build_distiller
 from qkd_deploy.distill.base import MethodContext
 from qkd_deploy.distill.multi_teacher import (
@@ -32,6 +35,8 @@ from qkd_deploy.distill.multi_teacher import (
 )
 from qkd_deploy.errors import UserError
 from qkd_deploy.models import build_model
+from qkd_deploy.quant.modules import quantizers
+from qkd_deploy.rundir import RunDir
 
 S = [1.0, 2.0, 0.0]  # student logits
 T1, T2 = [2.0, 1.0, 0.0], [0.0, 1.0, 3.0]  # teacher logits
@@ -304,3 +309,27 @@ def test_main_command_with_cmt_kd(tmp_path):
     assert student["method"] == "cmt-kd" and (student["w_bits"], student["a_bits"]) == (4, 4)
     assert student["onnx_agreement"] >= 0.99
     assert [t["arch"] for t in report["teachers"]] == ["resnet8"]
+
+
+def test_cmt_kd_teachers_keep_their_bits_under_the_students_layer_bits(tmp_path):
+    """``quant.layer_bits`` names the student's layers. The quantized teachers (resnet8, like
+    the student, so the names match) must stay at their own ``teacher_bits``."""
+    data = load_dataset("digits")
+    config = load_config(
+        overrides=[
+            "student.method=cmt-kd",
+            "student.bits=[w4a4]",
+            "student.arch=resnet8",
+            "teachers=[{arch: resnet8}]",
+            "quant.layer_bits={'stages.*': w2a2}",
+        ]
+    )
+    preprocess = normalization_stats(data.train.images.numpy())
+    ctx = pipeline.Context(config, data, preprocess, RunDir(tmp_path))
+    distiller, _, _ = pipeline.untrained_method(ctx)
+    assert _stage_bits(distiller.student) == {2}
+    assert [_stage_bits(t) for t in distiller.collaborative.teachers] == [{8}, {6}, {4}]
+
+
+def _stage_bits(model: nn.Module) -> set[int]:
+    return {q.bits for name, q in quantizers(model) if name.startswith("stages")}

@@ -84,6 +84,21 @@ def test_lsq_scale_gradient_matches_the_paper():
     assert q.scale.grad.item() == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.parametrize("target", ["tensorrt", "onnxruntime"])
+def test_a_temporary_bit_width_gets_its_whole_grid_on_every_target(target):
+    """SPEQ's teacher pass runs a 7-bit post-ReLU quantizer at 8 bits: 256 levels over the
+    same clipping range, though the tensorrt target exports 8-bit post-ReLU as -128..127."""
+    q = LSQQuantizer(7, "activation", target=target)
+    q.set_range(torch.tensor(127.0), non_negative=True)  # 7 bits: 0..127, step 1
+    x = torch.linspace(0, 127, 1001)
+    assert q(x).unique().numel() == 128
+    q.active_bits = 8
+    assert (q.grid_for(8).qmin, q.grid_for(8).qmax) == (0, 255)
+    assert q.step_size().item() == pytest.approx(127 / 255)
+    assert q(x).unique().numel() == 256
+    assert q(x).max().item() == pytest.approx(127.0)
+
+
 def test_weight_quantizer_is_per_output_channel():
     q = LSQQuantizer(4, "weight", channels=3)
     w = torch.stack([torch.full((2, 3, 3), v) for v in (0.66, 6.6, 66.0)])

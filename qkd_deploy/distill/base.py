@@ -34,7 +34,8 @@ class MethodContext:
     ``make_student()`` builds another student exactly like the one given (same architecture,
     quantized the same way, calibrated, same float initialisation), e.g. for online peers.
     ``quantize(model, bits)`` gives a calibrated fake-quant copy of any float model at ``bits``
-    (e.g. CMT-KD's quantized teachers). ``calibration_batches`` are real, preprocessed training
+    everywhere but the 8-bit first and last layer, without the student's ``layer_bits`` (e.g.
+    CMT-KD's quantized teachers). ``calibration_batches`` are real, preprocessed training
     images (empty for data-free methods, which must calibrate on what they generate, with
     ``calibrate(model, batches)``: the run's calibrator settings).
     """

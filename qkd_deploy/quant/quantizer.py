@@ -114,9 +114,14 @@ class LSQQuantizer(nn.Module):
         return self.grid_for(self.bits)
 
     def grid_for(self, bits: int) -> Grid:
+        """The grid at ``bits``. Only the quantizer's own ``bits`` is exported, so another
+        bit-width (``active_bits``: a training-only pass such as SPEQ's teacher) gets that
+        bit-width's whole grid, not what the export container could carry: an 8-bit
+        non-negative activation is 0..255 on the ``tensorrt`` target too, not -128..127."""
         if self.kind == "weight":
             return weight_grid(bits)
-        return activation_grid(bits, bool(self.non_negative), self.target)
+        target = self.target if bits == self.bits else "onnxruntime"
+        return activation_grid(bits, bool(self.non_negative), target)
 
     def set_range(self, amax: torch.Tensor, non_negative: bool = False) -> None:
         """Initialise the step size so the grid's largest magnitude maps to ``amax``."""
