@@ -390,6 +390,41 @@ def test_folder_corrupt_image_is_named(tmp_path: Path) -> None:
         load_dataset(f"folder:{tmp_path}")
 
 
+def test_folder_16_bit_grayscale_is_scaled_by_the_sets_largest_pixel(tmp_path: Path) -> None:
+    """A 12-bit scan in 16-bit PNGs keeps its range: Pillow's convert("L") would clamp every
+    pixel above 255 to white, making both classes identical."""
+    values = {"a": [100, 700, 1300], "b": [2500, 3300, 4095]}
+    for name, levels in values.items():
+        (tmp_path / "train" / name).mkdir(parents=True)
+        (tmp_path / "test" / name).mkdir(parents=True)
+        for level in levels:
+            image = Image.fromarray(np.full((6, 6), level, dtype=np.uint16))
+            image.save(tmp_path / "train" / name / f"{level:05d}.png")
+        image.save(tmp_path / "test" / name / "last.png")
+    assert Image.open(tmp_path / "test" / "a" / "last.png").mode.startswith("I")
+    ds = load_dataset(f"folder:{tmp_path}", image_size=6)
+    assert ds.in_channels == 1
+    expected = [round(v * 255 / 4095) for v in values["a"] + values["b"]]
+    assert [int(img[0, 0, 0]) for img in ds.train.images] == expected
+    assert [int(img[0, 0, 0]) for img in ds.test.images] == [expected[2], 255]
+
+
+def test_folder_float_image_is_refused(tmp_path: Path) -> None:
+    write_images(tmp_path / "a", 30, 3, mode="L")
+    write_images(tmp_path / "b", 90, 2, mode="L")
+    Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32)).save(tmp_path / "b" / "f.tif")
+    with pytest.raises(UserError, match=r"f\.tif is a floating-point image"):
+        load_dataset(f"folder:{tmp_path}")
+
+
+def test_folder_skips_hidden_files(tmp_path: Path) -> None:
+    write_images(tmp_path / "a", RED, 3)
+    write_images(tmp_path / "b", BLUE, 3)
+    (tmp_path / "b" / "._img0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    ds = load_dataset(f"folder:{tmp_path}", image_size=4)
+    assert len(ds.train) + len(ds.test) == 6
+
+
 def test_folder_test_class_unknown_to_train(tmp_path: Path) -> None:
     write_images(tmp_path / "train" / "a", RED, 2)
     write_images(tmp_path / "test" / "zz", RED, 2)

@@ -438,7 +438,8 @@ _IMAGE_SUFFIXES = {
     ".ppm",
     ".pgm",
 }
-_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N"}
+_FLOAT_MODES = {"F"}
 _IMAGE_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
 
 
@@ -452,8 +453,10 @@ def _class_folders(root: Path) -> dict[str, list[Path]]:
         )
     classes = {}
     for folder in folders:
-        files = sorted(
-            p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES
+        files = sorted(  # hidden files are not images (macOS "._x.jpg" resource forks)
+            p
+            for p in folder.iterdir()
+            if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES and not p.name.startswith(".")
         )
         if not files:
             raise UserError(
@@ -467,25 +470,67 @@ def _class_folders(root: Path) -> dict[str, list[Path]]:
 def _image_mode(path: Path) -> str:
     try:
         with Image.open(path) as img:
-            return img.mode
+            mode = img.mode
     except _IMAGE_ERRORS as err:
         raise UserError(f"cannot read image {path}: {err}") from None
+    if mode in _FLOAT_MODES:
+        raise UserError(
+            f"{path} is a floating-point image, whose value range qkd-deploy cannot know; "
+            "save it as an 8- or 16-bit image (PNG or TIFF)"
+        )
+    return mode
 
 
-def _load_image(path: Path, mode: str, size: int) -> np.ndarray:
+def _deep_pixels(path: Path) -> np.ndarray:
+    """The pixels of a 16-bit grayscale image (Pillow mode ``I;16*``, or ``I`` as 16-bit PGM
+    opens), checked to fit 16 bits."""
     try:
         with Image.open(path) as img:
-            img = img.convert(mode).resize((size, size), Image.Resampling.BILINEAR)
+            values = np.asarray(img).astype(np.int64)
+    except _IMAGE_ERRORS as err:
+        raise UserError(f"cannot read image {path}: {err}") from None
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise UserError(f"{path}: pixels outside 0..65535; save it as an 8- or 16-bit image")
+    return values
+
+
+@dataclass(frozen=True)
+class _FolderFormat:
+    """How a folder's images become 8-bit arrays: ``mode`` L or RGB, and ``peak``, the largest
+    pixel of its 16-bit images, which maps to 255 (a 12-bit scan keeps its full range, and
+    every image of the set shares one scale)."""
+
+    mode: str
+    peak: int = 255
+
+
+def _folder_format(files: list[Path]) -> _FolderFormat:
+    modes = [_image_mode(f) for f in files]
+    mode = "L" if all(m in _GRAY_MODES for m in modes) else "RGB"
+    deep = [f for f, m in zip(files, modes, strict=True) if m.startswith("I")]
+    peak = max((int(_deep_pixels(f).max(initial=0)) for f in deep), default=255)
+    return _FolderFormat(mode, max(peak, 1))
+
+
+def _load_image(path: Path, form: _FolderFormat, size: int) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            if img.mode.startswith("I"):  # convert() would clamp each value above 255 to 255
+                scaled = _deep_pixels(path) * (255.0 / form.peak)
+                img = Image.fromarray(scaled.round().astype(np.uint8), mode="L")
+            img = img.convert(form.mode).resize((size, size), Image.Resampling.BILINEAR)
             return np.asarray(img).reshape(size, size, -1)
     except _IMAGE_ERRORS as err:
         raise UserError(f"cannot read image {path}: {err}") from None
 
 
-def _read_folder_split(files: list[Path], labels: list[int], mode: str, size: int) -> ImageSplit:
-    channels = 1 if mode == "L" else 3
+def _read_folder_split(
+    files: list[Path], labels: list[int], form: _FolderFormat, size: int
+) -> ImageSplit:
+    channels = 1 if form.mode == "L" else 3
     images = np.empty((len(files), size, size, channels), dtype=np.uint8)
     for i, path in enumerate(files):
-        images[i] = _load_image(path, mode, size)
+        images[i] = _load_image(path, form, size)
     return _split(images.transpose(0, 3, 1, 2), np.asarray(labels))
 
 
@@ -555,7 +600,8 @@ def _read_folder(spec: str, arg: str, image_size: int | None) -> DatasetSplits:
     """One sub-folder per class; train/ + test/ (or val/) sub-folders, else a fixed 80/20 split.
 
     Images become L if every one of them is grayscale, else RGB, resized to ``image_size``
-    (default 32) with bilinear resampling.
+    (default 32) with bilinear resampling. 16-bit grayscale images are scaled to 8 bits by the
+    set's largest pixel; floating-point images are refused.
     """
     root = _existing_dir(spec, arg)
     size = image_size or DEFAULT_FOLDER_SIZE
@@ -567,12 +613,12 @@ def _read_folder(spec: str, arg: str, image_size: int | None) -> DatasetSplits:
         for files in classes.values()
         for f in files
     ]
-    mode = "L" if all(_image_mode(f) in _GRAY_MODES for f in all_files) else "RGB"
-    train = _read_folder_split(*_flatten(train_classes, class_names), mode, size)
+    form = _folder_format(all_files)
+    train = _read_folder_split(*_flatten(train_classes, class_names), form, size)
     if test_classes is None:
         train, test = _split_80_20(root, train, class_names)
     else:
-        test = _read_folder_split(*_flatten(test_classes, class_names), mode, size)
+        test = _read_folder_split(*_flatten(test_classes, class_names), form, size)
     augment = Augment(crop_padding=max(1, size // 8), hflip=True)
     return _make_splits("folder", train, test, class_names, augment, None)
 
