@@ -229,6 +229,53 @@ def test_batchnorm_folding_keeps_the_integers(bits):
         torch.testing.assert_close(deploy(x), folded(x), atol=1e-6, rtol=0)
 
 
+def test_batchnorm_without_affine_folds_exactly():
+    model = ToyResNet()
+    model.bn2 = nn.BatchNorm2d(8, affine=False)
+    model.bn2.running_mean.copy_(torch.linspace(-0.5, 0.5, 8))
+    model.bn2.running_var.copy_(torch.linspace(0.5, 2.0, 8))
+    q, x = _calibrated(model.eval(), "w4a4")
+    folded = fold_batchnorm(q)
+    assert isinstance(folded.bn2, nn.Identity)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), q(x), atol=1e-5, rtol=0)
+
+
+def _reflect_padding(model: ToyResNet) -> None:
+    model.conv2.padding_mode = "reflect"
+
+
+def _batch_statistics_only(model: ToyResNet) -> None:
+    model.bn2 = nn.BatchNorm2d(8, track_running_stats=False)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (_reflect_padding, "conv 'conv2' pads with padding_mode='reflect'"),
+        (_batch_statistics_only, "BatchNorm 'bn2' has track_running_stats=False"),
+    ],
+)
+def test_layers_the_export_cannot_reproduce_are_refused_before_training(change, message):
+    model = ToyResNet()
+    change(model)
+    with pytest.raises(UserError, match=message):
+        quantize_model(model, QuantizeOptions(BitWidths(4, 4)))
+
+
+@pytest.mark.parametrize(
+    ("layer_bits", "message"),
+    [
+        ({"layer4.*": "w8a8"}, r"\['layer4.\*'\] match no Conv2d, Linear or Add"),
+        ({"conv2": "w4x"}, "quant.layer_bits 'conv2': bit-width 'w4x'"),
+        ({"relu1": "w4x"}, "quant.layer_bits 'relu1': bit-width 'w4x'"),
+    ],
+)
+def test_layer_bits_entries_are_checked(layer_bits, message):
+    with pytest.raises(UserError, match=message):
+        quantize_model(ToyResNet(), QuantizeOptions(BitWidths(4, 4), layer_bits=layer_bits))
+
+
 def test_folded_bias_sits_on_the_accumulator_grid_for_onnxruntime():
     q, x = _calibrated(randomize_batchnorm(ToyResNet()).eval(), "w4a4", target="onnxruntime")
     conv = fold_batchnorm(q).conv2

@@ -83,6 +83,8 @@ def quantize_model(model: nn.Module, options: QuantizeOptions) -> nn.Module:
     names = [n for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear, Add)]
     if not any(isinstance(m, (nn.Conv2d, nn.Linear)) for _, m in model.named_modules()):
         raise UserError("the model has no Conv2d or Linear layer to quantize")
+    _check_deployable(model)
+    _check_layer_bits(options.layer_bits, names)
     first_last = _first_conv_and_last_linear(model)
     add_inputs = _add_inputs_to_quantize(model, options)
     ort_target = options.target == "onnxruntime"
@@ -101,6 +103,37 @@ def quantize_model(model: nn.Module, options: QuantizeOptions) -> nn.Module:
         _tie_quantizers(model, consumers)
         _quantize_global_pools(model, options, heads)
     return model
+
+
+def _check_deployable(model: nn.Module) -> None:
+    """Refuse, before any training, layers the exported Q/DQ model cannot compute as trained."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
+            raise UserError(
+                f"conv {name!r} pads with padding_mode={module.padding_mode!r}, but a quantized "
+                "conv exports with zero padding; build the model with padding_mode='zeros'"
+            )
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.track_running_stats:
+            raise UserError(
+                f"BatchNorm {name!r} has track_running_stats=False: it normalises every batch "
+                "by that batch's statistics, which cannot be folded or deployed; build it with "
+                "track_running_stats=True"
+            )
+
+
+def _check_layer_bits(layer_bits: dict[str, str], names: list[str]) -> None:
+    """Every ``quant.layer_bits`` entry is a valid bit-width and names a layer of the model."""
+    for pattern, text in layer_bits.items():
+        try:
+            BitWidths.parse(text)
+        except UserError as err:
+            raise UserError(f"quant.layer_bits {pattern!r}: {err}") from None
+    unmatched = [p for p in layer_bits if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if unmatched:
+        raise UserError(
+            f"quant.layer_bits {unmatched} match no Conv2d, Linear or Add of the model; its "
+            f"layers are named like {names[:3]} (fnmatch patterns of module names)"
+        )
 
 
 def _is_global_pool(module: nn.Module | None) -> bool:

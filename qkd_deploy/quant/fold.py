@@ -41,9 +41,12 @@ def conv_bn_pairs(model: nn.Module) -> dict[str, str]:
 
 @torch.no_grad()
 def _fold_into(conv: QuantConv2d, bn: nn.BatchNorm2d) -> None:
-    gain = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    gain = torch.rsqrt(bn.running_var + bn.eps)
+    shift = torch.zeros_like(gain)
+    if bn.affine:
+        gain, shift = gain * bn.weight, bn.bias
     bias = torch.zeros_like(gain) if conv.bias is None else conv.bias
-    folded_bias = bn.bias + (bias - bn.running_mean) * gain
+    folded_bias = shift + (bias - bn.running_mean) * gain
     conv.weight.mul_(gain.reshape(-1, 1, 1, 1))
     conv.weight_quantizer.scale.copy_(conv.weight_quantizer.scale.abs() * gain.abs())
     conv.bias = nn.Parameter(folded_bias.clone())
