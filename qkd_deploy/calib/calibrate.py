@@ -13,7 +13,11 @@ from qkd_deploy.quant.modules import QuantConv2d, QuantLinear, quantizers
 
 
 class Observer:
-    """Keeps a uniform random sample of a tensor stream plus its exact minimum and maximum."""
+    """Keeps a random sample of a tensor stream plus its exact minimum and maximum: at most
+    ``max_samples`` values of each batch, then of them all. Each batch weighs by the values it
+    kept, so the sample is uniform over batches of equal size (the pipeline's calibration set
+    is ``calibration_size`` images in batches of 256: uniform when that is a multiple of 256);
+    a short last batch of large activations weighs more than its share."""
 
     def __init__(self, max_samples: int = 1 << 18, seed: int = 0) -> None:
         self.max_samples = max_samples
