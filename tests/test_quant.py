@@ -1,12 +1,20 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 from toy import ToyResNet, randomize_batchnorm
 
-from qkd_deploy.calib.calibrate import calibrate
-from qkd_deploy.calib.calibrators import max_calibrator, mse_calibrator, percentile_calibrator
+from qkd_deploy.calib.calibrate import calibrate, calibrate_weights
+from qkd_deploy.calib.calibrators import (
+    entropy_calibrator,
+    get_calibrator,
+    kl_to_merged_levels,
+    max_calibrator,
+    mse_calibrator,
+    percentile_calibrator,
+)
 from qkd_deploy.errors import UserError
 from qkd_deploy.models import build_model
 from qkd_deploy.quant.convert import BitWidths, QuantizeOptions, quantize_model
@@ -187,6 +195,42 @@ def test_calibrators():
         return (fake_quantize(values, amax / grid.qmax, grid, 0) - values).pow(2).mean().item()
 
     assert error(mse_calibrator(values, grid)) < 0.5 * error(max_calibrator(values, grid))
+
+
+def test_entropy_kl_against_hand_computation():
+    # levels 2 over [1, 1, 2, 0]: groups [1, 1] and [2, 0] -> Q = [1, 1, 2, 0] = P: no loss
+    p = np.array([1.0, 1.0, 2.0, 0.0])
+    assert kl_to_merged_levels(p, p, 2) == pytest.approx(0.0, abs=1e-12)
+    # one level over [1, 3]: Q = [2, 2] -> KL = 1/4 ln(1/2) + 3/4 ln(3/2)
+    p = np.array([1.0, 3.0])
+    expected = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
+    assert kl_to_merged_levels(p, p, 1) == pytest.approx(expected, rel=1e-12)
+    # an empty bin gets no share of its group's count: [4, 0] and [0, 4] both merge losslessly
+    assert (
+        kl_to_merged_levels(np.array([4.0, 0.0, 0.0, 4.0]), np.array([4.0, 0.0, 0.0, 4.0]), 2) == 0
+    )
+
+
+def test_entropy_calibrator_clips_outliers_not_the_bulk():
+    g = torch.Generator().manual_seed(0)
+    grid = Grid(0, 127, "int8")
+    bulk = torch.randn(1, 100000, generator=g).abs()
+    with_outlier = torch.cat([bulk, torch.tensor([[40.0]])], dim=1)
+    amax = get_calibrator("entropy")(with_outlier, grid).item()
+    assert percentile_calibrator(bulk, grid, 99.9).item() < amax < 10.0
+    flat = torch.rand(2, 100000, generator=g) * torch.tensor([[1.0], [3.0]])  # nothing to clip
+    assert entropy_calibrator(flat, grid).tolist() == pytest.approx([1.0, 3.0], rel=0.02)
+
+
+def test_entropy_calibrates_activations_only():
+    q = quantize_model(ToyResNet(), QuantizeOptions(BitWidths(8, 8)))
+    with pytest.raises(UserError, match="entropy calibration is for activations"):
+        calibrate_weights(q, "entropy")
+    x = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    x[0, 0, 0, 0] = 60.0  # an outlier pixel: max calibration would stretch the input's grid
+    calibrate(q, [x], activation_method="entropy")
+    step = q.conv1.input_quantizer.step_size().item()
+    assert 0 < step * q.conv1.input_quantizer.grid.qmax < 10.0
 
 
 def _calibrated(model, bits, target="tensorrt"):

@@ -50,6 +50,11 @@ class Observer:
 
 def calibrate_weights(model: nn.Module, method: str = "mse", percentile: float = 99.99) -> None:
     """Per-output-channel ranges of every quantized layer's weights (no data needed)."""
+    if method == "entropy":
+        raise UserError(
+            "quant.weight_calibrator=entropy: entropy calibration is for activations (a "
+            "histogram of a whole tensor); calibrate weights with mse, max or percentile"
+        )
     calibrator = get_calibrator(method, percentile)
     for module in model.modules():
         if isinstance(module, (QuantConv2d, QuantLinear)):
