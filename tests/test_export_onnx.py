@@ -43,6 +43,10 @@ def dequantized_initializer_type(model, name: str) -> int:
     return next(i.data_type for i in model.graph.initializer if i.name == dq.input[0])
 
 
+def _gemm_weight(model) -> str:
+    return next(n.input[1] for n in model.graph.node if n.op_type in ("Gemm", "MatMul"))
+
+
 def _initializers(model):
     return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
 
@@ -114,6 +118,37 @@ def test_fused_kernels_are_exact_only_for_onnxruntime_models_on_32_bit_accumulat
     found = fused_kernel_inexactness(target)
     assert len(found) == len(causes)
     assert all(word in cause for word, cause in zip(causes, found, strict=True))
+
+
+@pytest.fixture(scope="module")
+def int4_student():
+    torch.manual_seed(0)
+    model = randomize_batchnorm(ToyResNet()).eval()
+    q = quantize_model(model, QuantizeOptions(BitWidths.parse("w4a4"), first_last_bits=None))
+    x = torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    calibrate(q, [x])
+    return q.eval(), x
+
+
+@pytest.mark.parametrize("opset", [21, 22, 23])
+def test_int4_weights_export_at_opset_21_and_later(tmp_path, int4_student, opset):
+    q, x = int4_student
+    path = export_onnx(to_deploy(q), x, tmp_path / "m.onnx", opset=opset)
+    model = onnx.load(path)
+    assert model.opset_import[0].version == opset
+    assert dequantized_initializer_type(model, _gemm_weight(model)) == TensorProto.INT4
+    with torch.no_grad():
+        reference = fold_batchnorm(q)(x).numpy()
+    result = parity(OnnxRuntimeRunner(path, optimize=False).run(x.numpy()), reference)
+    assert result.agreement == 1.0 and result.max_abs_error < 1e-4
+
+
+@pytest.mark.parametrize("opset", [17, 19, 20])
+def test_int4_weights_refuse_opsets_before_21(tmp_path, int4_student, opset):
+    q, x = int4_student
+    with pytest.raises(UserError, match="opset 21 or later.*int4_gemm_weights=false"):
+        export_onnx(to_deploy(q), x, tmp_path / "m.onnx", opset=opset)
+    assert not list(tmp_path.iterdir())
 
 
 def test_weights_are_int8_initializers_behind_dequantize(tmp_path):

@@ -80,15 +80,57 @@ def test_int4_gemm_weights_are_exact(resnet_w4a4, tmp_path):
 
 
 def test_int4_only_for_gemm_weights(resnet_w4a4, tmp_path):
+    """A conv weight stays on its INT8 container (the model comes back unchanged); a weight
+    outside -8..7 is refused with the setting that avoids it."""
     q, x = resnet_w4a4
     model = onnx.load(export_onnx(to_deploy(q), x, tmp_path / "m.onnx", int4_gemm_weights=False))
     conv_weight = next(i.name for i in model.graph.initializer if i.name.startswith("stem"))
-    with pytest.raises(ValueError, match="MatMul/Gemm"):
-        pack_int4_weights(model, {conv_weight})
+    assert pack_int4_weights(model, {conv_weight}) is model
+    assert model.opset_import[0].version == 18
+    assert {i.name: i.data_type for i in model.graph.initializer}[conv_weight] == TensorProto.INT8
     eight_bit = _quantized(build_model("resnet8", 1, 10), "w8a8", x)
     model8 = onnx.load(export_onnx(to_deploy(eight_bit), x, tmp_path / "m8.onnx"))
-    with pytest.raises(ValueError, match="-8..7"):
+    with pytest.raises(UserError, match=r"-8\.\.7.*export\.int4_gemm_weights=false"):
         pack_int4_weights(model8, {"fc.weight_int"})
+
+
+class _Tokens(nn.Module):
+    """A mixer-like classifier: nn.Linear on (N, T, C) tokens exports as
+    DequantizeLinear -> Transpose -> MatMul."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 4, stride=4)
+        self.mix = nn.Linear(8, 12)
+        self.head = nn.Linear(12, 10)
+
+    def forward(self, x):
+        tokens = self.conv(x).flatten(2).transpose(1, 2)
+        return self.head(torch.relu(self.mix(tokens)).mean(1))
+
+
+def test_int4_linear_on_tokens_is_stored_transposed(tmp_path):
+    """The [out, in] weight of a Linear on tokens becomes an INT4 [in, out] initializer that
+    feeds the MatMul through its DequantizeLinear directly (axis 1: the output channels); the
+    Transpose is gone and ONNX Runtime computes exactly what the INT8 export computes. The
+    linter accepts both (on the INT8 one, axis 0 behind the Transpose is the output axis)."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 1, 8, 8)
+    q = _quantized(_Tokens(), "w4a8", x, first_last_bits=None)
+    int4_path = export_onnx(to_deploy(q), x, tmp_path / "int4.onnx")
+    int8_path = export_onnx(to_deploy(q), x, tmp_path / "int8.onnx", int4_gemm_weights=False)
+    model = onnx.load(int4_path)
+    weight = next(i for i in model.graph.initializer if i.name == "mix.weight_int")
+    assert (weight.data_type, list(weight.dims)) == (TensorProto.INT4, [8, 12])
+    dq = next(n for n in model.graph.node if n.input[0] == "mix.weight_int")
+    assert [a.i for a in dq.attribute if a.name == "axis"] == [1]
+    assert [n.op_type for n in model.graph.node if dq.output[0] in n.input] == ["MatMul"]
+    assert np.array_equal(_outputs(int4_path, x), _outputs(int8_path, x))
+    with torch.no_grad():
+        assert np.abs(_outputs(int4_path, x) - fold_batchnorm(q)(x).numpy()).max() < 1e-4
+    for path in (int4_path, int8_path):
+        findings = lint_model(onnx.load(path))
+        assert not [f for f in findings if f.severity == "error"], findings
 
 
 class _MLP(nn.Module):

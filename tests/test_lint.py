@@ -324,6 +324,23 @@ def _dynamic_dims() -> onnx.ModelProto:
     return model
 
 
+def _token_linear(axis: int = 0, between: str = "Transpose") -> onnx.ModelProto:
+    """nn.Linear(4, 4) on (N, T, C) tokens as torch exports it: the [out, in] weight behind a
+    DequantizeLinear (per channel along ``axis``), then Transpose to [in, out] for the MatMul;
+    ``between="Reshape"`` reshapes the weight instead, to the same [in, out] shape."""
+    g = Graph()
+    w = g.const("w_int8", RNG.integers(-127, 128, (4, 4)), np.int8)
+    s = g.const("w_scale", [0.01, 0.02, 0.03, 0.04], np.float32)
+    z = g.const("w_zp", np.zeros(4), np.int8)
+    weight = g.op(DQ, [w, s, z], "w_dq", axis=axis)
+    if between == "Transpose":
+        weight = g.op("Transpose", [weight], "w_t", perm=[1, 0])
+    else:
+        weight = g.op("Reshape", [weight, g.const("shape", [4, 4], np.int64)], "w_r")
+    y = g.op("MatMul", [g.qdq("x", "x"), weight], "mm")
+    return g.model(y, ("N", 2, 4), inputs={"x": ("N", 2, 4)}, opset=17)
+
+
 @dataclass(frozen=True)
 class Case:
     rule: str
@@ -355,6 +372,7 @@ CASES = [
     Case("QDQ-ACTIVATION-PER-CHANNEL", "error", "x_q", _activation_per_channel),
     Case("QDQ-WEIGHT-AXIS", "error", "w1_dq", lambda: _per_channel(clean_model(), "w1", 3, 1)),
     Case("QDQ-WEIGHT-AXIS", "error", "wfc_dq", lambda: _per_channel(clean_model(), "wfc", 4, -1)),
+    Case("QDQ-WEIGHT-AXIS", "error", "w_dq", lambda: _token_linear(axis=1)),
     Case("QDQ-SCALE-SHAPE", "error", "w1_dq", lambda: _per_channel(clean_model(), "w1", 5, 0)),
     Case("QDQ-BLOCK", "error", "w_dq", lambda: _block_matmul(TensorProto.INT8)),
     Case("QDQ-INT4", "error", "w1_dq", _int4_conv_weight),
@@ -430,6 +448,32 @@ def test_doc_patterns_do_not_warn() -> None:
         findings = lint_model(model)
         problems = [f for f in findings if f.severity != "info" and f.rule != "OPSET-TRT86"]
         assert not problems, format_findings(findings)
+
+
+def test_weight_axis_is_followed_back_through_a_transpose() -> None:
+    """A Linear on tokens: per channel along axis 0 of the [out, in] weight is per output
+    channel (ONNX Runtime: scaling channel k changes output column k only), and the linter
+    accepts it; axis 1 there is reported with the right fix. Behind a Reshape the axes are not
+    followed, so nothing is reported."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    model = _token_linear(axis=0)
+    x = RNG.standard_normal((3, 2, 4)).astype(np.float32)
+    outputs = []
+    for scale in ([0.01, 0.02, 0.03, 0.04], [0.01, 0.02, 0.06, 0.04]):
+        set_const(model, "w_scale", scale, np.float32)
+        session = onnxruntime.InferenceSession(model.SerializeToString())
+        outputs.append(session.run(None, {"x": x})[0])
+    changed = np.any(outputs[0] != outputs[1], axis=(0, 1))
+    assert changed.tolist() == [False, False, True, False]
+
+    assert not _fired(lint_model(model), "QDQ-WEIGHT-AXIS")
+    wrong = [f for f in lint_model(_token_linear(axis=1)) if f.rule == "QDQ-WEIGHT-AXIS"]
+    assert [(f.node, f.fix) for f in wrong] == [
+        ("w_dq", "quantize the weight per output channel: axis=0")
+    ]
+    assert "Transpose 'w_t'" in wrong[0].message
+    for axis in (0, 1):
+        assert not _fired(lint_model(_token_linear(axis, "Reshape")), "QDQ-WEIGHT-AXIS")
 
 
 def test_external_data_is_reported_and_not_read(tmp_path) -> None:

@@ -325,9 +325,34 @@ def _expected_weight_axis(g: _Graph, consumer: _Node) -> int | None:
     return len(shape) - 1 if shape else None
 
 
-def _weight_uses(g: _Graph, node: _Node) -> list[_Node]:
-    """Weighted ops that take this DQ's output as their weight input."""
-    return [c for c, i in g.ahead(node.output) if WEIGHTED.get(c.op) == i]
+def _weight_uses(g: _Graph, name: str) -> Iterator[tuple[_Node, list[_Node] | None]]:
+    """Weighted ops that take ``name`` as their weight input, looking forward through
+    pass-through ops, each with the Transposes on the way; None instead when another op there
+    changes the layout (Reshape, Flatten, ...), so the weight's axes are not followed."""
+    for node in g.consumers_of(name):
+        if node.op not in PASS_THROUGH:
+            if WEIGHTED.get(node.op) is not None and node.input(WEIGHTED[node.op]) == name:
+                yield node, []
+            continue
+        for use, transposes in _weight_uses(g, node.output):
+            if node.op == "Transpose" and transposes is not None:
+                transposes = [node, *transposes]
+            elif node.op != "Identity":
+                transposes = None
+            yield use, transposes
+
+
+def _axis_before(g: _Graph, transposes: list[_Node], axis: int) -> int | None:
+    """``axis`` of the tensor after ``transposes`` as an axis of the tensor before them."""
+    for transpose in reversed(transposes):
+        perm = transpose.attr("perm")
+        if perm is None:  # the default reverses the dimensions
+            shape = g.shape(transpose.input(0))
+            perm = list(reversed(range(len(shape)))) if shape is not None else None
+        if perm is None or not 0 <= axis < len(perm):
+            return None
+        axis = perm[axis]
+    return axis
 
 
 def _scales_equal(a: np.ndarray | None, b: np.ndarray | None) -> bool | None:
@@ -675,13 +700,18 @@ def _weight_axis(g: _Graph) -> Iterator[_Hit]:
         if node.op != DQ_OP or _granularity(g, node) != "channel":
             continue
         axis = _axis(g, node)
-        for consumer in _weight_uses(g, node):
+        for consumer, transposes in _weight_uses(g, node.output):
             expected = _expected_weight_axis(g, consumer)
+            if transposes is None or expected is None:
+                continue  # unknown: a layout change on the way, or the weight's rank
+            expected = _axis_before(g, transposes, expected)
             if None not in (axis, expected) and axis != expected:
+                via = ", ".join(repr(t.label) for t in transposes)
                 yield _Hit(
                     node.label,
-                    f"axis {axis} on the weight of {consumer.op} "
-                    f"{consumer.label!r}, whose output-channel axis is {expected}",
+                    f"axis {axis} on the weight of {consumer.op} {consumer.label!r}, whose "
+                    f"output-channel axis is {expected}"
+                    + (f" ahead of Transpose {via}" if via else ""),
                     fix=f"quantize the weight per output channel: axis={expected}",
                 )
 

@@ -24,7 +24,8 @@ from torch import nn
 
 import qkd_deploy.quant.ops  # noqa: F401  (registers torch.ops.qkd.*)
 from qkd_deploy.errors import UserError
-from qkd_deploy.export.passes import pack_int4_weights, to_opset17
+from qkd_deploy.export.passes import INT4_OPSET, pack_int4_weights, to_opset17
+from qkd_deploy.export.passes import opset as model_opset
 from qkd_deploy.fileio import atomic_write_bytes
 from qkd_deploy.quant.deploy import DeployLinear
 
@@ -69,18 +70,19 @@ def export_onnx(
     with a dynamic batch dimension; written atomically.
 
     The exporter writes opset 18; ``opset=17`` down-converts for TensorRT 8.6 (JetPack 6.0), a
-    higher one up-converts. With ``int4_gemm_weights``, Linear weights of <= 4 bits are stored
-    as INT4 (which needs opset 21, TensorRT >= 10).
+    higher one up-converts. With ``int4_gemm_weights``, Linear weights of <= 4 bits that feed a
+    MatMul/Gemm are stored as INT4 (which needs opset >= 21, TensorRT >= 10; the default opset 18
+    then becomes 21); others stay INT8 (``passes.pack_int4_weights``).
     """
     if model.training:
         raise UserError("refusing to export a model in train mode; call model.eval() first")
     if opset < 17:
         raise UserError(f"opset {opset} is not supported; use 17 (TensorRT 8.6) or >= 18")
     int4 = _int4_weight_names(model) if int4_gemm_weights else set()
-    if int4 and opset not in (MIN_OPSET, 21):
+    if int4 and opset != MIN_OPSET and opset < INT4_OPSET:
         raise UserError(
-            f"INT4 weights need opset 21, not {opset}; export with opset 21 or set "
-            "export.int4_gemm_weights=false"
+            f"INT4 weights need opset {INT4_OPSET} or later, not {opset}; export with opset "
+            f"{INT4_OPSET} or set export.int4_gemm_weights=false"
         )
     batch = torch.export.Dim("batch", min=1, max=4096)
     sample = sample[:2] if sample.shape[0] >= 2 else torch.cat([sample, sample])
@@ -105,10 +107,10 @@ def export_onnx(
     if not verbose:
         _strip_debug_info(proto)
     if int4:
-        proto = pack_int4_weights(proto, int4)
-    elif opset == 17:
+        proto = pack_int4_weights(proto, int4)  # opset 21 if any weight became INT4
+    if opset == 17:
         proto = to_opset17(proto)
-    elif opset > MIN_OPSET:
+    elif opset > model_opset(proto):
         proto = version_converter.convert_version(proto, opset)
     onnx.checker.check_model(proto)
     return atomic_write_bytes(path, proto.SerializeToString())

@@ -16,6 +16,8 @@ from onnx import helper, numpy_helper, version_converter
 
 from qkd_deploy.errors import UserError
 
+INT4_OPSET = 21  # INT4 in QuantizeLinear/DequantizeLinear from opset 21 on
+
 # ops whose opset-17 and opset-18 definitions are the same for what the exporter writes
 _SAME_IN_17 = {
     "Add",
@@ -119,18 +121,31 @@ def _axes_input_to_attribute(node: onnx.NodeProto, constants: dict[str, np.ndarr
 
 
 def pack_int4_weights(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
-    """Store the named integer weights (values in -8..7) as INT4, at opset 21. Each must feed a
-    DequantizeLinear whose output is a MatMul/Gemm weight."""
-    if not names:
+    """Store the named integer weights (values in -8..7) as INT4, at opset 21, where TensorRT
+    takes INT4: as the weight input of a MatMul/Gemm, fed by the weight's only DequantizeLinear
+    directly or through one Transpose (the weight is then stored transposed and the Transpose
+    dropped, as a Linear on an (N, T, C) input exports). Other weights (conv weights, weights
+    reshaped or shared on their way) stay on their INT8 container; with none left to pack the
+    model is returned unchanged."""
+    converted = (
+        version_converter.convert_version(model, INT4_OPSET) if opset(model) < INT4_OPSET else model
+    )
+    consumers = _consumers(converted)
+    routes = {name: _gemm_weight_route(name, consumers) for name in sorted(names)}
+    routes = {name: route for name, route in routes.items() if route is not None}
+    if not routes:
         return model
-    model = version_converter.convert_version(model, 21) if opset(model) < 21 else model
-    consumers = _consumers(model)
+    model = converted
     initializers = {i.name: i for i in model.graph.initializer}
-    for name in sorted(names):
-        dq = _single_dequantize_of_gemm_weight(name, consumers)
+    for name, (dq, transpose) in routes.items():
         values = numpy_helper.to_array(initializers[name])
         if values.min() < -8 or values.max() > 7:
-            raise ValueError(f"{name} holds values outside the INT4 range -8..7")
+            raise UserError(
+                f"{name} holds values outside the INT4 range -8..7, so it cannot be stored as "
+                "INT4; set export.int4_gemm_weights=false"
+            )
+        if transpose is not None:
+            values = _fold_transpose(model, dq, transpose, values)
         initializers[name].CopyFrom(
             helper.make_tensor(
                 name, onnx.TensorProto.INT4, values.shape, values.reshape(-1).tolist()
@@ -150,20 +165,48 @@ def _consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
     return consumers
 
 
-def _single_dequantize_of_gemm_weight(name: str, consumers: dict) -> onnx.NodeProto:
+def _gemm_weight_route(
+    name: str, consumers: dict[str, list[onnx.NodeProto]]
+) -> tuple[onnx.NodeProto, onnx.NodeProto | None] | None:
+    """(DequantizeLinear, Transpose or None) from weight ``name`` to the MatMul/Gemm weight
+    inputs it feeds; None when it is used any other way."""
     users = consumers.get(name, [])
     if len(users) != 1 or users[0].op_type != "DequantizeLinear" or users[0].input[0] != name:
-        raise ValueError(f"{name} is not the input of exactly one DequantizeLinear")
-    dq = users[0]
+        return None
+    dq, transpose = users[0], None
+    if any(a.name == "block_size" and a.i for a in dq.attribute):
+        return None  # blocked scales would have to be transposed too
     targets = consumers.get(dq.output[0], [])
+    if len(targets) == 1 and targets[0].op_type == "Transpose":
+        transpose = targets[0]
+        targets = consumers.get(transpose.output[0], [])
+    weight = (transpose or dq).output[0]
     if not targets or any(
-        t.op_type not in ("MatMul", "Gemm") or t.input[1] != dq.output[0] for t in targets
+        t.op_type not in ("MatMul", "Gemm") or t.input[1] != weight for t in targets
     ):
-        raise ValueError(
-            f"{name} does not feed a MatMul/Gemm weight; TensorRT takes INT4 "
-            "only as weight-only GEMM quantization"
-        )
-    return dq
+        return None
+    return dq, transpose
+
+
+def _fold_transpose(
+    model: onnx.ModelProto, dq: onnx.NodeProto, transpose: onnx.NodeProto, values: np.ndarray
+) -> np.ndarray:
+    """Drop ``transpose`` (DQ -> Transpose): the DQ writes its output from the weight values
+    transposed (returned) along the remapped axis. Dequantization is elementwise, so the result
+    is the same numbers."""
+    perm = next((list(a.ints) for a in transpose.attribute if a.name == "perm"), None)
+    perm = perm or list(reversed(range(values.ndim)))  # the default reverses the dimensions
+    axis = next((a.i for a in dq.attribute if a.name == "axis"), 1) % values.ndim
+    kept = [a for a in dq.attribute if a.name != "axis"]
+    del dq.attribute[:]
+    dq.attribute.extend([*kept, helper.make_attribute("axis", perm.index(axis))])
+    stale = dq.output[0]
+    dq.output[0] = transpose.output[0]
+    model.graph.node.remove(transpose)
+    kept_info = [v for v in model.graph.value_info if v.name != stale]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept_info)
+    return values.transpose(perm)
 
 
 def _drop_unused_initializers(model: onnx.ModelProto) -> None:
