@@ -47,9 +47,19 @@ def _qdq(name, scale_name, out):
     ]
 
 
-def _weight(name, array, rng_scale):
-    """INT8 weight initializer + per-output-channel DequantizeLinear."""
+def _weight(name, array, rng_scale, int4=False):
+    """INT8 weight initializer + per-output-channel DequantizeLinear; ``int4``: an INT4
+    initializer (opset 21) without zero point, as the exporter writes Linear weights of <= 4
+    bits."""
     scale = np.full(array.shape[0], rng_scale, np.float32)
+    if int4:
+        q = np.clip(np.round(array / rng_scale), -8, 7).astype(np.int8)
+        inits = [
+            helper.make_tensor(name + "_q", TensorProto.INT4, q.shape, q.ravel().tolist()),
+            numpy_helper.from_array(scale, name + "_scale"),
+        ]
+        node = helper.make_node("DequantizeLinear", [name + "_q", name + "_scale"], [name], axis=0)
+        return inits, node
     q = np.clip(np.round(array / rng_scale), -127, 127).astype(np.int8)
     inits = [
         numpy_helper.from_array(q, name + "_q"),
@@ -62,7 +72,9 @@ def _weight(name, array, rng_scale):
     return inits, node
 
 
-def _classifier(path, *, quantized=True, opset=17, batch="batch", inputs=("images",)):
+def _classifier(
+    path, *, quantized=True, opset=17, batch="batch", inputs=("images",), int4_fc=False
+):
     rng = np.random.default_rng(0)
     conv_w = rng.normal(0, 0.3, (4, CHW[0], 3, 3)).astype(np.float32)
     fc_w = rng.normal(0, 0.5, (CLASSES, 4)).astype(np.float32)
@@ -78,7 +90,7 @@ def _classifier(path, *, quantized=True, opset=17, batch="batch", inputs=("image
             numpy_helper.from_array(np.array(0, np.int8), "zp8"),
         ]
         conv_inits, conv_dq = _weight("conv_w", conv_w, 0.01)
-        fc_inits, fc_dq = _weight("fc_w", fc_w, 0.01)
+        fc_inits, fc_dq = _weight("fc_w", fc_w, 0.1 if int4_fc else 0.01, int4=int4_fc)
         inits += conv_inits + fc_inits
         nodes += [conv_dq, fc_dq, *_qdq("images", "s_in", "x")]
         conv_in, pooled_q = "x", "pooled_dq"
@@ -121,6 +133,11 @@ def qdq_model(tmp_path):
 @pytest.fixture
 def float_model(tmp_path):
     return _classifier(tmp_path / "float.onnx", quantized=False)
+
+
+@pytest.fixture
+def int4_model(tmp_path):
+    return _classifier(tmp_path / "int4.onnx", opset=21, int4_fc=True)
 
 
 def _sidecar_info(**overrides):
@@ -200,7 +217,7 @@ def test_missing_or_corrupt_sidecar_is_a_user_error(tmp_path):
 # --- reading the model and resolving options -----------------------------------------------
 
 
-def test_read_model_input(qdq_model, float_model):
+def test_read_model_input(qdq_model, float_model, int4_model):
     model = read_model_input(qdq_model)
     assert (model.name, model.chw, model.batch, model.opset, model.has_qdq) == (
         "images",
@@ -209,7 +226,9 @@ def test_read_model_input(qdq_model, float_model):
         17,
         True,
     )
+    assert not model.has_int4_weights
     assert not read_model_input(float_model).has_qdq
+    assert read_model_input(int4_model).has_int4_weights
 
 
 def test_read_model_input_user_errors(tmp_path):
@@ -246,7 +265,6 @@ def test_tensorrt_8_6_needs_opset_17(tmp_path):
 @pytest.mark.parametrize(
     ("options", "version", "match"),
     [
-        (EngineBuildOptions(precision="int4"), "8.6.2", "INT4 weights need TensorRT >= 10"),
         (EngineBuildOptions(strongly_typed=True), "8.6.2", "no strongly typed networks"),
         (EngineBuildOptions(precision="fp16"), "10.3.0", "meant for the float model"),
         (EngineBuildOptions(precision="int4", strongly_typed=False), "10.3.0", "int4 needs"),
@@ -271,6 +289,23 @@ def test_fixed_batch_model_needs_matching_profile(tmp_path):
         resolve_options(EngineBuildOptions(), model, "10.3.0")
     fixed = EngineBuildOptions(min_batch=4, opt_batch=4, max_batch=4)
     assert resolve_options(fixed, model, "10.3.0").strongly_typed
+
+
+def test_int4_precision_follows_the_model(qdq_model, int4_model):
+    """The network takes its types from the Q/DQ graph: int4 of a model without INT4 weights
+    would build INT8 and is refused; int8 of a model with INT4 weights builds (and records)
+    int4, which TensorRT 8.6 and weakly typed networks cannot build."""
+    with pytest.raises(UserError, match="no INT4 weights.*--precision int8"):
+        resolve_options(EngineBuildOptions(precision="int4"), read_model_input(qdq_model), "10.3")
+    assert _onnxruntime_logits(int4_model, _images(2)).shape == (2, CLASSES)  # a valid model
+    model = read_model_input(int4_model)
+    for precision in ("int8", "int4"):
+        options = resolve_options(EngineBuildOptions(precision=precision), model, "10.3.0")
+        assert (options.precision, options.strongly_typed) == ("int4", True)
+        with pytest.raises(UserError, match="INT4 weights need TensorRT >= 10"):
+            resolve_options(EngineBuildOptions(precision=precision), model, "8.6.2")
+    with pytest.raises(UserError, match="INT4 weights.*drop --no-strongly-typed"):
+        resolve_options(EngineBuildOptions(strongly_typed=False), model, "10.3.0")
 
 
 # --- trtexec line ----------------------------------------------------------------------------
@@ -323,6 +358,31 @@ def test_print_trtexec_needs_no_tensorrt(qdq_model, monkeypatch, capsys):
     assert line.startswith("trtexec ")
     assert "--saveEngine=" + qdq_model.replace(".onnx", ".int8.engine") in line
     assert " --int8 " in line and "--maxShapes=images:16x3x8x8" in line
+
+
+def test_print_trtexec_names_the_engine_after_the_models_precision(int4_model, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    assert main([int4_model, "--print-trtexec"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert "--saveEngine=" + int4_model.replace(".onnx", ".int4.engine") in line
+
+
+def test_trtexec_gives_a_fixed_batch_model_no_shapes(tmp_path, monkeypatch, capsys):
+    """trtexec refuses explicit shapes for a static model; a dynamic one needs them."""
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    fixed = _classifier(tmp_path / "fixed.onnx", batch=4)
+    assert (
+        main([fixed, "--print-trtexec", *"--min-batch 4 --opt-batch 4 --max-batch 4".split()]) == 0
+    )
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("trtexec ") and "Shapes=" not in line
+    dynamic = _classifier(tmp_path / "dynamic.onnx")
+    assert (
+        main([dynamic, "--print-trtexec", *"--min-batch 4 --opt-batch 4 --max-batch 4".split()])
+        == 0
+    )
+    line = capsys.readouterr().out.strip()
+    assert all(f"--{key}Shapes=images:4x3x8x8" in line for key in ("min", "opt", "max"))
 
 
 def test_print_trtexec_checks_the_model(float_model, monkeypatch):

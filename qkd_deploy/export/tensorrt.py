@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from onnx import TensorProto
+
 from qkd_deploy.errors import UserError
 from qkd_deploy.fileio import (
     atomic_write_bytes,
@@ -57,13 +59,15 @@ class EngineBuildOptions:
 
 @dataclass(frozen=True)
 class ModelInput:
-    """What the build needs from the ONNX file: its single image input and its opset."""
+    """What the build needs from the ONNX file: its single image input, its opset and which
+    Q/DQ it holds."""
 
     name: str
     chw: tuple[int, int, int]
     batch: int | None  # None: dynamic batch dimension
     opset: int
     has_qdq: bool
+    has_int4_weights: bool  # INT4 initializers feeding DequantizeLinear
 
 
 def read_model_input(onnx_path: str | os.PathLike) -> ModelInput:
@@ -72,6 +76,7 @@ def read_model_input(onnx_path: str | os.PathLike) -> ModelInput:
     model = load_onnx_graph(path)
     graph = model.graph
     initializers = {init.name for init in graph.initializer}
+    int4 = {init.name for init in graph.initializer if init.data_type == TensorProto.INT4}
     inputs = [value for value in graph.input if value.name not in initializers]
     if len(inputs) != 1:
         raise UserError(
@@ -90,6 +95,9 @@ def read_model_input(onnx_path: str | os.PathLike) -> ModelInput:
         batch=dims[0].dim_value if dims[0].HasField("dim_value") else None,
         opset=next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1),
         has_qdq=any(node.op_type in Q_DQ_OPS for node in graph.node),
+        has_int4_weights=any(
+            node.op_type == "DequantizeLinear" and node.input[0] in int4 for node in graph.node
+        ),
     )
 
 
@@ -113,7 +121,12 @@ def _check_options(options: EngineBuildOptions) -> None:
         raise UserError("int4 needs a strongly typed network (TensorRT >= 10)")
 
 
-def _check_model(options: EngineBuildOptions, model: ModelInput, onnx_path: Any) -> None:
+def _check_model(
+    options: EngineBuildOptions, model: ModelInput, onnx_path: Any
+) -> EngineBuildOptions:
+    """Checks against the model; returns ``options`` with the precision the engine will really
+    have. A Q/DQ model's weights are INT4 or not whatever --precision says (the network takes its
+    types from the graph), so int8 of a model with INT4 weights is recorded as int4."""
     if options.precision in QDQ_PRECISIONS and not model.has_qdq:
         raise UserError(
             f"{onnx_path} has no QuantizeLinear/DequantizeLinear nodes, so a {options.precision} "
@@ -130,6 +143,20 @@ def _check_model(options: EngineBuildOptions, model: ModelInput, onnx_path: Any)
             f"{onnx_path} has a fixed batch of {model.batch}; re-export it with a dynamic batch, "
             f"or pass --min-batch/--opt-batch/--max-batch {model.batch}"
         )
+    if options.precision == "int4" and not model.has_int4_weights:
+        raise UserError(
+            f"{onnx_path} has no INT4 weights (INT4 initializers behind DequantizeLinear), so "
+            f"an int4 engine would be INT8; use --precision int8, or export a student with "
+            f"weights of <= 4 bits in its Linear layers with export.int4_gemm_weights=true"
+        )
+    if options.precision == "int8" and model.has_int4_weights:
+        if options.strongly_typed is False:
+            raise UserError(
+                f"{onnx_path} has INT4 weights, which need a strongly typed network (TensorRT "
+                f">= 10); drop --no-strongly-typed, or export with export.int4_gemm_weights=false"
+            )
+        options = dataclasses.replace(options, precision="int4")
+    return options
 
 
 def resolve_options(
@@ -137,7 +164,7 @@ def resolve_options(
 ) -> EngineBuildOptions:
     """Validate ``options`` for this model and TensorRT version; resolve ``strongly_typed``."""
     _check_options(options)
-    _check_model(options, model, onnx_path)
+    options = _check_model(options, model, onnx_path)
     major = _major(tensorrt_version)
     if major < FIRST_STRONGLY_TYPED_MAJOR:
         if options.strongly_typed:
@@ -165,9 +192,12 @@ def trtexec_command(
     options: EngineBuildOptions,
     input_name: str,
     input_shape_chw: tuple[int, int, int],
+    fixed_batch: int | None = None,
 ) -> str:
     """The trtexec line that builds the same engine. ``strongly_typed=None`` assumes TensorRT
-    >= 10 (strongly typed for Q/DQ precisions); pass False for the TensorRT 8.6 form."""
+    >= 10 (strongly typed for Q/DQ precisions); pass False for the TensorRT 8.6 form. A model
+    with a ``fixed_batch`` gets no shapes: trtexec refuses them for a static model ("Static
+    model does not take explicit shapes", samples/common/sampleEngines.cpp)."""
     _check_options(options)
     strongly_typed = options.strongly_typed
     if strongly_typed is None:
@@ -180,12 +210,13 @@ def trtexec_command(
         args.append("--stronglyTyped")
     elif options.precision in WEAK_FLAGS:
         args.append(f"--{options.precision}")
-    for key, batch in (
-        ("min", options.min_batch),
-        ("opt", options.opt_batch),
-        ("max", options.max_batch),
-    ):
-        args.append(f"--{key}Shapes={name}:{batch}x{dims}")
+    if fixed_batch is None:
+        for key, batch in (
+            ("min", options.min_batch),
+            ("opt", options.opt_batch),
+            ("max", options.max_batch),
+        ):
+            args.append(f"--{key}Shapes={name}:{batch}x{dims}")
     # trtexec --memPoolSize: "If none of suffixes is appended, the default unit is in MiB"
     args.append(f"--memPoolSize=workspace:{options.workspace_mib}")
     if options.timing_cache:
@@ -235,7 +266,7 @@ def build_engine(
             "engine_sha256": sha256_file(engine_path),
         },
     )
-    command = trtexec_command(onnx_path, engine_path, options, model.name, model.chw)
+    command = trtexec_command(onnx_path, engine_path, options, model.name, model.chw, model.batch)
     atomic_write_text(trtexec_path(engine_path), command + "\n")
     return sidecar
 
@@ -276,6 +307,9 @@ def _builder_config(trt: Any, builder: Any, model: ModelInput, options: EngineBu
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mib << 20)
     if not options.strongly_typed and options.precision in WEAK_FLAGS:
         config.set_flag(_builder_flag(trt, WEAK_FLAGS[options.precision]))
+    # For a fixed batch, _check_model made min = opt = max = that batch: a profile is "possible
+    # but not required" for a static network (Python API "IOptimizationProfile"), and it keeps
+    # profile 0's shapes, which TensorRTRunner reads, explicit.
     profile = builder.create_optimization_profile()
     profile.set_shape(
         model.name,
@@ -373,11 +407,11 @@ def main(argv: list[str]) -> int:
         timing_cache=args.timing_cache,
         strongly_typed=args.strongly_typed,
     )
-    out = args.out or str(Path(args.model).with_suffix(f".{args.precision}.engine"))
+    model = read_model_input(args.model)
+    options = _check_model(options, model, args.model)
+    out = args.out or str(Path(args.model).with_suffix(f".{options.precision}.engine"))
     if args.print_trtexec:
-        model = read_model_input(args.model)
-        _check_model(options, model, args.model)
-        print(trtexec_command(args.model, out, options, model.name, model.chw))
+        print(trtexec_command(args.model, out, options, model.name, model.chw, model.batch))
         return 0
     sidecar = build_engine(args.model, out, options)
     print(
