@@ -67,6 +67,29 @@ def test_user_errors_are_one_line_without_traceback(tmp_path, capsys):
     assert "report.json" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "providers", ["CPUExecutionProvider", " CPUExecutionProvider , ", ["CPUExecutionProvider"]]
+)
+def test_providers_take_one_name_a_comma_separated_list_or_a_list(tmp_path, providers):
+    from qkd_deploy.runtime.onnxruntime import OnnxRuntimeRunner
+
+    runner = OnnxRuntimeRunner(_tiny_onnx(tmp_path / "tiny.onnx"), providers=providers)
+    assert runner.providers == ["CPUExecutionProvider"] and runner.name == "onnxruntime_cpu"
+
+
+def test_bench_providers_by_name_and_one_error_for_unavailable_ones(tmp_path, capsys):
+    model = str(_tiny_onnx(tmp_path / "tiny.onnx"))
+    bench = ["bench", model, "--batch-sizes", "1", "--iterations", "2", "--json", "--providers"]
+    assert main([*bench, "CPUExecutionProvider"]) == 0
+    assert json.loads(capsys.readouterr().out)["runner"] == "onnxruntime_cpu"
+
+    assert main([*bench, "NoSuchExecutionProvider,CPUExecutionProvider"]) == 2
+    err = capsys.readouterr().err
+    assert "providers NoSuchExecutionProvider: not in this onnxruntime build" in err
+    assert "which has " in err and "CPUExecutionProvider" in err.split("which has ")[1]
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
 def test_bench_takes_an_engine_to_the_tensorrt_runner(tmp_path, capsys):
     engine = tmp_path / "model.int8.engine"
     engine.write_bytes(b"not an engine")

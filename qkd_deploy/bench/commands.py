@@ -24,7 +24,10 @@ def bench_main(argv: list[str]) -> int:
     p.add_argument("--iterations", type=int, default=50)
     p.add_argument("--threads", type=int, default=0, help="intra-op threads, 0 = all cores")
     p.add_argument(
-        "--providers", default="cpu", help="ONNX Runtime: cpu (default) or auto (CUDA/TensorRT EPs)"
+        "--providers",
+        default="cpu",
+        help="ONNX Runtime: cpu (default), auto (CUDA/TensorRT EPs if present) or provider "
+        "names, comma-separated (e.g. CUDAExecutionProvider,CPUExecutionProvider)",
     )
     p.add_argument("--json", action="store_true", help="print JSON")
     args = p.parse_args(argv)

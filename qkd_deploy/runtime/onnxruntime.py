@@ -75,15 +75,20 @@ def _sample_shape(shape: list, model_path: Path) -> tuple[int, ...]:
 
 
 def _resolve_providers(providers: str | list[str], available: list[str]) -> list[str]:
+    """``"cpu"``, ``"auto"`` (the preferred ones this build has), or provider names: one, a
+    comma-separated string or a list, in order of preference."""
     if providers == "cpu":
         return ["CPUExecutionProvider"]
     if providers == "auto":
         return [p for p in _PREFERRED_PROVIDERS if p in available]
+    if isinstance(providers, str):
+        providers = [p.strip() for p in providers.split(",") if p.strip()]
     missing = [p for p in providers if p not in available]
-    if missing:
+    if missing or not providers:
         raise UserError(
-            f"ONNX Runtime providers {missing} are not available in this onnxruntime build "
-            f"(available: {available}). Install onnxruntime-gpu or choose from the available ones."
+            f"ONNX Runtime providers {', '.join(missing) or '(none given)'}: not in this "
+            f"onnxruntime build, which has {', '.join(available)} (or pass cpu or auto). Install "
+            "onnxruntime-gpu for the GPU ones."
         )
     return list(providers)
 
@@ -110,9 +115,10 @@ def int8_kernels_may_saturate(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> b
 
 
 def fused_kernel_inexactness(target: str | None) -> list[str]:
-    """Why ONNX Runtime's fused CPU integer kernels may not compute an exported Q/DQ graph
-    exactly; empty when they do (an ``onnxruntime``-target model on a 32-bit-accumulating CPU).
-    """
+    """Why ONNX Runtime's fused CPU integer kernels may compute an exported Q/DQ graph other
+    than as written; empty when they compute it up to rounding ties (an ``onnxruntime``-target
+    model on a 32-bit-accumulating CPU: convs and GEMMs exactly, but QLinearAdd requantizes in
+    its own float order, so an element on a tie can land one step away)."""
     causes = []
     if target != "onnxruntime":
         causes.append(
