@@ -10,6 +10,7 @@ import sys
 import tarfile
 
 import numpy as np
+import onnx
 import pytest
 
 from qkd_deploy.data.preprocess import Preprocess
@@ -96,6 +97,11 @@ def test_bundle_holds_model_labels_preprocessing_and_expected_outputs(run_dir, b
     assert expected["onnx_agreement"] == student["onnx_agreement"]
     assert expected["tolerances"]["onnxruntime"] == {"max_abs_error": 1e-4, "min_agreement": 1.0}
     assert expected["tolerances"]["tensorrt"]["min_agreement"] == TENSORRT_MIN_AGREEMENT
+    largest = float(np.abs(np.load(folder / "sample.npz")["logits"]).max())
+    assert expected["tolerances"]["onnxruntime_fused"] == {
+        "max_abs_error": pytest.approx(max(1e-4, 0.02 * largest)),
+        "min_agreement": TENSORRT_MIN_AGREEMENT,
+    }
 
     with np.load(folder / "sample.npz") as sample, np.load(run_dir / "sample_batch.npz") as raw:
         np.testing.assert_array_equal(sample["images"], raw["images"])
@@ -122,6 +128,35 @@ def test_build_recipe_names_both_builds_the_trt86_export_and_verify(bundle):
     assert "trtexec --onnx=model.onnx --saveEngine=model.int8.engine --stronglyTyped" in text
     assert "TensorRT 8.6" in text and "--set export.opset=17" in text
     assert "qkd-deploy verify ." in text and "--engine model.int8.engine" in text
+
+
+def test_build_recipe_of_an_onnxruntime_target_runs_onnxruntime_and_builds_no_engine(
+    run_dir, tmp_path
+):
+    """A W4A8 student exported for ONNX Runtime (UINT8 Q/DQ, INT32 biases: TensorRT rejects it),
+    from the run's trained teacher and float student."""
+    from qkd_deploy.config import load_config
+    from qkd_deploy.train_and_export import run
+
+    out = tmp_path / "ort"
+    for stage in ("teacher", "student_float"):
+        shutil.copytree(run_dir / stage, out / stage)
+    overrides = ["quant.target=onnxruntime", "student.bits=[w4a8]"]
+    run(load_config(str(run_dir.parent / "tiny.yaml"), overrides), out)
+    bundle = make_bundle(out)
+    graph = onnx.load(bundle.directory / "model.onnx").graph
+    assert any(init.data_type == onnx.TensorProto.UINT8 for init in graph.initializer)
+    assert _json(bundle.directory / "expected.json")["target"] == "onnxruntime"
+
+    text = (bundle.directory / "BUILD.md").read_text()
+    assert "Run it with ONNX Runtime" in text
+    assert 'ort.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])' in text
+    assert 'session.run(None, {"images": batch})' in text
+    assert "build-engine" not in text and "trtexec" not in text and "--engine" not in text
+    assert "TensorRT rejects this model" in text and "--set quant.target=tensorrt" in text
+    assert "qkd-deploy verify ." in text
+    # the fused kernels (on a CPU that accumulates in 32 bits) within their own tolerance
+    assert main_verify([str(bundle.directory)]) == 0
 
 
 def test_archive_holds_the_same_folder(bundle):
@@ -241,6 +276,33 @@ def test_unsafe_archives_are_refused_before_extracting(tmp_path, name, kind):
         extract_bundle(archive, destination)
     assert not list(destination.iterdir()) and not (tmp_path / "evil.txt").exists()
     with pytest.raises(UserError, match="refusing member"):
+        verify_bundle(archive)
+
+
+def test_an_archive_of_the_folder_contents_verifies(bundle, tmp_path, capsys):
+    """``tar czf b.tgz -C bundle_x .``: the files at the archive's root, below its member ``./``."""
+    archive = tmp_path / "b.tgz"
+    subprocess.run(["tar", "czf", archive, "-C", bundle.directory, "."], check=True)
+    with tarfile.open(archive) as tar:
+        assert sorted(tar.getnames()) == sorted([".", *(f"./{n}" for n in (*CONTENTS, MANIFEST))])
+    destination = tmp_path / "x"
+    assert extract_bundle(archive, destination) == destination
+    assert sorted(p.name for p in destination.iterdir()) == sorted([*CONTENTS, MANIFEST])
+    assert main_verify([str(archive)]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("PASS")
+
+
+@pytest.mark.parametrize(
+    "names", [["a/manifest.json", "b/model.onnx"], ["./", "manifest.json", "bundle/model.onnx"]]
+)
+def test_an_archive_of_more_than_one_folder_is_refused(tmp_path, names):
+    archive = tmp_path / "two.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for name in names:
+            info = tarfile.TarInfo(name)
+            info.type = tarfile.DIRTYPE if name.endswith("/") else tarfile.REGTYPE
+            tar.addfile(info, io.BytesIO(b""))
+    with pytest.raises(UserError, match="a bundle archive holds one folder, found"):
         verify_bundle(archive)
 
 

@@ -66,6 +66,12 @@ REPORT_KEYS = ("dataset", "class_names", "preprocess", "students")
 # exact (with 32-bit accumulation: ARM, x86 with VNNI), only float summation order may differ
 # between CPUs.
 ONNXRUNTIME_TOLERANCE = {"max_abs_error": 1e-4, "min_agreement": 1.0}
+# Its fused integer kernels (run for an ``onnxruntime``-target model where they accumulate in 32
+# bits) compute convs and GEMMs exactly, but QLinearAdd requantizes in its own float order, so
+# an element on a rounding tie can land one step away (measured: 0.012 % of one Add's outputs
+# in a tiny resnet8 W4A8, 0.004 on logits of at most 0.72). Allow 2 % of the largest |expected
+# logit| and one flip in the 16 sample images (a judgement, as for TensorRT).
+ONNXRUNTIME_FUSED_RELATIVE_ERROR = 0.02
 # TensorRT fuses each DQ -> Conv -> Q chain into an INT8 kernel with its own requantization
 # (scale products in another order, other kernels on each GPU), so an activation lying on a
 # rounding boundary can land one quantization step away, and that error travels to the logits.
@@ -266,6 +272,13 @@ def _expected(
         "engine": {"precision": precision, "file": f"model.{precision}.engine"},
         "tolerances": {
             "onnxruntime": ONNXRUNTIME_TOLERANCE,
+            "onnxruntime_fused": {
+                "max_abs_error": max(
+                    ONNXRUNTIME_TOLERANCE["max_abs_error"],
+                    ONNXRUNTIME_FUSED_RELATIVE_ERROR * float(np.abs(logits).max()),
+                ),
+                "min_agreement": TENSORRT_MIN_AGREEMENT,
+            },
             "tensorrt": {
                 "max_abs_error": TENSORRT_RELATIVE_ERROR * float(np.abs(logits).max()),
                 "min_agreement": TENSORRT_MIN_AGREEMENT,
@@ -275,10 +288,16 @@ def _expected(
 
 
 def build_recipe(expected: dict[str, Any], model: ModelInput) -> str:
-    """BUILD.md: how to build the engine on the device and verify the bundle."""
-    precision, engine = expected["engine"]["precision"], expected["engine"]["file"]
-    options = EngineBuildOptions(precision=precision)
-    trtexec = trtexec_command("model.onnx", engine, options, model.name, model.chw)
+    """BUILD.md: how to run the model on the device (a TensorRT engine, or ONNX Runtime for an
+    ``onnxruntime``-target export, which TensorRT rejects) and verify the bundle."""
+    if expected["target"] == "onnxruntime":
+        packages, steps = "numpy, onnx and onnxruntime", _onnxruntime_steps(model)
+    else:
+        packages = (
+            "numpy, onnx and onnxruntime, and TensorRT's Python package (JetPack: "
+            "python3-libnvinfer) with\ncuda-python for the engine"
+        )
+        steps = _tensorrt_steps(expected, model)
     accuracy_onnx = 100 * expected["accuracy_onnx"]
     return f"""# Deploy {expected["student"]} on the device
 
@@ -288,10 +307,48 @@ W{expected["w_bits"]}A{expected["a_bits"]} student ({expected["method"]}, target
 
 Nothing here needs torch. Install qkd-deploy without its training dependencies
 (`pip install --no-deps qkd-deploy` or `pip install --no-deps .` in its source tree) next to
-numpy, onnx and onnxruntime, and TensorRT's Python package (JetPack: python3-libnvinfer) with
-cuda-python for the engine. Run the commands below in this folder.
+{packages}. Run the commands below in this folder.
 
-## 1. Build the engine (TensorRT >= 10)
+{steps}
+`verify` checks the sha256 of every file against `manifest.json`, runs the images of
+`sample.npz` after the preprocessing of `preprocess.json`, and compares the logits with the
+expected ones (tolerances in `expected.json`). Exit code 0 when everything passes, 1 otherwise.
+"""
+
+
+def _onnxruntime_steps(model: ModelInput) -> str:
+    shape = ", ".join(map(str, model.chw))
+    return f"""## 1. Run it with ONNX Runtime (CPU)
+
+This student was exported for ONNX Runtime (`quant.target=onnxruntime`): UINT8 activations
+and INT32 biases, which ONNX Runtime runs as fused integer kernels. TensorRT rejects this model
+(no UINT8 Q/DQ, no INT32 bias DequantizeLinear), so there is no engine to build: for TensorRT,
+export the student with `quant.target=tensorrt`
+(`python -m qkd_deploy.train_and_export ... --set quant.target=tensorrt`) and bundle that run.
+
+```python
+import onnxruntime as ort
+
+session = ort.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])
+# batch: float32 (N, {shape}), uint8 images after preprocess.json: (pixels / 255 - mean) / std
+logits = session.run(None, {{"{model.name}": batch}})[0]
+```
+
+Latency on this device: `qkd-deploy bench model.onnx`.
+
+## 2. Verify
+
+```bash
+qkd-deploy verify .    # ONNX Runtime (CPU): logits within expected.json's tolerances
+```
+"""
+
+
+def _tensorrt_steps(expected: dict[str, Any], model: ModelInput) -> str:
+    precision, engine = expected["engine"]["precision"], expected["engine"]["file"]
+    options = EngineBuildOptions(precision=precision)
+    trtexec = trtexec_command("model.onnx", engine, options, model.name, model.chw)
+    return f"""## 1. Build the engine (TensorRT >= 10)
 
 ```bash
 qkd-deploy build-engine model.onnx --precision {precision} --out {engine}
@@ -312,10 +369,6 @@ hashes), which `verify` reads. The same engine with trtexec (no sidecar, so for 
 qkd-deploy verify .    # ONNX Runtime (CPU): logits equal up to 1e-4
 qkd-deploy verify . --engine {engine}    # TensorRT: argmax agreement >= 15/16
 ```
-
-Both check the sha256 of every file against `manifest.json`, run the images of `sample.npz`
-after the preprocessing of `preprocess.json`, and compare the logits with the expected ones
-(tolerances in `expected.json`). Exit code 0 when everything passes, 1 otherwise.
 """
 
 
@@ -411,7 +464,9 @@ def extract_bundle(archive: str | os.PathLike, destination: str | os.PathLike) -
 
 
 def _top_folder(members: list[tarfile.TarInfo], archive: Path) -> str:
-    tops = set()
+    """The bundle's folder in the archive: its one top folder, or ``.`` when the archive holds
+    the files themselves (``tar czf b.tgz -C bundle_x .``)."""
+    paths = []
     for member in members:
         path = PurePosixPath(member.name)
         if path.is_absolute() or ".." in path.parts or not (member.isfile() or member.isdir()):
@@ -419,7 +474,11 @@ def _top_folder(members: list[tarfile.TarInfo], archive: Path) -> str:
                 f"{archive}: refusing member {member.name!r} (absolute path, '..', link or "
                 "device); a bundle holds plain files in one folder"
             )
-        tops.add(path.parts[0])
+        if path.parts:  # not the archive's root itself ("./")
+            paths.append((path, member))
+    if paths and all(len(path.parts) == 1 and member.isfile() for path, member in paths):
+        return "."
+    tops = {path.parts[0] for path, _ in paths}
     if len(tops) != 1:
         raise UserError(f"{archive}: a bundle archive holds one folder, found {sorted(tops)}")
     return tops.pop()
@@ -480,24 +539,29 @@ def _compare(
     """Run the sample and compare its logits with the expected ones (the graph as written).
 
     ONNX Runtime runs its fused integer kernels, as a deployment does, where they compute the
-    graph exactly: for an ``onnxruntime``-target model on a CPU that accumulates in 32 bits.
-    Otherwise it runs the graph as written, which still checks model, preprocessing and sample
-    end to end (see ``fused_kernel_inexactness``)."""
+    graph up to rounding ties (``onnxruntime_fused`` tolerance): for an ``onnxruntime``-target
+    model on a CPU that accumulates in 32 bits. Otherwise it runs the graph as written, which
+    still checks model, preprocessing and sample end to end (see ``fused_kernel_inexactness``).
+    """
     spec = _read_json(folder / "preprocess.json", "the bundle is damaged; make it again")
     with np.load(folder / "sample.npz") as sample:
         images, labels, reference = sample["images"], sample["labels"], sample["logits"]
     batch = Preprocess.from_dict(spec).apply_numpy(images)
+    tolerances = expected["tolerances"]
     if runtime == "tensorrt":
         engine = Path(engine) if engine is not None else folder / expected["engine"]["file"]
         runner_name, logits = "tensorrt", _tensorrt_logits(folder, engine, batch)
+        tolerance = tolerances["tensorrt"]
     else:
         causes = fused_kernel_inexactness(expected.get("target"))
         logits, _ = _onnxruntime_logits(folder / "model.onnx", batch, optimize=not causes)
         runner_name = "onnxruntime_cpu"
         if causes:
             runner_name += f" (graph as written; the fused kernels: {'; '.join(causes)})"
+            tolerance = tolerances["onnxruntime"]
+        else:  # a bundle made before the fused kernels had their own is held to the graph's
+            tolerance = tolerances.get("onnxruntime_fused", tolerances["onnxruntime"])
     match = parity(logits, reference)
-    tolerance = expected["tolerances"][runtime]
     n = len(labels)
     agreeing = round(match.agreement * n)
     needed = tolerance["min_agreement"] * n
