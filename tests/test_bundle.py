@@ -157,6 +157,8 @@ def test_build_recipe_of_an_onnxruntime_target_runs_onnxruntime_and_builds_no_en
     assert "qkd-deploy verify ." in text
     # the fused kernels (on a CPU that accumulates in 32 bits) within their own tolerance
     assert main_verify([str(bundle.directory)]) == 0
+    with pytest.raises(UserError, match="exported for ONNX Runtime, which TensorRT rejects"):
+        verify_bundle(bundle.directory, runtime="tensorrt", engine=tmp_path / "x.engine")
 
 
 def test_archive_holds_the_same_folder(bundle):

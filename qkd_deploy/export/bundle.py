@@ -512,6 +512,12 @@ def _verify_folder(
     if problems:
         return {**result, "passed": False}
     expected = _read_json(folder / "expected.json", "the bundle is damaged; make it again")
+    if runtime == "tensorrt" and expected.get("target") == "onnxruntime":
+        raise UserError(
+            f"{shown} holds a student exported for ONNX Runtime, which TensorRT rejects (UINT8 "
+            "Q/DQ, INT32 biases); verify it without --runtime tensorrt, or bundle a run exported "
+            "with --set quant.target=tensorrt"
+        )
     return {**result, **_compare(folder, expected, runtime, engine, files)}
 
 
