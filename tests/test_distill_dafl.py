@@ -19,7 +19,8 @@ from method_helpers import (
 
 from qkd_deploy.distill import build_distiller
 from qkd_deploy.distill.dafl import DAFLOptions, generator_losses, logits_and_features
-from qkd_deploy.distill.generators import BatchNormStatistics, ImageGenerator
+from qkd_deploy.distill.generators import BatchNormStatistics, ImageGenerator, calibrate_once
+from qkd_deploy.distill.speq import frozen_batchnorm_statistics
 from qkd_deploy.errors import UserError
 from qkd_deploy.models import build_model
 from qkd_deploy.quant.modules import quantizers
@@ -256,3 +257,24 @@ def test_data_free_student_does_not_start_from_the_float_student(
     key = next(k for k in trained if k.endswith("conv.weight") or k.endswith(".weight"))
     assert torch.equal(started[key], trained[key]) is starts_from_float
     assert torch.equal(started[key], fresh[key]) is not starts_from_float
+
+
+def test_calibration_sees_the_activations_of_training_mode():
+    """An untrained student's BatchNorms hold placeholders (mean 0, variance 1); calibrated in
+    eval mode as they are, its activation ranges would be a fraction of what training-mode
+    passes produce. The ranges must cover the training-mode activations of the same images."""
+    torch.manual_seed(0)
+    student = quantized(build_model("resnet8", 1, 10), 4, calibrate_on_data=False)
+    images = torch.randn(64, 1, 8, 8) * 5 + 1
+    calibrate_once(student, images, None)
+    ranges, peaks = {}, {}
+    for name, q in quantizers(student):
+        if q.kind == "activation":
+            ranges[name] = q.step_size().item() * q.grid.qmax
+            q.register_forward_pre_hook(
+                lambda q, args, name=name: peaks.__setitem__(name, args[0].abs().max().item())
+            )
+    with torch.no_grad(), frozen_batchnorm_statistics(student):
+        student.train()(images)
+    ratios = [ranges[name] / peaks[name] for name in ranges]
+    assert 0.75 < min(ratios) and max(ratios) < 1.05, ratios

@@ -138,7 +138,35 @@ class BatchNormStatistics:
 def calibrate_once(student: nn.Module, images: torch.Tensor, context: MethodContext | None) -> None:
     """Calibrate a data-free student's quantizers on the first generated ``images`` (with the
     run's calibrators when the context has them), unless every quantizer is calibrated already:
-    the pipeline has no real images to calibrate it on."""
+    the pipeline has no real images to calibrate it on.
+
+    The student is untrained, so its BatchNorm running statistics are placeholders (mean 0,
+    variance 1), and calibration, which runs in eval mode, would see activations unlike the
+    training passes' (0.3-0.7x their ranges in a resnet8): the BatchNorms first take the
+    statistics of these images, as training mode normalises them."""
     if not all(bool(q.calibrated) for _, q in quantizers(student)):
+        batchnorm_statistics_of(student, images)
         calibrate_on = context.calibrate if context and context.calibrate else calibrate
         calibrate_on(student, [images])
+
+
+@torch.no_grad()
+def batchnorm_statistics_of(model: nn.Module, images: torch.Tensor) -> None:
+    """Set every BatchNorm's running statistics to those of ``images`` (one training-mode pass
+    with a cumulative average)."""
+    norms = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+    momenta = [m.momentum for m in norms]
+    was_training = model.training
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+    try:
+        model.train()(images)
+    finally:
+        for norm, momentum in zip(norms, momenta, strict=True):
+            norm.momentum = momentum
+        model.train(was_training)
