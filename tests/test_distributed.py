@@ -33,7 +33,7 @@ def _check(done: subprocess.CompletedProcess) -> None:
 
 
 # A rare abort at interpreter exit, after all work was done (3 of about 70 launches on
-# 2026-11-30, before ``distributed._shut_down`` released the gloo groups; 0 of 28 after). The
+# 2026-11-30, before ``distributed._shut_down`` released the gloo groups; 0 of 62 after). The
 # launch is repeated once for it, and only for it, until more runs confirm the fix.
 NATIVE_ABORT = "terminate called without an active exception"
 
