@@ -113,7 +113,14 @@ class BenchConfig:
     batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
     warmup: int = 10
     iterations: int = 50
-    threads: int = 0  # ONNX Runtime intra-op threads, 0 = all cores
+    threads: int = 0  # ONNX Runtime intra-op threads, 0 = ONNX Runtime's default
+
+    def __post_init__(self) -> None:
+        from qkd_deploy.bench.latency import check_latency_settings
+
+        check_latency_settings(self.batch_sizes, self.warmup, self.iterations)
+        if self.threads < 0:
+            raise UserError(f"threads must be >= 0 (0: ONNX Runtime's default), got {self.threads}")
 
 
 @dataclass

@@ -118,8 +118,9 @@ def machine_description() -> str:
                 break
     except OSError:
         pass
-    system = f"{platform.system()} {platform.release()}"
-    return f"{cpu}, {os.cpu_count()} cores, {system}, Python {platform.python_version()}"
+    # no kernel release: it changes under the same hardware (container hosts), and latency
+    # comparisons take this string for the machine's identity
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()}, Python {platform.python_version()}"
 
 
 def write_manifest(run_dir: Path, inputs: dict, config: dict) -> dict:

@@ -314,7 +314,8 @@ def _run_stages(config: Config, root: Path) -> dict:
         "timings_s": timings,
         "environment": {
             "machine": machine_description(),
-            "threads": torch.get_num_threads(),
+            "threads": torch.get_num_threads(),  # torch's, for training
+            "onnxruntime_threads": config.bench.threads,  # latency; 0 = ONNX Runtime's default
             "training_device": describe(device),
             "training_processes": distributed.world_size(),
             **library_versions(),

@@ -2,10 +2,13 @@
 
 import copy
 import json
+import re
 
+import onnx
 import pytest
 
 from qkd_deploy.bench.compare import compare_reports
+from qkd_deploy.bench.report import render_markdown, summary_table
 from qkd_deploy.cli import main
 from qkd_deploy.errors import UserError
 
@@ -75,6 +78,66 @@ def test_slower_on_the_same_machine_regresses_on_another_is_not_judged():
     assert {c.note for c in changes if c.quantity.startswith("p50")} == {
         "other machine: not judged"
     }
+
+
+def test_a_drop_of_exactly_the_tolerance_passes():
+    base = _changed(resnet8_w4a4=(0.9, 0.15))
+    assert _regressions(base, _changed(resnet8_w4a4=(0.895, 0.15))) == []  # 0.5 points
+    assert _regressions(base, _changed(resnet8_w4a4=(0.8949, 0.15))) == [
+        ("resnet8_w4a4", "accuracy %")
+    ]
+
+
+def test_latency_with_another_onnxruntime_thread_count_is_not_judged():
+    base, slower = copy.deepcopy(BASE), _changed(resnet8_w8a8=(0.992, 0.40))
+    base["environment"]["onnxruntime_threads"] = 2
+    slower["environment"]["onnxruntime_threads"] = 1
+    changes = compare_reports(base, slower, 0.5, 0.10)
+    assert not any(c.regression for c in changes)
+    assert {c.note for c in changes if c.quantity.startswith("p50")} == {
+        "other ONNX Runtime thread count: not judged"
+    }
+    slower["environment"]["onnxruntime_threads"] = 2
+    assert _regressions(base, slower) == [("resnet8_w8a8", "p50 ms onnxruntime_cpu b1")]
+
+
+def test_report_names_onnxruntime_threads_and_keeps_float_only_latency():
+    report = copy.deepcopy(BASE)
+    report["students"] = []  # student.bits=[]: the float reference alone is measured
+    report["float_references"][0].update(arch="resnet8", accuracy_torch=0.99, onnx_bytes=2048)
+    report["environment"].update(threads=2, onnxruntime_threads=1)
+    assert "b1 p50/p90 ms" in summary_table(report) and "0.050 / 0.050" in summary_table(report)
+    assert "(ONNX Runtime CPU, 1 threads)" in render_markdown(report)
+    report["environment"]["onnxruntime_threads"] = 0
+    assert "(ONNX Runtime CPU, ONNX Runtime's default threads)" in render_markdown(report)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--batch-sizes", "0"], r"batch_sizes \[0\]: give whole numbers >= 1"),
+        (["--batch-sizes=-1,4"], r"batch_sizes \[-1\]"),
+        (["--iterations", "0"], "iterations must be >= 1, got 0"),
+        (["--warmup", "-1"], "warmup must be >= 0, got -1"),
+    ],
+)
+def test_bench_refuses_settings_that_measure_nothing(tmp_path, capsys, flags, message):
+    model = tmp_path / "m.onnx"
+    _tiny_onnx(model)
+    assert main(["bench", str(model), *flags]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def _tiny_onnx(path):
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["images"], ["logits"])],
+        "tiny",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 1, 2, 2])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 1, 2, 2])],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
 
 
 def test_a_missing_model_regresses_and_a_new_one_is_listed():

@@ -43,8 +43,9 @@ def _ort_cpu_accuracy(model: dict) -> str:
 
 def summary_table(report: dict) -> str:
     """A Markdown table: one row per model (teacher, float references, students)."""
+    measured = report.get("float_references", []) + report["students"]
     batches = sorted(
-        {r["batch"] for s in report["students"] for r in s["latency_ms"].get("onnxruntime_cpu", [])}
+        {r["batch"] for m in measured for r in m.get("latency_ms", {}).get("onnxruntime_cpu", [])}
     )
     head = ["model", "method", "bits", "acc torch %", "acc onnx %", "agreement %"]
     head += ["acc ORT CPU %", "onnx KiB"]
@@ -86,13 +87,21 @@ def summary_table(report: dict) -> str:
     return "\n".join("| " + " | ".join(str(c) for c in row) + " |" for row in rows)
 
 
+def onnxruntime_threads(environment: dict) -> str:
+    """How many threads ONNX Runtime measured latency with (``bench.threads``)."""
+    threads = environment.get("onnxruntime_threads")
+    if threads is None:  # a report from before the key: its thread count is unknown
+        return "threads not recorded"
+    return "ONNX Runtime's default threads" if threads == 0 else f"{threads} threads"
+
+
 def render_markdown(report: dict) -> str:
     env = report.get("environment", {})
     lines = [
         f"# qkd-deploy report: {report['dataset']}",
         "",
         f"Test split: {report.get('test_samples', '?')} images. Accuracies in %, latency in ms per "
-        f"batch (ONNX Runtime CPU, {env.get('threads', '?')} threads). acc onnx: the exported "
+        f"batch (ONNX Runtime CPU, {onnxruntime_threads(env)}). acc onnx: the exported "
         "graph as written (ONNX Runtime, graph optimizations off); agreement: its argmax vs the "
         "torch fake-quant model on the test split. acc ORT CPU: ONNX Runtime's fused integer "
         "kernels on this machine (they round a tensorrt-target model's biases to INT32 and "
