@@ -355,26 +355,29 @@ def markdown(
     summary: dict, checks: list, args: argparse.Namespace, seconds: float, timing: list[dict]
 ) -> str:
     seed_minutes = [sum(t.values()) / 60 for t in timing]
+    data = _data_description(args)
     columns = ["w8a8", "w4a4", "w2a2"]
     rows = sorted(
         {k.split("/")[0] for k in summary if "/w" in k and not k.startswith(ORT_PTQ)},
         key=lambda m: -(_mean(summary, f"{m}/w2a2") or 0),
     )
     lines = [
-        "# Distillation methods on Fashion-MNIST (issue 4 ranking table)",
+        f"# Distillation methods on {data['dataset']} (issue 4 ranking table)",
         "",
         machine_line(),
         "",
         f"Budget: student {args.student}, teachers {args.teacher} (pool of "
         f"{max(METHODS[m][0] for m in args.methods)}, trained once per seed), "
-        f"{args.train_limit} stratified training images (28x28, augmentation on), "
+        f"{args.train_limit} stratified training images ({data['size']}, augmentation on), "
         f"{args.teacher_epochs} epochs for teachers, {args.float_epochs} for the float student, "
         f"**{args.epochs} QAT epochs at learning rate {args.lr} for every method**, "
         f"seeds {args.seeds}, {args.jobs} at a time. Runs of one "
         f"seed take {min(seed_minutes):.1f}-{max(seed_minutes):.1f} min by their reports "
         "(runs finished by an earlier invocation included); this invocation's wall time "
         f"{seconds / 60:.1f} min. Accuracy (%) of the exported ONNX model in ONNX Runtime on the "
-        "10 000 test images, mean ± std over seeds. Rows sorted by W2A2 accuracy."
+        f"{data['test_samples']} test images, mean ± std over seeds: the graph as written "
+        "(graph optimizations off), except ONNX Runtime's `quantize_static` rows, which run its "
+        "fused integer kernels, as such a model deploys. Rows sorted by W2A2 accuracy."
         + (
             f" Teachers and float students copied from `{args.pool_from}`, trained there by an "
             "earlier invocation with these settings; their training time by its reports is in "
@@ -411,6 +414,19 @@ def markdown(
         *targets_table(checks),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _data_description(args: argparse.Namespace) -> dict[str, str]:
+    """The data set as the plain-QAT run of the first seed measured it."""
+    report = json.loads(
+        (Path(args.work) / f"seed{args.seeds[0]}" / POOL_METHOD / "report.json").read_text()
+    )
+    channels, height, width = report["input_shape"]
+    return {
+        "dataset": report["dataset"],
+        "size": f"{height}x{width}" + ("" if channels == 1 else f"x{channels}"),
+        "test_samples": f"{report['test_samples']:,}".replace(",", " "),
+    }
 
 
 def _cell(summary: dict, key: str) -> str:
