@@ -363,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     """The whole pipeline; under torchrun, process 0 runs it and the others train with it."""
     from qkd_deploy.train import distributed
 
+    root = None
     try:
         args = parse_args(argv)
         with distributed.session() as group:
@@ -374,12 +375,25 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(_interrupted(root), file=sys.stderr)
+        return 130
     from qkd_deploy.bench.report import summary_table
 
     print()
     print(summary_table(report))
     print(f"\nRun directory: {root}  (report.json, report.md, manifest.json, */model.onnx)")
     return 0
+
+
+def _interrupted(root: Path | None) -> str:
+    """What to do after Ctrl-C: every finished stage and the last epoch checkpoint are kept."""
+    if root is None or not root.is_dir():
+        return "interrupted before the run started"
+    return (
+        f"interrupted; {root} keeps every finished stage and the last epoch's checkpoint: "
+        f"continue with python -m qkd_deploy.train_and_export --resume {root}"
+    )
 
 
 def export_main(argv: list[str]) -> int:

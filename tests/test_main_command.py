@@ -3,9 +3,11 @@
 import dataclasses
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import onnx
 import pytest
@@ -493,3 +495,24 @@ def test_a_bad_student_training_setting_fails_before_any_training(tmp_path):
     with pytest.raises(UserError, match=r"student\.train\.grad_clip must be a positive norm"):
         run(load_config(overrides=overrides), tmp_path)
     assert not (tmp_path / "teacher").exists()
+
+
+def test_ctrl_c_says_how_to_resume(tiny_run, tmp_path):
+    """SIGINT while the teacher trains: no traceback, exit 130, the --resume command."""
+    config, _ = tiny_run
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "qkd_deploy.train_and_export", "--config", str(config)]
+    process = subprocess.Popen(
+        [*command, "--out", str(out), "--epochs", "50"], stderr=subprocess.PIPE, text=True
+    )
+    checkpoint = out / "teacher" / "checkpoint.pt"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert checkpoint.exists(), "the teacher never wrote its first epoch's checkpoint"
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert "Traceback" not in stderr
+    assert f"continue with python -m qkd_deploy.train_and_export --resume {out}" in stderr
+    assert checkpoint.exists()
