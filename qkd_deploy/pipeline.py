@@ -354,13 +354,15 @@ def check_batch_sizes(ctx: Context) -> None:
     last partial batch): a small image folder with the default batch of 64 would otherwise train
     for no steps at all."""
     images = len(ctx.data.train)
-    for key, train in _training_stages(ctx.config):
-        if train.batch_size > images:
-            raise UserError(
-                f"{key}.batch_size is {train.batch_size} but the training split has only "
-                f"{images} images, so an epoch would have no full batch; set a smaller one "
-                f"(--set {key}.batch_size=N, N <= {images}) or give more images"
-            )
+    stages = _training_stages(ctx.config)
+    too_large = [(key, t.batch_size) for key, t in stages if t.batch_size > images]
+    if too_large:
+        named = ", ".join(f"{key}.batch_size {size}" for key, size in too_large)
+        sets = " ".join(f"--set {key}.batch_size={images}" for key, _ in too_large)
+        raise UserError(
+            f"the training split has only {images} images, fewer than a batch ({named}), so an "
+            f"epoch would have no full batch; set smaller ones (e.g. {sets}) or give more images"
+        )
 
 
 def check_training_processes(config: Config) -> None:

@@ -240,6 +240,7 @@ def _run_stages(config: Config, root: Path) -> dict:
         stratified_subset,
     )
     from qkd_deploy.distill.base import method_class
+    from qkd_deploy.export.bundle import remove_stale_bundles
     from qkd_deploy.quant.convert import BitWidths
     from qkd_deploy.rundir import RunDir, library_versions, machine_description, write_manifest
     from qkd_deploy.train import distributed
@@ -322,6 +323,12 @@ def _run_stages(config: Config, root: Path) -> dict:
         },
     }
     P.write_report_files(ctx, report)
+    for stale in remove_stale_bundles(root):
+        print(
+            f"note: removed {stale.name} (and its .tar.gz): it held an earlier export; make it "
+            f"again with qkd-deploy bundle {root}",
+            file=sys.stderr,
+        )
     write_manifest(root, inputs=_inputs(config), config=to_dict(config))
     return report
 

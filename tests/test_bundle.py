@@ -126,7 +126,7 @@ def test_build_recipe_names_both_builds_the_trt86_export_and_verify(bundle):
     text = (bundle.directory / "BUILD.md").read_text()
     assert "qkd-deploy build-engine model.onnx --precision int8 --out model.int8.engine" in text
     assert "trtexec --onnx=model.onnx --saveEngine=model.int8.engine --stronglyTyped" in text
-    assert "TensorRT 8.6" in text and "--set export.opset=17" in text
+    assert "TensorRT 8.6" in text and "`qkd-deploy export RUN --opset 17 --out RUN-opset17`" in text
     assert "qkd-deploy verify ." in text and "--engine model.int8.engine" in text
 
 

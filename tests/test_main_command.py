@@ -17,6 +17,7 @@ from qkd_deploy import cli
 from qkd_deploy.config import load_config, save_config
 from qkd_deploy.distill.logit import KDDecayOptions
 from qkd_deploy.errors import UserError
+from qkd_deploy.export.bundle import make_bundle
 from qkd_deploy.fileio import sha256_file
 from qkd_deploy.train.device import describe, resolve_device
 from qkd_deploy.train_and_export import check_method, main, run
@@ -249,9 +250,10 @@ def test_a_batch_larger_than_the_training_split_fails_before_training(tmp_path, 
     out = tmp_path / "run"
     args = ["--data", f"folder:{tmp_path / 'images'}", "--out", str(out), "--no-progress"]
     assert main(args) == 2
-    assert "teacher_train.batch_size is 64 but the training split has only 12 images" in (
-        capsys.readouterr().err
-    )
+    err = capsys.readouterr().err
+    assert "the training split has only 12 images, fewer than a batch (teacher_train" in err
+    sets = "--set teacher_train.batch_size=12 --set student.float_train.batch_size=12 --set "
+    assert sets + "student.train.batch_size=12" in err  # every stage at once, not one a run
     assert not out.exists()
 
 
@@ -383,8 +385,17 @@ def test_export_command_reexports_a_finished_run_at_another_opset(tiny_run, tmp_
     config = load_config(str(copy / "config.yaml"))
     config.progress = True
     save_config(config, copy / "config.yaml")
+    bundle = make_bundle(copy, student="w4a4").directory  # the bit-width names the student
+    assert bundle.name == "bundle_resnet8_w4a4"
+    capsys.readouterr()
     assert cli.main(["export", str(copy), "--opset", "18"]) == 0
     assert load_config(str(copy / "config.yaml")).progress is True
+    # its opset-17 bundle would still verify: it is removed, and the user told
+    assert not bundle.exists() and not bundle.with_name(bundle.name + ".tar.gz").exists()
+    assert f"removed {bundle.name}" in capsys.readouterr().err
+    fresh = make_bundle(copy).directory
+    assert cli.main(["export", str(copy)]) == 0  # nothing changed: the bundle stays
+    assert (fresh / "model.onnx").is_file()
 
 
 def test_ptq_exports_the_calibrated_float_student_without_training(tiny_run, tmp_path):

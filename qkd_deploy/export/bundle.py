@@ -104,8 +104,33 @@ def select_student(report: dict[str, Any], name: str | None = None) -> dict[str,
     for student in students:
         if student["name"] == name:
             return student
+    by_bits = [s for s in students if f"w{s['w_bits']}a{s['a_bits']}" == name.lower()]
+    if len(by_bits) == 1:  # its bit-width, as --bits names it
+        return by_bits[0]
     valid = ", ".join(s["name"] for s in students)
     raise UserError(f"report.json has no student {name!r}; valid --student names: {valid}")
+
+
+def remove_stale_bundles(run_dir: str | os.PathLike) -> list[Path]:
+    """Remove the bundles in ``run_dir`` (``bundle_*`` and their archives) whose model is no
+    longer the run's exported model of their student, e.g. after ``qkd-deploy export --opset
+    17``; the removed folders. Such a bundle would still pass ``verify``."""
+    run_dir = Path(run_dir)
+    report = _read_report(run_dir)
+    current = {s["name"]: run_dir / s["onnx_path"] for s in report["students"]}
+    stale = []
+    for folder in sorted(p for p in run_dir.glob("bundle_*") if p.is_dir()):
+        try:
+            student = json.loads((folder / "expected.json").read_text())["student"]
+            bundled = sha256_file(folder / "model.onnx")
+        except (OSError, ValueError, KeyError):
+            continue  # not a bundle this run made
+        model = current.get(student)
+        if model is None or not model.is_file() or sha256_file(model) != bundled:
+            shutil.rmtree(folder)
+            archive_path(folder).unlink(missing_ok=True)
+            stale.append(folder)
+    return stale
 
 
 def archive_path(directory: str | os.PathLike) -> Path:
@@ -379,9 +404,9 @@ def _tensorrt8_note(precision: str, model: ModelInput) -> str:
     if model.opset > TRT8_MAX_OPSET:
         return heading + (
             f"TensorRT 8.6 parses ONNX opset <= {TRT8_MAX_OPSET}, and this model is opset "
-            f"{model.opset}: export the student with opset {TRT8_MAX_OPSET}\n"
-            f"(`python -m qkd_deploy.train_and_export ... --set export.opset={TRT8_MAX_OPSET}`) "
-            "and bundle that run."
+            f"{model.opset}: on the training machine, export the finished run again at opset "
+            f"{TRT8_MAX_OPSET} without retraining\n(`qkd-deploy export RUN --opset "
+            f"{TRT8_MAX_OPSET} --out RUN-opset{TRT8_MAX_OPSET}`) and bundle that copy."
         )
     options = EngineBuildOptions(precision=precision, strongly_typed=False)
     engine = f"model.{precision}.engine"
