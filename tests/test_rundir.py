@@ -2,6 +2,7 @@
 RunDir.exclusive: one run at a time per directory."""
 
 import os
+import stat
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -10,6 +11,7 @@ import pytest
 
 from qkd_deploy.config import load_config, save_config
 from qkd_deploy.errors import UserError
+from qkd_deploy.fileio import atomic_write_text
 from qkd_deploy.rundir import RunDir
 from qkd_deploy.train_and_export import main
 
@@ -97,3 +99,14 @@ def test_an_unstarted_run_directory_is_removed_and_a_started_one_kept(tmp_path):
         "config.yaml",
         "sample_batch.npz",
     ]
+
+
+def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path):
+    """Run files are shared (reports served, models copied): not private like the temp file."""
+    previous = os.umask(0o022)
+    try:
+        written = atomic_write_text(tmp_path / "report.md", "x")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(written.stat().st_mode) == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["report.md"]  # no temporary file left
