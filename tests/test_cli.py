@@ -132,7 +132,9 @@ def test_report_command_rerenders_markdown(tmp_path, capsys, warnings):
     (tmp_path / "report.json").write_text(json.dumps(report))
     assert main(["report", str(tmp_path)]) == 0
     row = "| resnet8_w4a4 | kd | w4a4 | 50.00 | 50.00 | 100.00 | 0.00 | 2.0 | 1.000 / 2.000 |"
-    assert row in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert row in out
+    assert "warning: resnet8_w4a4: the kernels saturate" in out  # as report.md has them
     markdown = (tmp_path / "report.md").read_text()
     assert row in markdown and "- **warning**: the kernels saturate" in markdown
     expected = warnings.get("warnings", [warnings.get("warning")])

@@ -75,7 +75,12 @@ def report_main(argv: list[str]) -> int:
         help="also draw report.png (accuracy and latency; needs matplotlib: the 'plots' extra)",
     )
     args = p.parse_args(argv)
-    from qkd_deploy.bench.report import load_report, summary_table, write_report
+    from qkd_deploy.bench.report import (
+        load_report,
+        student_warnings,
+        summary_table,
+        write_report,
+    )
 
     run_dir = Path(args.run_dir)
     report = load_report(run_dir / "report.json")
@@ -85,4 +90,7 @@ def report_main(argv: list[str]) -> int:
 
         print(f"wrote {plot_report(report, run_dir / 'report.png')}")
     print(summary_table(report))
+    for student in report["students"]:
+        for warning in student_warnings(student):
+            print(f"warning: {student['name']}: {warning}")
     return 0

@@ -118,10 +118,14 @@ def render_markdown(report: dict) -> str:
             f"- `{s['name']}`: max |logit| error ONNX vs torch {s['onnx_max_abs_error']:.4g}, "
             f"file `{s['onnx_path']}`"
         )
-        old_single = [s["warning"]] if "warning" in s else []  # reports before "warnings"
-        for warning in s.get("warnings", old_single):
+        for warning in student_warnings(s):
             lines.append(f"- **warning**: {warning}")
     return "\n".join(lines) + "\n"
+
+
+def student_warnings(student: dict) -> list[str]:
+    old_single = [student["warning"]] if "warning" in student else []  # reports before the list
+    return student.get("warnings", old_single)
 
 
 def write_report(run_dir: Path, report: dict) -> None:

@@ -82,7 +82,9 @@ class Distiller(nn.Module, metaclass=abc.ABCMeta):
         (checked before any training, and again when the distiller is built)."""
         if count < cls.needs_teachers:
             raise UserError(
-                f"method {cls.name!r} needs at least {cls.needs_teachers} teacher(s), got {count}"
+                f"method {cls.name!r} needs at least {cls.needs_teachers} teacher(s), got "
+                f"{count}; give more (--teacher-arch resnet8x4,resnet20, or --teacher repeated), "
+                "or leave the teachers out for the method's own defaults"
             )
         if cls.max_teachers is not None and count > cls.max_teachers:
             most = "one teacher" if cls.max_teachers == 1 else f"{cls.max_teachers} teachers"
