@@ -1,5 +1,6 @@
 """User models (``package.module:factory``) and checkpoint loading."""
 
+import sys
 import textwrap
 import uuid
 
@@ -190,3 +191,14 @@ def test_long_key_lists_are_shortened(tmp_path):
     with pytest.raises(UserError, match=r"missing keys: .*\(\+\d+ more\)") as info:
         load_checkpoint(build_model("mobilenetv2", 1, 10), str(path))
     assert "MobileNetV2" in str(info.value)
+
+
+def test_a_module_in_the_working_directory_is_found_as_python_m_finds_it(tmp_path, monkeypatch):
+    """The qkd-deploy script's sys.path starts with its own folder, not the working directory."""
+    name = f"herenet_{uuid.uuid4().hex}"
+    (tmp_path / f"{name}.py").write_text(USER_MODULE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    model = load_user_model(f"{name}:build")
+    assert isinstance(model, torch.nn.Module)
+    assert str(tmp_path) not in sys.path  # the path is left as it was

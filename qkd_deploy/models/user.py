@@ -7,8 +7,11 @@ Every mistake a user can make here (bad spec, import failure, wrong checkpoint) 
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -25,12 +28,12 @@ def load_user_model(spec: str, checkpoint: str | None = None) -> nn.Module:
     """Import ``package.module``, call ``factory()`` with no arguments, optionally load weights."""
     module_name, factory = _parse_spec(spec)
     try:
-        module = importlib.import_module(module_name)
+        module = _import_from_here(module_name)
     except Exception as error:  # the user's module may fail in any way while importing
         raise UserError(
             f"model {spec!r}: cannot import module {module_name!r} "
-            f"({type(error).__name__}: {error}); install the package or add its folder to "
-            "PYTHONPATH"
+            f"({type(error).__name__}: {error}); run from its folder, install the package or "
+            "add its folder to PYTHONPATH"
         ) from error
     if not hasattr(module, factory):
         raise UserError(
@@ -58,6 +61,21 @@ def load_checkpoint(model: nn.Module, path: str) -> nn.Module:
         )
     model.load_state_dict(state, strict=True)
     return model
+
+
+def _import_from_here(module_name: str) -> ModuleType:
+    """Import as ``python -m`` would, with the working directory first on the path: the
+    ``qkd-deploy`` script's path starts with its own folder instead, so a module beside the
+    user was found by one command and not the other."""
+    here = os.getcwd()
+    add = here not in sys.path and "" not in sys.path
+    if add:
+        sys.path.insert(0, here)
+    try:
+        return importlib.import_module(module_name)
+    finally:
+        if add:
+            sys.path.remove(here)
 
 
 def _parse_spec(spec: str) -> tuple[str, str]:
