@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--bits", help="students to make: 8,4 (= w8a8,w4a4) or w4a8,...")
     p.add_argument("--method", help="distillation method (default kd-decay)")
     p.add_argument("--target", choices=["tensorrt", "onnxruntime"], help="export target")
-    p.add_argument("--epochs", type=int, help="epochs of every training stage")
+    p.add_argument("--epochs", type=_at_least_one, help="epochs of every training stage")
     p.add_argument("--seed", type=int)
     p.add_argument(
         "--set",
@@ -401,6 +401,16 @@ def _interrupted(root: Path | None) -> str:
         f"interrupted; {root} keeps every finished stage and the last epoch's checkpoint: "
         f"continue with python -m qkd_deploy.train_and_export --resume {root}"
     )
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
 
 
 def export_main(argv: list[str]) -> int:

@@ -77,3 +77,13 @@ def test_cli_string_flags_are_taken_as_written(spec):
     config = build_config(parse_args(["--data", spec, "--student-arch", "resnet8 #x"]))
     assert config.data.spec == spec
     assert config.student.arch == "resnet8 #x"
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "x"])
+def test_epochs_flag_is_checked_as_the_flag(value, capsys):
+    """--epochs sets every stage: its error names the flag, not the first stage's key."""
+    from qkd_deploy.train_and_export import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--epochs", value])
+    assert f"argument --epochs: '{value}' is not a whole number >= 1" in capsys.readouterr().err
