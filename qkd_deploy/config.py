@@ -241,7 +241,10 @@ def _set_dotted(values: dict[str, Any], key: str, value: Any) -> None:
     for part in parents:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise UserError(f"override {key!r}: {part!r} is not a section")
+            raise UserError(
+                f"config section {part!r} must be a mapping, got {node!r} (found while applying "
+                f"the override {key!r})"
+            )
     node[last] = value
 
 

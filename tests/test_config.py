@@ -87,3 +87,12 @@ def test_epochs_flag_is_checked_as_the_flag(value, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--epochs", value])
     assert f"argument --epochs: '{value}' is not a whole number >= 1" in capsys.readouterr().err
+
+
+def test_a_config_section_that_is_not_a_mapping_is_named_as_such(tmp_path):
+    """An override into it (``--epochs`` sets student.float_train.epochs) must not take the
+    blame for the config file's mistake."""
+    (tmp_path / "bad.yaml").write_text("student: 5\n")
+    for overrides in ([], ["student.float_train.epochs=1"]):
+        with pytest.raises(UserError, match="config section 'student' must be a mapping, got 5"):
+            load_config(str(tmp_path / "bad.yaml"), overrides)
