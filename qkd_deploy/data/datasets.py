@@ -467,28 +467,25 @@ def _class_folders(root: Path) -> dict[str, list[Path]]:
     return classes
 
 
-def _image_mode(path: Path) -> str:
+def _mode_and_peak(path: Path) -> tuple[str, int | None]:
+    """The image's Pillow mode and, for a 16-bit grayscale image, its largest pixel."""
     try:
         with Image.open(path) as img:
-            mode = img.mode
+            if img.mode in _FLOAT_MODES:
+                raise UserError(
+                    f"{path} is a floating-point image, whose value range qkd-deploy cannot "
+                    "know; save it as an 8- or 16-bit image (PNG or TIFF)"
+                )
+            deep = img.mode.startswith("I")
+            return img.mode, int(_deep_pixels(img, path).max(initial=0)) if deep else None
     except _IMAGE_ERRORS as err:
         raise UserError(f"cannot read image {path}: {err}") from None
-    if mode in _FLOAT_MODES:
-        raise UserError(
-            f"{path} is a floating-point image, whose value range qkd-deploy cannot know; "
-            "save it as an 8- or 16-bit image (PNG or TIFF)"
-        )
-    return mode
 
 
-def _deep_pixels(path: Path) -> np.ndarray:
+def _deep_pixels(img: Image.Image, path: Path) -> np.ndarray:
     """The pixels of a 16-bit grayscale image (Pillow mode ``I;16*``, or ``I`` as 16-bit PGM
     opens), checked to fit 16 bits."""
-    try:
-        with Image.open(path) as img:
-            values = np.asarray(img).astype(np.int64)
-    except _IMAGE_ERRORS as err:
-        raise UserError(f"cannot read image {path}: {err}") from None
+    values = np.asarray(img).astype(np.int64)
     if values.size and (values.min() < 0 or values.max() > 65535):
         raise UserError(f"{path}: pixels outside 0..65535; save it as an 8- or 16-bit image")
     return values
@@ -505,10 +502,9 @@ class _FolderFormat:
 
 
 def _folder_format(files: list[Path]) -> _FolderFormat:
-    modes = [_image_mode(f) for f in files]
+    modes, peaks = zip(*(_mode_and_peak(f) for f in files), strict=True)
     mode = "L" if all(m in _GRAY_MODES for m in modes) else "RGB"
-    deep = [f for f, m in zip(files, modes, strict=True) if m.startswith("I")]
-    peak = max((int(_deep_pixels(f).max(initial=0)) for f in deep), default=255)
+    peak = max((p for p in peaks if p is not None), default=255)
     return _FolderFormat(mode, max(peak, 1))
 
 
@@ -516,7 +512,7 @@ def _load_image(path: Path, form: _FolderFormat, size: int) -> np.ndarray:
     try:
         with Image.open(path) as img:
             if img.mode.startswith("I"):  # convert() would clamp each value above 255 to 255
-                scaled = _deep_pixels(path) * (255.0 / form.peak)
+                scaled = _deep_pixels(img, path) * (255.0 / form.peak)
                 img = Image.fromarray(scaled.round().astype(np.uint8), mode="L")
             img = img.convert(form.mode).resize((size, size), Image.Resampling.BILINEAR)
             return np.asarray(img).reshape(size, size, -1)
