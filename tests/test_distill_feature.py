@@ -241,27 +241,61 @@ def test_spatial_size_mismatch_is_one_clear_user_error():
     teacher = _tiny((64, 128, 256), stem_stride=2)  # maps 4x4
     x, y = torch.randn(2, 1, 8, 8), torch.tensor([0, 1])
     mismatch = r"\(8, 8\) but the teacher's is \(4, 4\)"
-    for method in ("feed", "indistill"):
-        d = build_distiller(method, student, [teacher])
+    for method, options in (("feed", {"resize": "none"}), ("indistill", {})):
+        d = build_distiller(method, student, [teacher], options)
         with pytest.raises(UserError, match=mismatch):
             d.forward_train(x, y, 0.0)
         with pytest.raises(UserError, match=mismatch):  # with the input shape: when built
-            build_distiller(method, student, [teacher], {}, MethodContext(2, (1, 8, 8), 1, 1))
+            build_distiller(method, student, [teacher], options, MethodContext(2, (1, 8, 8), 1, 1))
     # sequential FEED reaches its second teacher late in the run: still caught when built
     with pytest.raises(UserError, match=mismatch):
         build_distiller(
             "feed",
             student,
             [student, teacher],
-            {"mode": "sequential"},
+            {"mode": "sequential", "resize": "none"},
             MethodContext(2, (1, 8, 8), 1, 1),
         )
+
+
+def test_pooling_to_the_common_size_averages_the_larger_map():
+    big = torch.arange(16.0).view(1, 1, 4, 4)
+    small = torch.zeros(1, 3, 2, 2)
+    pooled_big, same_small = feature.pooled_to_common_size(big, small)
+    # 2x2 blocks of 0..15 in rows of 4: means 2.5, 4.5, 10.5, 12.5
+    assert pooled_big.flatten().tolist() == [2.5, 4.5, 10.5, 12.5]
+    assert same_small is small
+    same_small, pooled_big = feature.pooled_to_common_size(small, big)  # either side
+    assert pooled_big.flatten().tolist() == [2.5, 4.5, 10.5, 12.5]
+    # 3x3 -> 2x2 overlaps: windows rows/cols {0, 1} and {1, 2}
+    odd = torch.arange(9.0).view(1, 1, 3, 3)
+    assert feature.pooled_to_common_size(odd, small)[0].flatten().tolist() == [2, 3, 5, 6]
+    # height and width are taken separately: 4x2 against 2x4 meet at 2x2
+    wide, tall = torch.ones(1, 1, 2, 4), torch.ones(1, 1, 4, 2)
+    assert [m.shape[2:] for m in feature.pooled_to_common_size(wide, tall)] == [(2, 2)] * 2
+    assert feature.pooled_to_common_size(big, big)[0] is big
+
+
+def test_feed_pools_a_larger_student_map_to_the_teachers_size():
+    student = _tiny((16, 32, 64))  # maps 8x8
+    teacher = _tiny((64, 128, 256), stem_stride=2)  # maps 4x4
+    shape = MethodContext(2, (1, 8, 8), 1, 1)
+    d = build_distiller("feed", student, [teacher], {"beta": 1.0}, shape)
+    d.eval()
+    x, y = torch.randn(2, 1, 8, 8), torch.tensor([0, 1])
+    _, terms = d.forward_train(x, y, 0.0)
+    translated = d.translators[0](student.forward_features(x)[1]["stages"][-1])
+    target = teacher.forward_features(x)[1]["stages"][-1]
+    expected = feature.normalized_l1(F.avg_pool2d(translated, 2), target)
+    assert terms["feed"].item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_option_and_model_errors_name_the_problem():
     s, t = _tiny((2, 3, 4)), _tiny((4, 6, 8))
     with pytest.raises(UserError, match="parallel"):
         build_distiller("feed", s, [t], {"mode": "both"})
+    with pytest.raises(UserError, match="'pool' or 'none'"):
+        build_distiller("feed", s, [t], {"resize": "bilinear"})
     with pytest.raises(UserError, match="shallow-first"):
         build_distiller("indistill", s, [t], {"order": "random"})
     with pytest.raises(UserError, match="stage_lengths"):

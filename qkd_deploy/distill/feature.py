@@ -78,6 +78,22 @@ def normalized_l1(student_map: torch.Tensor, teacher_map: torch.Tensor) -> torch
     return F.l1_loss(s, t)
 
 
+def pooled_to_common_size(
+    student_map: torch.Tensor, teacher_map: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both maps at the smaller height and the smaller width of the two: the larger map is
+    average-pooled (``adaptive_avg_pool2d``; windows overlap when the sizes do not divide).
+    Maps of equal size are returned unchanged."""
+    size = tuple(
+        min(a, b) for a, b in zip(student_map.shape[2:], teacher_map.shape[2:], strict=True)
+    )
+
+    def pooled(m: torch.Tensor) -> torch.Tensor:
+        return m if tuple(m.shape[2:]) == size else F.adaptive_avg_pool2d(m, size)
+
+    return pooled(student_map), pooled(teacher_map)
+
+
 class Translator(nn.Sequential):
     """FEED's non-linear translator: conv-BN-ReLU-conv from the student's last feature map to one
     teacher's channels (``kernel_size`` with "same" padding, so the spatial size is kept)."""
@@ -97,10 +113,13 @@ class FEEDOptions(MethodOptions):
     beta: float = 500.0  # weight of the feature loss (Factor Transfer code's default, CIFAR)
     mode: str = "parallel"  # "parallel": all teachers every step; "sequential": one per stage
     translator_kernel: int = 3  # kernel size of the translators' two convs
+    resize: str = "pool"  # maps of different sizes: "pool" the larger one, or "none" (refuse)
 
     def __post_init__(self) -> None:
         if self.mode not in ("parallel", "sequential"):
             raise UserError(f"feed mode {self.mode!r}: use 'parallel' or 'sequential'")
+        if self.resize not in ("pool", "none"):
+            raise UserError(f"feed resize {self.resize!r}: use 'pool' or 'none'")
 
 
 @register_method
@@ -133,9 +152,13 @@ class FEED(Distiller):
     - No logit KD term (the paper's loss is CE + feature term only).
     - Sequential stages share the trainer's single learning-rate schedule (the paper retrains
       each stage with its own schedule); stage lengths are equal.
-    - Teacher and student last feature maps must have the same height and width (no pooling or
-      interpolation): a mismatch is a ``UserError`` when the distiller is built with a context
-      (the pipeline's input shape), else at the first step.
+    - Teacher and student last feature maps of different height or width (a MobileNetV2
+      student's 4x4 against a CIFAR ResNet teacher's 7x7 on 28x28 images): the paper pairs
+      networks of one downsampling, so it never says. With ``resize = "pool"`` (default) the
+      larger of the two maps (the translated student's or the teacher's) is average-pooled to
+      the smaller size before the distance, which keeps each position's mean activation and adds
+      no parameters. ``resize = "none"`` refuses a mismatch with a ``UserError`` when the
+      distiller is built with a context (the pipeline's input shape), else at the first step.
     - Default teachers: two ``resnet8x4`` (seeds differ: the pipeline trains teacher ``i`` with
       seed + 100 i). The paper's teachers are several networks of one architecture, so the
       ensemble gain comes from their different solutions; resnet8x4 is the project's cheap
@@ -156,7 +179,7 @@ class FEED(Distiller):
             Translator(width, stage_channels(t, f"feed teacher {i}")[-1], options.translator_kernel)
             for i, t in enumerate(self.teachers)
         )
-        if context is not None:
+        if context is not None and options.resize == "none":
             last = stage_maps(student, context.input_shape)[-1]
             for teacher in self.teachers:
                 check_spatial(last, stage_maps(teacher, context.input_shape)[-1], "feed")
@@ -181,7 +204,10 @@ class FEED(Distiller):
         for i in self.active_teachers(progress):
             with torch.no_grad():
                 target = self.teachers[i].forward_features(images)[1]["stages"][-1]
-            feature_loss = feature_loss + normalized_l1(self.translators[i](last), target)
+            translated = self.translators[i](last)
+            if self.options.resize == "pool":
+                translated, target = pooled_to_common_size(translated, target)
+            feature_loss = feature_loss + normalized_l1(translated, target)
         return logits, {
             "ce": F.cross_entropy(logits, labels),
             "feed": self.options.beta * feature_loss,
