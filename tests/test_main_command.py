@@ -180,8 +180,12 @@ def teacher():
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        # resnet8's last stage is 2x2 on the 8x8 digits, mobilenetv2's 1x1
-        (["--method", "feed", "--teacher-arch", "resnet8,mobilenetv2"], "teacher's is (1, 1)"),
+        # resnet8's last stage is 2x2 on the 8x8 digits, mobilenetv2's 1x1 (pooled by default)
+        (
+            ["--method", "feed", "--teacher-arch", "resnet8,mobilenetv2"]
+            + ["--set", "student.method_options.resize=none"],
+            "teacher's is (1, 1)",
+        ),
         (["--method", "indistill", "--teacher-arch", "mobilenetv2"], "the teacher 4"),
         (["--method", "feed", "--teacher", "sequential_teacher:teacher"], "no stage feature maps"),
     ],
