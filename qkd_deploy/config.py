@@ -85,6 +85,9 @@ class StudentConfig:
     float_reference: bool = True  # train the student in float first: QAT starts from it
     float_train: TrainConfig = field(default_factory=TrainConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=0.01, warmup_epochs=0.0))
+    # after QAT, recompute the final student's BatchNorm statistics on one more (augmented)
+    # epoch of training images; data-free students, which never see them, and ptq skip it
+    bn_reestimate: bool = False
 
 
 @dataclass

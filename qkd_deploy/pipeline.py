@@ -35,6 +35,7 @@ from qkd_deploy.rundir import RunDir, library_versions, machine_description
 from qkd_deploy.runtime.base import run_in_batches
 from qkd_deploy.runtime.onnxruntime import OnnxRuntimeRunner, fused_kernel_inexactness
 from qkd_deploy.train import distributed
+from qkd_deploy.train.batchnorm import reestimate_batchnorm
 from qkd_deploy.train.device import resolve_device
 from qkd_deploy.train.evaluate import predict
 from qkd_deploy.train.loop import StepsOnly, fit
@@ -251,7 +252,10 @@ def quantized_student_stage(
 
     The student starts from the float student, except for a data-free method: the float student
     learnt from the training images, so that student starts from fresh weights (the float
-    student stays in the report as the reference)."""
+    student stays in the report as the reference). With ``student.bn_reestimate`` a trained
+    student's BatchNorm statistics are recomputed after the last epoch (``train.batchnorm``) on
+    one more epoch of the training loader, augmentation included (the statistics the weights
+    were trained with); the checkpoint keeps the last epoch's."""
     cfg, qcfg = ctx.config.student, ctx.config.quant
     folder = ctx.run.stage(bits.name)
     data_free = method_class(cfg.method).data_free
@@ -281,7 +285,11 @@ def quantized_student_stage(
             progress=progress,
             device=ctx.device,
         )
-    save_state(distiller.export_model(), final)
+    exported = distiller.export_model()
+    if cfg.bn_reestimate and distiller.trains and not data_free:
+        real_loader.set_epoch(cfg.train.epochs)  # one more epoch of the training stream
+        reestimate_batchnorm(exported, (x for x, _ in real_loader))
+    save_state(exported, final)
     return load_state(student, final).eval()
 
 

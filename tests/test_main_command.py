@@ -15,10 +15,15 @@ import torch
 
 from qkd_deploy import cli
 from qkd_deploy.config import load_config, save_config
+from qkd_deploy.data import BatchLoader, Preprocess, load_dataset
 from qkd_deploy.distill.logit import KDDecayOptions
 from qkd_deploy.errors import UserError
 from qkd_deploy.export.bundle import make_bundle
 from qkd_deploy.fileio import sha256_file
+from qkd_deploy.models.registry import build_model
+from qkd_deploy.pipeline import quantize_options
+from qkd_deploy.quant.convert import BitWidths, quantize_model
+from qkd_deploy.train.batchnorm import reestimate_batchnorm
 from qkd_deploy.train.device import describe, resolve_device
 from qkd_deploy.train_and_export import check_method, main, run
 
@@ -531,3 +536,65 @@ def test_ctrl_c_says_how_to_resume(tiny_run, tmp_path):
     assert "Traceback" not in stderr
     assert f"continue with python -m qkd_deploy.train_and_export --resume {out}" in stderr
     assert checkpoint.exists()
+
+
+def test_bn_reestimate_recomputes_the_trained_students_batchnorm_statistics(tiny_run, tmp_path):
+    """``student.bn_reestimate``: the saved W2A2 student is the last epoch's weights with the
+    BatchNorm statistics re-estimated on one more epoch of its training stream, and is what the
+    report measures."""
+    config, out = tiny_run
+    run_dir = tmp_path / "bn"
+    for stage in ("teacher", "student_float"):
+        shutil.copytree(out / stage, run_dir / stage)
+    overrides = [
+        "student.method=none",
+        "student.bits=[w2a2]",
+        "student.bn_reestimate=true",
+        f"out={run_dir}",
+    ]
+    cfg = load_config(str(config), overrides)
+    save_config(cfg, run_dir / "config.yaml")
+    assert main(["--resume", str(run_dir)]) == 0
+    report = json.loads((run_dir / "report.json").read_text())
+
+    saved = torch.load(run_dir / "w2a2" / "model.pt", weights_only=True)
+    trained = torch.load(run_dir / "w2a2" / "checkpoint.pt", weights_only=True)["model"]
+    trained = {
+        k.removeprefix("student."): v for k, v in trained.items() if k.startswith("student.")
+    }
+    stats = [k for k in saved if k.endswith(("running_mean", "running_var"))]
+    assert len(stats) > 10
+    assert all(
+        torch.equal(saved[k], trained[k])
+        for k in saved
+        if k not in stats and "num_batches" not in k
+    )
+    assert not any(torch.allclose(saved[k], trained[k]) for k in stats if k.endswith("running_var"))
+
+    data = load_dataset(cfg.data.spec)
+    preprocess = Preprocess.from_dict(report["preprocess"])
+    student = quantize_model(
+        build_model("resnet8", 1, 10), quantize_options(cfg.quant, BitWidths(2, 2))
+    )
+    student.load_state_dict(trained)
+    loader = BatchLoader(
+        data.train,
+        preprocess,
+        cfg.student.train.batch_size,
+        shuffle=True,
+        augment=data.augment,
+        seed=cfg.seed + 2,  # the student's training stream
+        drop_last=True,
+    )
+    loader.set_epoch(cfg.student.train.epochs)  # the epoch after the last one trained
+    reestimate_batchnorm(student, (x for x, _ in loader))
+    for k in stats:
+        torch.testing.assert_close(student.state_dict()[k], saved[k])
+
+    student.eval()
+    with torch.no_grad():
+        logits = student(preprocess.apply(data.test.images))
+    (w2,) = report["students"]
+    assert w2["accuracy_torch"] == pytest.approx(
+        (logits.argmax(1) == data.test.labels).float().mean().item()
+    )
