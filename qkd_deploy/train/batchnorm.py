@@ -18,7 +18,13 @@ from torch import nn
 
 
 def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    """The BatchNorm layers that keep running statistics (the others normalise every batch by
+    its own and have nothing to re-estimate)."""
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
 
 
 @torch.no_grad()
@@ -36,7 +42,7 @@ def reestimate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> i
         return 0
     saved = [(m.momentum, m.running_mean.clone(), m.running_var.clone()) for m in layers]
     was_training = model.training
-    device = next(model.parameters()).device
+    device = layers[0].running_mean.device
     model.eval()
     seen = 0
     try:
