@@ -86,7 +86,8 @@ class StudentConfig:
     float_train: TrainConfig = field(default_factory=TrainConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=0.01, warmup_epochs=0.0))
     # after QAT, recompute the final student's BatchNorm statistics on one more (augmented)
-    # epoch of training images; data-free students, which never see them, and ptq skip it
+    # epoch of training images; data-free students, which never see them, skip it (ptq has its
+    # own method option, on by default)
     bn_reestimate: bool = False
 
 

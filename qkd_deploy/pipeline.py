@@ -11,6 +11,7 @@ import functools
 import io
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from torch import nn
 from qkd_deploy.bench.accuracy import accuracy, parity
 from qkd_deploy.bench.latency import measure_latency
 from qkd_deploy.calib.calibrate import calibrate
-from qkd_deploy.config import Config, QuantConfig, TeacherConfig, TrainConfig
+from qkd_deploy.config import Config, QuantConfig, StudentConfig, TeacherConfig, TrainConfig
 from qkd_deploy.data import BatchLoader, DatasetSplits, Preprocess, stratified_subset
 from qkd_deploy.distill import build_distiller
 from qkd_deploy.distill.base import Distiller, MethodContext, method_class
@@ -252,10 +253,9 @@ def quantized_student_stage(
 
     The student starts from the float student, except for a data-free method: the float student
     learnt from the training images, so that student starts from fresh weights (the float
-    student stays in the report as the reference). With ``student.bn_reestimate`` a trained
-    student's BatchNorm statistics are recomputed after the last epoch (``train.batchnorm``) on
-    one more epoch of the training loader, augmentation included (the statistics the weights
-    were trained with); the checkpoint keeps the last epoch's."""
+    student stays in the report as the reference). The BatchNorm statistics of the finished
+    student may then be re-estimated (``bn_reestimation_batches``); a checkpoint keeps the last
+    epoch's."""
     cfg, qcfg = ctx.config.student, ctx.config.quant
     folder = ctx.run.stage(bits.name)
     data_free = method_class(cfg.method).data_free
@@ -286,11 +286,32 @@ def quantized_student_stage(
             device=ctx.device,
         )
     exported = distiller.export_model()
-    if cfg.bn_reestimate and distiller.trains and not data_free:
-        real_loader.set_epoch(cfg.train.epochs)  # one more epoch of the training stream
-        reestimate_batchnorm(exported, (x for x, _ in real_loader))
+    reestimation = bn_reestimation_batches(cfg, distiller, real_loader, batches, data_free)
+    if reestimation is not None:
+        reestimate_batchnorm(exported, reestimation)
     save_state(exported, final)
     return load_state(student, final).eval()
+
+
+def bn_reestimation_batches(
+    cfg: StudentConfig,
+    distiller: Distiller,
+    loader: BatchLoader,
+    calibration: list[torch.Tensor],
+    data_free: bool,
+) -> Iterable[torch.Tensor] | None:
+    """The images a finished student's BatchNorm statistics are re-estimated on, or None: one
+    more epoch of the training stream for a trained student with ``student.bn_reestimate``, the
+    calibration images for ``ptq`` with its ``bn_reestimate`` option; never for a data-free
+    student, which must not see the training images."""
+    if data_free:
+        return None
+    if distiller.trains:
+        if not cfg.bn_reestimate:
+            return None
+        loader.set_epoch(cfg.train.epochs)  # the epoch after the last one trained
+        return (x for x, _ in loader)
+    return calibration if getattr(distiller.options, "bn_reestimate", False) else None
 
 
 def method_context(

@@ -15,7 +15,7 @@ import torch
 
 from qkd_deploy import cli
 from qkd_deploy.config import load_config, save_config
-from qkd_deploy.data import BatchLoader, Preprocess, load_dataset
+from qkd_deploy.data import BatchLoader, Preprocess, load_dataset, stratified_subset
 from qkd_deploy.distill.logit import KDDecayOptions
 from qkd_deploy.errors import UserError
 from qkd_deploy.export.bundle import make_bundle
@@ -430,6 +430,48 @@ def test_ptq_exports_the_calibrated_float_student_without_training(tiny_run, tmp
         shared = [k for k in float_weights if k.endswith(".weight") and k in weights]
         assert len(shared) > 5
         assert all(torch.equal(weights[k], float_weights[k]) for k in shared)
+
+
+def test_ptq_reestimates_batchnorm_on_the_calibration_images_unless_told_not_to(tiny_run, tmp_path):
+    """``ptq``'s ``bn_reestimate`` (default on): its student is the one of
+    ``bn_reestimate=false`` with only the BatchNorm statistics recomputed on the calibration
+    images."""
+    config, out = tiny_run
+
+    def ptq_run(name, *overrides):
+        run_dir = tmp_path / name
+        for stage in ("teacher", "student_float"):
+            shutil.copytree(out / stage, run_dir / stage)
+        cfg = load_config(
+            str(config),
+            ["student.method=ptq", "student.bits=[w2a2]", f"out={run_dir}", *overrides],
+        )
+        save_config(cfg, run_dir / "config.yaml")
+        assert main(["--resume", str(run_dir)]) == 0
+        return cfg, torch.load(run_dir / "w2a2" / "model.pt", weights_only=True)
+
+    cfg, reestimated = ptq_run("on")
+    _, kept = ptq_run("off", "student.method_options.bn_reestimate=false")
+    float_weights = torch.load(out / "student_float" / "model.pt", weights_only=True)
+    stats = [k for k in kept if k.endswith(("running_mean", "running_var"))]
+    assert all(torch.equal(kept[k], float_weights[k]) for k in stats)  # off: the float's
+
+    student = quantize_model(
+        build_model("resnet8", 1, 10), quantize_options(cfg.quant, BitWidths(2, 2))
+    )
+    student.load_state_dict(kept)
+    data = load_dataset(cfg.data.spec)
+    report = json.loads((tmp_path / "on" / "report.json").read_text())
+    preprocess = Preprocess.from_dict(report["preprocess"])
+    calibration = stratified_subset(data.train, cfg.data.calibration_size, cfg.seed)
+    reestimate_batchnorm(student, (x for x, _ in BatchLoader(calibration, preprocess, 256)))
+    expected = student.state_dict()
+    for k, value in reestimated.items():
+        if k in stats:
+            torch.testing.assert_close(value, expected[k])
+            assert not torch.allclose(value, kept[k])
+        elif "num_batches" not in k:
+            assert torch.equal(value, kept[k]), k  # weights and step sizes untouched
 
 
 def test_ptq_needs_the_float_student():

@@ -27,14 +27,25 @@ class NoDistillation(Distiller):
         return logits, {"ce": F.cross_entropy(logits, labels)}
 
 
+@dataclasses.dataclass
+class PTQOptions(MethodOptions):
+    bn_reestimate: bool = True  # BatchNorm statistics recomputed on the calibration images
+
+
 @register_method
 class PostTrainingQuantization(NoDistillation):
     """Post-training quantization: the float student quantized and calibrated with the run's
     calibrators (``quant.*``), then exported without a training step, so ``student.train`` is
-    not used. The baseline that shows what QAT and distillation add at each bit-width."""
+    not used. The baseline that shows what QAT and distillation add at each bit-width.
+
+    With ``bn_reestimate`` (default) the pipeline then recomputes the BatchNorm running
+    statistics of the quantized model on the calibration images (``train.batchnorm``): the
+    float model's statistics describe activations that its quantized weights no longer produce.
+    Only statistics change, no weight; the quantizers keep their calibrated step sizes."""
 
     name = "ptq"
     description = "post-training quantization: calibrate and export, no training"
+    Options = PTQOptions
     trains = False
 
 
