@@ -5,7 +5,8 @@ run trains the teachers and the float student once; every method's run directory
 them (the pipeline treats copied stages as finished), so all methods distil from the same
 teachers and start QAT from the same float student. Baselines in the same table: the float
 student, plain QAT (`none`), the pipeline's own post-training quantization (`ptq`: the float
-student calibrated and exported at every bit-width, no training step) and ONNX Runtime's
+student calibrated, its BatchNorm statistics re-estimated on the calibration images, and
+exported at every bit-width, no training step) and ONNX Runtime's
 `quantize_static` PTQ at INT8 (QDQ format, its CPU defaults: UINT8 activations, INT8 per-channel
 weights) with MinMax, Entropy and Percentile calibration on the pipeline's calibration images.
 Every accuracy is that of the exported ONNX model in ONNX Runtime on the full 10 000-image test
