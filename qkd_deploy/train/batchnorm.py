@@ -1,11 +1,14 @@
-"""BatchNorm re-estimation after quantization-aware training.
+"""BatchNorm re-estimation of a quantized model, after QAT or post-training quantization.
+
+After post-training quantization, the float model's running statistics describe activations
+that the quantized weights no longer produce.
 
 During QAT at low bit-widths, latent weights near a rounding threshold flip between two grid
 points from step to step (Nagel et al., "Overcoming Oscillations in Quantization-Aware
 Training", ICML 2022). BatchNorm's running statistics are an exponential average over those
 steps, so they describe a mix of weights that differs from the final one, and the model is
 evaluated (and exported, with the statistics folded into the convs) with mismatched
-normalization. Re-estimating the statistics of the final fake-quant model on training images
+normalization. Re-estimating the statistics of the final fake-quant model on real images
 removes the mismatch; nothing else changes.
 """
 
