@@ -51,6 +51,24 @@ def tiny_run(tmp_path_factory):
     return config, out
 
 
+def resume_on_tiny_pool(tiny_run, run_dir, overrides):
+    """A run of the tiny config with ``overrides`` on a copy of the tiny run's teacher and float
+    student (finished stages: the pipeline reuses them); returns its config."""
+    config, out = tiny_run
+    for stage in ("teacher", "student_float"):
+        shutil.copytree(out / stage, run_dir / stage)
+    cfg = load_config(str(config), [*overrides, f"out={run_dir}"])
+    save_config(cfg, run_dir / "config.yaml")
+    assert main(["--resume", str(run_dir)]) == 0
+    return cfg
+
+
+def quantized_resnet8(cfg, bits: int):
+    """The tiny run's student architecture as the pipeline quantizes it at W{bits}A{bits}."""
+    options = quantize_options(cfg.quant, BitWidths(bits, bits))
+    return quantize_model(build_model("resnet8", 1, 10), options)
+
+
 def test_report_follows_the_schema(tiny_run):
     _, out = tiny_run
     report = json.loads((out / "report.json").read_text())
@@ -410,13 +428,9 @@ def test_export_command_reexports_a_finished_run_at_another_opset(tiny_run, tmp_
 def test_ptq_exports_the_calibrated_float_student_without_training(tiny_run, tmp_path):
     """``--method ptq`` on the tiny run's trained teacher and float student (copied in): the
     students are the float student's weights, calibrated, never trained."""
-    config, out = tiny_run
+    _, out = tiny_run
     run = tmp_path / "ptq"
-    for stage in ("teacher", "student_float"):
-        shutil.copytree(out / stage, run / stage)
-    overrides = ["student.method=ptq", "student.bits=[w8a8, w2a2]", f"out={run}"]
-    save_config(load_config(str(config), overrides), run / "config.yaml")
-    assert main(["--resume", str(run)]) == 0
+    resume_on_tiny_pool(tiny_run, run, ["student.method=ptq", "student.bits=[w8a8, w2a2]"])
     report = json.loads((run / "report.json").read_text())
     (float_student,) = report["float_references"]
     w8, w2 = report["students"]
@@ -436,18 +450,13 @@ def test_ptq_reestimates_batchnorm_on_the_calibration_images_unless_told_not_to(
     """``ptq``'s ``bn_reestimate`` (default on): its student is the one of
     ``bn_reestimate=false`` with only the BatchNorm statistics recomputed on the calibration
     images."""
-    config, out = tiny_run
+    _, out = tiny_run
 
     def ptq_run(name, *overrides):
         run_dir = tmp_path / name
-        for stage in ("teacher", "student_float"):
-            shutil.copytree(out / stage, run_dir / stage)
-        cfg = load_config(
-            str(config),
-            ["student.method=ptq", "student.bits=[w2a2]", f"out={run_dir}", *overrides],
+        cfg = resume_on_tiny_pool(
+            tiny_run, run_dir, ["student.method=ptq", "student.bits=[w2a2]", *overrides]
         )
-        save_config(cfg, run_dir / "config.yaml")
-        assert main(["--resume", str(run_dir)]) == 0
         return cfg, torch.load(run_dir / "w2a2" / "model.pt", weights_only=True)
 
     cfg, reestimated = ptq_run("on")
@@ -456,9 +465,7 @@ def test_ptq_reestimates_batchnorm_on_the_calibration_images_unless_told_not_to(
     stats = [k for k in kept if k.endswith(("running_mean", "running_var"))]
     assert all(torch.equal(kept[k], float_weights[k]) for k in stats)  # off: the float's
 
-    student = quantize_model(
-        build_model("resnet8", 1, 10), quantize_options(cfg.quant, BitWidths(2, 2))
-    )
+    student = quantized_resnet8(cfg, 2)
     student.load_state_dict(kept)
     data = load_dataset(cfg.data.spec)
     report = json.loads((tmp_path / "on" / "report.json").read_text())
@@ -584,19 +591,9 @@ def test_bn_reestimate_recomputes_the_trained_students_batchnorm_statistics(tiny
     """``student.bn_reestimate``: the saved W2A2 student is the last epoch's weights with the
     BatchNorm statistics re-estimated on one more epoch of its training stream, and is what the
     report measures."""
-    config, out = tiny_run
     run_dir = tmp_path / "bn"
-    for stage in ("teacher", "student_float"):
-        shutil.copytree(out / stage, run_dir / stage)
-    overrides = [
-        "student.method=none",
-        "student.bits=[w2a2]",
-        "student.bn_reestimate=true",
-        f"out={run_dir}",
-    ]
-    cfg = load_config(str(config), overrides)
-    save_config(cfg, run_dir / "config.yaml")
-    assert main(["--resume", str(run_dir)]) == 0
+    overrides = ["student.method=none", "student.bits=[w2a2]", "student.bn_reestimate=true"]
+    cfg = resume_on_tiny_pool(tiny_run, run_dir, overrides)
     report = json.loads((run_dir / "report.json").read_text())
 
     saved = torch.load(run_dir / "w2a2" / "model.pt", weights_only=True)
@@ -615,9 +612,7 @@ def test_bn_reestimate_recomputes_the_trained_students_batchnorm_statistics(tiny
 
     data = load_dataset(cfg.data.spec)
     preprocess = Preprocess.from_dict(report["preprocess"])
-    student = quantize_model(
-        build_model("resnet8", 1, 10), quantize_options(cfg.quant, BitWidths(2, 2))
-    )
+    student = quantized_resnet8(cfg, 2)
     student.load_state_dict(trained)
     loader = BatchLoader(
         data.train,

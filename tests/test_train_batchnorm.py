@@ -55,11 +55,13 @@ def test_no_batches_or_a_failing_pass_keeps_the_old_statistics():
     model = small_model()
     model[2].running_mean.fill_(0.5)
     model[2].running_var.fill_(2.0)
+    model[2].num_batches_tracked.fill_(7)
     with pytest.raises(ValueError, match="no batches"):
         reestimate_batchnorm(model, [])
     with pytest.raises(RuntimeError):  # the second batch has the wrong channel count
         reestimate_batchnorm(model, [torch.randn(2, 2, 3, 3), torch.randn(2, 5, 3, 3)])
     assert torch.all(model[2].running_mean == 0.5) and torch.all(model[2].running_var == 2.0)
+    assert model[2].num_batches_tracked.item() == 7
     assert model[2].momentum == 0.3
 
 

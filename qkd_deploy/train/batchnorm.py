@@ -43,7 +43,10 @@ def reestimate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> i
     layers = batchnorm_layers(model)
     if not layers:
         return 0
-    saved = [(m.momentum, m.running_mean.clone(), m.running_var.clone()) for m in layers]
+    saved = [
+        (m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+        for m in layers
+    ]
     was_training = model.training
     device = layers[0].running_mean.device
     model.eval()
@@ -59,12 +62,13 @@ def reestimate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> i
         if seen == 0:
             raise ValueError("reestimate_batchnorm got no batches")
     except BaseException:
-        for layer, (_, mean, var) in zip(layers, saved, strict=True):
+        for layer, (_, mean, var, count) in zip(layers, saved, strict=True):
             layer.running_mean.copy_(mean)
             layer.running_var.copy_(var)
+            layer.num_batches_tracked.copy_(count)
         raise
     finally:
-        for layer, (momentum, _, _) in zip(layers, saved, strict=True):
+        for layer, (momentum, *_) in zip(layers, saved, strict=True):
             layer.momentum = momentum
         model.train(was_training)
     return len(layers)
