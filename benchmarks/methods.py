@@ -23,7 +23,8 @@ Every method gets the QAT learning rate at which plain QAT (``none``) scored bes
 teacher.
 
     python benchmarks/methods.py [--seeds 0 1] [--jobs 2] [--train-limit 2000] [--epochs 10]
-        [--lr 0.05] [--teacher-epochs 30] [--float-epochs 30] [--methods kd cmt-kd ...]
+        [--lr 0.05] [--teacher-epochs 30] [--float-epochs 30] [--float-method none]
+        [--methods kd cmt-kd ...]
         [--bits w8a8 w4a4 w2a2] [--out benchmarks/results] [--name methods]
 
 Budget: two seeds in parallel, 2 hours; the results file states each seed's run time on its
@@ -40,6 +41,10 @@ checkpoints. A run folder that holds other settings (bit-widths, epochs, ...) st
 error instead of being read back. Stop it with Ctrl-C or ``kill``: on Linux its worker
 processes die with it (elsewhere kill the process group, ``kill -- -PGID``, or they train on;
 their run directories' locks then stop a second invocation from using them).
+``--float-method NAME`` (``avg-teachers``, ...) makes every distillation method distil its
+float student too: each method's run trains its own from its teachers with NAME over the float
+student's epochs (``student.float_method``) before its QAT; the baselines (plain QAT, ``ptq``,
+ONNX Runtime's PTQ) keep the plain float student, and so does the W4A4 target.
 ``--pool-from WORK`` reuses the teachers and float students of an earlier ``--work`` folder
 trained with the same settings (it checks them), for a table of new QAT settings.
 Needs Debian's `dataset-fashion-mnist` (`apt-get install -y dataset-fashion-mnist`).
@@ -67,6 +72,7 @@ from results_io import machine_line, summarize, targets_table, write_results
 
 from qkd_deploy.config import load_config, save_config, to_dict
 from qkd_deploy.data import Preprocess, load_dataset, stratified_subset
+from qkd_deploy.distill.base import float_methods
 from qkd_deploy.errors import UserError
 from qkd_deploy.runtime.base import run_in_batches
 from qkd_deploy.runtime.onnxruntime import OnnxRuntimeRunner
@@ -145,6 +151,9 @@ def run_method(
     ]
     if method in DATA_FREE:
         overrides.append(f"student.method_options.batch_size={TRAIN_BATCH}")
+    own_float = distils_float_student(args, method)
+    if own_float:
+        overrides.append(f"student.float_method={args.float_method}")
     config = load_config(overrides=overrides)
     config.student.method_options = check_method(config)
     if (root / "config.yaml").is_file():  # an earlier invocation's run: resume or read it back
@@ -166,10 +175,18 @@ def run_method(
         shutil.rmtree(root)
     root.mkdir(parents=True)
     if pool != root:
-        for stage in [teacher_stage(i) for i in range(teachers)] + list(FLOAT_STAGES):
+        copied = [teacher_stage(i) for i in range(teachers)]
+        for stage in copied + ([] if own_float else list(FLOAT_STAGES)):
             shutil.copytree(pool / stage, root / stage)
     save_config(config, root / "config.yaml")
     return run(config, root), root
+
+
+def distils_float_student(args: argparse.Namespace, method: str) -> bool:
+    """With ``--float-method``, a distillation method (no baseline, no data-free method, whose
+    student never starts from the float student) trains its own float student, distilled from
+    its teachers, instead of copying the pool's."""
+    return args.float_method != "none" and method not in (*PIPELINE_BASELINES, *DATA_FREE)
 
 
 def ptq_accuracies(pool: Path, args: argparse.Namespace, seed: int) -> dict[str, float]:
@@ -244,6 +261,8 @@ def run_seed(args: argparse.Namespace, seed: int) -> tuple[dict[str, float], dic
         report, _ = run_method(args, seed, method, teachers, bits, pool)
         seconds[method] = run_seconds(report)
         results.update(_student_accuracies(report))
+        if distils_float_student(args, method):
+            results[f"{method}/float"] = report["float_references"][0]["accuracy_onnx"]
         print(f"seed {seed} {method}: {_student_accuracies(report)}", flush=True)
     return results, seconds
 
@@ -385,6 +404,14 @@ def markdown(
             "the run times above."
             if args.pool_from
             else ""
+        )
+        + (
+            f" **Distillation methods distil their float student too**: each trains its own, "
+            f"with `{args.float_method}` from its teachers over the same {args.float_epochs} "
+            "epochs (`student.float_method`; its accuracy in the float column), and starts QAT "
+            "from it. The baselines start from the plain float student."
+            if args.float_method != "none"
+            else ""
         ),
         "",
         "| method | float | " + " | ".join(c.upper() for c in columns) + " |",
@@ -393,8 +420,8 @@ def markdown(
     ]
     for method in rows:
         label = BASELINE_LABELS.get(method, method)
-        cells = [_cell(summary, f"{method}/{c}") for c in columns]
-        lines.append(f"| {label} | | " + " | ".join(cells) + " |")
+        cells = [_cell(summary, f"{method}/{c}") for c in ["float", *columns]]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     ptq = CALIBRATION_METHODS if "w8a8" in args.bits else []
     for name in ptq:  # UINT8 activations, INT8 per-channel weights: W8A8
         lines.append(
@@ -457,6 +484,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=0.05, help="QAT learning rate, every method")
     p.add_argument("--teacher-epochs", type=int, default=30)
     p.add_argument("--float-epochs", type=int, default=30, help="float student, before QAT")
+    p.add_argument(
+        "--float-method",
+        default="none",
+        choices=float_methods(),
+        help="distillation methods train their own float student with this method from their "
+        "teachers (student.float_method); the baselines keep the pool's",
+    )
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--work", default="runs/bench-methods")
     p.add_argument("--name", default="methods", help="result files: OUT/NAME.md and .json")

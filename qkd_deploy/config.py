@@ -83,6 +83,11 @@ class StudentConfig:
     method: str = "kd-decay"
     method_options: dict[str, Any] = field(default_factory=dict)
     float_reference: bool = True  # train the student in float first: QAT starts from it
+    # how the float student trains: "none" on the labels alone, or distilled from the run's
+    # teachers by a method that can train a float model (kd, kd-decay, avg-teachers, feed), with
+    # its options in float_method_options; QAT then starts from that student
+    float_method: str = "none"
+    float_method_options: dict[str, Any] = field(default_factory=dict)
     float_train: TrainConfig = field(default_factory=TrainConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=0.01, warmup_epochs=0.0))
     # after QAT, recompute the final student's BatchNorm statistics on one more (augmented)

@@ -93,14 +93,23 @@ def load_state(model: nn.Module, path: Path) -> nn.Module:
 
 
 def train_float(
-    ctx: Context, stage: str, model: nn.Module, cfg: TrainConfig, seed_offset: int, progress: bool
+    ctx: Context,
+    stage: str,
+    model: nn.Module,
+    cfg: TrainConfig,
+    seed_offset: int,
+    progress: bool,
+    method: str = "none",
+    teachers: list[nn.Module] | None = None,
+    method_options: dict | None = None,
 ) -> tuple[nn.Module, list]:
-    """Train ``model`` in float with cross-entropy (or load it if this stage already finished)."""
+    """Train ``model`` in float with cross-entropy, or distilled from ``teachers`` by ``method``
+    (a method that ``distils_float``), or load it if this stage already finished."""
     folder = ctx.run.stage(stage)
     final = folder / "model.pt"
     if final.exists():
         return load_state(model, final).eval(), []
-    distiller = build_distiller("none", model, [])
+    distiller = build_distiller(method, model, teachers or [], method_options)
     history = fit(
         distiller,
         ctx.train_loader(cfg.batch_size, seed_offset),
@@ -115,10 +124,15 @@ def train_float(
 
 
 def teacher_configs(config: Config) -> list[TeacherConfig]:
-    """The configured teachers, or the method's default architectures when none are configured."""
-    return config.teachers or [
-        TeacherConfig(arch=arch) for arch in method_class(config.student.method).default_teachers
-    ]
+    """The configured teachers, or the method's default architectures when none are configured
+    (those of ``student.float_method`` when only the float student distils)."""
+    if config.teachers:
+        return config.teachers
+    method = method_class(config.student.method)
+    float_method = method_class(config.student.float_method)
+    if not method.needs_teachers and float_method.needs_teachers:
+        method = float_method
+    return [TeacherConfig(arch=arch) for arch in method.default_teachers]
 
 
 def teacher_stage(i: int) -> str:
@@ -220,11 +234,24 @@ def untrained_student(ctx: Context) -> nn.Module:
     return build_model(ctx.config.student.arch, ctx.data.in_channels, ctx.data.num_classes)
 
 
-def float_student_stage(ctx: Context, progress: bool) -> nn.Module:
+def float_student_stage(ctx: Context, teachers: list[nn.Module], progress: bool) -> nn.Module:
+    """The float student QAT starts from, trained (``student.float_method``: on the labels, or
+    distilled from ``teachers``), or the untrained one when ``float_reference`` is off."""
+    cfg = ctx.config.student
     model = untrained_student(ctx)
-    if not ctx.config.student.float_reference:
+    if not cfg.float_reference:
         return model
-    model, _ = train_float(ctx, "student_float", model, ctx.config.student.float_train, 1, progress)
+    model, _ = train_float(
+        ctx,
+        "student_float",
+        model,
+        cfg.float_train,
+        1,
+        progress,
+        cfg.float_method,
+        teachers,
+        cfg.float_method_options,
+    )
     return model
 
 
@@ -422,14 +449,20 @@ def check_method_fits(ctx: Context) -> None:
 
     A model that does not fit the method then fails before the teachers and the float student
     train, not hours later: a user's teacher without stage feature maps for ``feed``, stage sizes
-    the student's cannot be compared with, teachers that ``cmt-kd`` cannot mix. Untrained models
-    have the trained ones' structure; the random state is restored afterwards, so the run's
+    the student's cannot be compared with, teachers that ``cmt-kd`` cannot mix. The same for
+    ``student.float_method`` on the float student. Untrained models have the trained ones'
+    structure; the random state is restored afterwards, so the run's
     numbers do not change.
     """
     with torch.random.fork_rng():
         distiller, images, labels = untrained_method(ctx)
         distiller.train()
         distiller.forward_train(images, labels, 0.0)
+        cfg = ctx.config.student
+        if cfg.float_method != "none" and cfg.float_reference:
+            distiller, images, labels = untrained_float_method(ctx)
+            distiller.train()
+            distiller.forward_train(images, labels, 0.0)
 
 
 def untrained_method(ctx: Context) -> tuple[Distiller, torch.Tensor | None, torch.Tensor | None]:
@@ -454,6 +487,18 @@ def untrained_method(ctx: Context) -> tuple[Distiller, torch.Tensor | None, torc
         cfg.method, context.make_student(), teachers, method_options, context
     )
     return (distiller, None, None) if data_free else (distiller, images, labels)
+
+
+def untrained_float_method(ctx: Context) -> tuple[Distiller, torch.Tensor, torch.Tensor]:
+    """``student.float_method`` built on untrained copies of the run's teachers and the float
+    student, with ``PREFLIGHT_IMAGES`` augmented training images and labels to step it with."""
+    cfg = ctx.config.student
+    teachers = [teacher_model(ctx, t, i) for i, t in enumerate(teacher_configs(ctx.config))]
+    images, labels = next(iter(ctx.train_loader(PREFLIGHT_IMAGES, 1)))
+    distiller = build_distiller(
+        cfg.float_method, untrained_student(ctx), teachers, cfg.float_method_options
+    )
+    return distiller, images, labels
 
 
 def _mark_calibrated(model: nn.Module) -> None:

@@ -27,6 +27,7 @@ FLAG_KEYS = {
     "normalize": ["data.normalize"],
     "student_arch": ["student.arch"],
     "method": ["student.method"],
+    "float_method": ["student.float_method"],
     "target": ["quant.target"],
     "seed": ["seed"],
     "epochs": ["teacher_train.epochs", "student.float_train.epochs", "student.train.epochs"],
@@ -72,6 +73,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--student-arch", help="zoo model for the students (default resnet8)")
     p.add_argument("--bits", help="students to make: 8,4 (= w8a8,w4a4) or w4a8,...")
     p.add_argument("--method", help="distillation method (default kd-decay)")
+    p.add_argument(
+        "--float-method",
+        help="distil the float student too, before QAT (kd, kd-decay, avg-teachers or feed; "
+        "default none: labels only)",
+    )
     p.add_argument("--target", choices=["tensorrt", "onnxruntime"], help="export target")
     p.add_argument("--epochs", type=_at_least_one, help="epochs of every training stage")
     p.add_argument("--seed", type=int)
@@ -199,9 +205,30 @@ def check_method(config: Config) -> dict:
             f"{method} quantizes the trained float student without training it further, and "
             "student.float_reference=false skips that student; set it to true"
         )
+    check_float_method(config)
     return checked_method_options(
         config.student.method, config.student.method_options, len(teacher_configs(config))
     )
+
+
+def check_float_method(config: Config) -> None:
+    """``student.float_method`` must train a float model, and there must be a float student."""
+    from qkd_deploy.distill.base import checked_method_options, float_methods, method_class
+    from qkd_deploy.pipeline import teacher_configs
+
+    name = config.student.float_method
+    if not method_class(name).distils_float:
+        raise UserError(
+            f"student.float_method {name!r} cannot train the float student (it needs a quantized "
+            f"student, or does not train); use one of {', '.join(float_methods())}"
+        )
+    if name != "none" and not config.student.float_reference:
+        raise UserError(
+            f"student.float_method={name} distils the float student, and "
+            "student.float_reference=false skips that student; set it to true, or the float "
+            "method to none"
+        )
+    checked_method_options(name, config.student.float_method_options, len(teacher_configs(config)))
 
 
 def run(config: Config, root: Path) -> dict:
@@ -269,12 +296,19 @@ def _run_stages(config: Config, root: Path) -> dict:
     with P.timed(timings, "teachers"):
         teachers, teacher_infos = P.teachers_stage(ctx, progress)
     with P.timed(timings, "student_float"):
-        float_student = P.float_student_stage(ctx, progress)
+        float_student = P.float_student_stage(ctx, teachers, progress)
     references = []
     if config.student.float_reference:
         with P.timed(timings, "export_student_float"):
             ref = P.export_stage(ctx, float_student, "student_float", quantized=False)
-        references.append({"name": "student_float", "arch": config.student.arch, **ref})
+        references.append(
+            {
+                "name": "student_float",
+                "arch": config.student.arch,
+                "method": config.student.float_method,
+                **ref,
+            }
+        )
     students = []
     trains = method_class(config.student.method).trains
     for bits in bit_list:

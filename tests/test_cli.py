@@ -155,3 +155,6 @@ def test_methods_lists_every_registered_method_with_its_options(capsys):
     assert main(["methods"]) == 0
     listing = capsys.readouterr().out
     assert "(1 teacher, data-free)" in listing and "(2+ teacher(s), data-free)" in listing
+    as_float = {e["name"] for e in entries if e["distils_float"]}
+    assert as_float == {"none", "kd", "kd-decay", "avg-teachers", "feed"}
+    assert "(1+ teacher(s), also as --float-method)" in listing  # kd

@@ -180,6 +180,11 @@ def test_existing_run_directory_is_not_overwritten(tiny_run, capsys):
         (["--method", "cmt-kd", "--teacher-arch", "resnet8,resnet8"], "for teacher_bits"),
         # no teachers given: the method's three default teachers are counted
         (["--method", "cmt-kd", "--set", "student.method_options.teacher_bits=[8,4]"], "got 3"),
+        (["--float-method", "dml"], "'dml' cannot train the float student"),
+        (["--float-method", "ptq"], "use one of avg-teachers, feed, kd, kd-decay, none"),
+        (["--float-method", "kd", "--set", "student.float_reference=false"], "set it to true"),
+        (["--float-method", "kd", "--set", "student.float_method_options.beta=2"], "['beta']"),
+        (["--float-method", "avg-teachers", "--teacher-arch", "resnet8"], "at least 2 teacher"),
     ],
 )
 def test_a_bad_method_setting_fails_before_the_run_directory_is_made(
@@ -211,6 +216,11 @@ def teacher():
         ),
         (["--method", "indistill", "--teacher-arch", "mobilenetv2"], "the teacher 4"),
         (["--method", "feed", "--teacher", "sequential_teacher:teacher"], "no stage feature maps"),
+        # kd takes any teacher; the float student's feed does not
+        (
+            ["--method", "kd", "--float-method", "feed", "--teacher", "sequential_teacher:teacher"],
+            "no stage feature maps",
+        ),
     ],
 )
 def test_a_model_that_does_not_fit_the_method_fails_before_any_training(
@@ -444,6 +454,47 @@ def test_ptq_exports_the_calibrated_float_student_without_training(tiny_run, tmp
         shared = [k for k in float_weights if k.endswith(".weight") and k in weights]
         assert len(shared) > 5
         assert all(torch.equal(weights[k], float_weights[k]) for k in shared)
+
+
+def test_float_method_distils_the_float_student_that_quantization_starts_from(tiny_run, tmp_path):
+    """``student.float_method=kd`` with the tiny run's trained teacher copied in: the float
+    student trains with KD from it (the same initial weights, images and epochs as the tiny
+    run's plain float student, so only the loss differs), and the quantized students start from
+    it (``ptq`` keeps the float weights)."""
+    config, out = tiny_run
+    run = tmp_path / "kd-float"
+    shutil.copytree(out / "teacher", run / "teacher")
+    overrides = ["student.method=ptq", "student.bits=[w8a8]", "student.float_method=kd"]
+    cfg = load_config(str(config), [*overrides, f"out={run}"])
+    save_config(cfg, run / "config.yaml")
+    assert main(["--resume", str(run)]) == 0
+    report = json.loads((run / "report.json").read_text())
+    (float_student,) = report["float_references"]
+    assert float_student["method"] == "kd"
+    assert "| student_float resnet8 | kd | float |" in (run / "report.md").read_text()
+    assert json.loads((out / "report.json").read_text())["float_references"][0]["method"] == "none"
+    plain = torch.load(out / "student_float" / "model.pt", weights_only=True)
+    distilled = torch.load(run / "student_float" / "model.pt", weights_only=True)
+    trained = [k for k in plain if k.endswith(".weight")]
+    assert not any(torch.equal(plain[k], distilled[k]) for k in trained)
+    quantized = torch.load(run / "w8a8" / "model.pt", weights_only=True)
+    shared = [k for k in trained if k in quantized]
+    assert len(shared) > 5
+    assert all(torch.equal(quantized[k], distilled[k]) for k in shared)
+
+
+def test_teachers_default_to_the_float_methods_when_only_the_float_student_distils():
+    from qkd_deploy.pipeline import teacher_configs
+
+    def archs(*overrides):
+        return [t.arch for t in teacher_configs(load_config(overrides=list(overrides)))]
+
+    assert archs("student.method=none", "student.float_method=avg-teachers") == [
+        "resnet8x4",
+        "resnet32x4",
+    ]
+    assert archs("student.method=feed", "student.float_method=kd") == ["resnet8x4", "resnet8x4"]
+    assert archs("student.method=feed", "teachers=[{arch: resnet20}]") == ["resnet20"]
 
 
 def test_ptq_reestimates_batchnorm_on_the_calibration_images_unless_told_not_to(tiny_run, tmp_path):

@@ -41,6 +41,13 @@ def _ort_cpu_accuracy(model: dict) -> str:
     return _pct(model.get("ort_cpu", {}).get("accuracy"))
 
 
+def _float_method(reference: dict) -> str:
+    """How the float student trained: "-" on the labels alone (reports before
+    ``student.float_method`` have no key), else the method it was distilled with."""
+    method = reference.get("method", "none")
+    return "-" if method == "none" else method
+
+
 def summary_table(report: dict) -> str:
     """A Markdown table: one row per model (teacher, float references, students)."""
     measured = report.get("float_references", []) + report["students"]
@@ -60,7 +67,7 @@ def summary_table(report: dict) -> str:
         rows.append(
             [
                 f"{ref['name']} {ref['arch']}",
-                "-",
+                _float_method(ref),
                 "float",
                 _pct(ref["accuracy_torch"]),
                 _pct(ref.get("accuracy_onnx")),

@@ -59,6 +59,9 @@ class Distiller(nn.Module, metaclass=abc.ABCMeta):
     default_teachers: ClassVar[tuple[str, ...]] = ("resnet8x4",)  # archs the pipeline trains
     data_free: ClassVar[bool] = False  # True: the trainer passes no real images (None, None)
     trains: ClassVar[bool] = True  # False: the calibrated student is exported untrained (PTQ)
+    # True: it can also train the float student (student.float_method): it needs no quantized
+    # student and no MethodContext
+    distils_float: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -157,6 +160,11 @@ def checked_method_options(name: str, values: dict[str, Any], teachers: int) -> 
     cls.check_teacher_count(teachers, options)
     resolved = dataclasses.asdict(options)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in resolved.items()}
+
+
+def float_methods() -> list[str]:
+    """The methods that can train the float student (``student.float_method``)."""
+    return sorted(name for name, cls in METHODS.items() if cls.distils_float)
 
 
 def method_class(name: str) -> type[Distiller]:

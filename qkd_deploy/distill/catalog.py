@@ -11,7 +11,8 @@ from qkd_deploy.distill import METHODS
 
 def describe() -> list[dict]:
     """One entry per method: name, description, teachers it takes (at least, at most: None for
-    any number), data-free, option defaults."""
+    any number), data-free, whether it can distil the float student too (``--float-method``),
+    option defaults."""
     entries = []
     for name in sorted(METHODS):
         cls = METHODS[name]
@@ -23,6 +24,7 @@ def describe() -> list[dict]:
                 "max_teachers": cls.max_teachers,
                 "default_teachers": list(cls.default_teachers) if cls.needs_teachers else [],
                 "data_free": cls.data_free,
+                "distils_float": cls.distils_float,
                 "options": dataclasses.asdict(cls.Options()),
             }
         )
@@ -50,6 +52,8 @@ def main(argv: list[str]) -> int:
     for e in entries:
         teachers = _teacher_count(e["needs_teachers"], e["max_teachers"])
         flags = ", data-free" if e["data_free"] else ""
+        if e["distils_float"] and e["needs_teachers"]:
+            flags += ", also as --float-method"
         print(f"{e['name']:<14} {e['description']} ({teachers}{flags})")
         for key, value in e["options"].items():
             print(f"{'':<16}method_options.{key} = {value!r}")

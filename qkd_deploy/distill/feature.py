@@ -171,6 +171,7 @@ class FEED(Distiller):
     description = "FEED: feature-map distillation from an ensemble of teachers via translators"
     Options = FEEDOptions
     default_teachers = ("resnet8x4", "resnet8x4")
+    distils_float = True
 
     def __init__(self, student, teachers, options, context=None):
         super().__init__(student, teachers, options, context)

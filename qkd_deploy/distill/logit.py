@@ -21,6 +21,7 @@ class NoDistillation(Distiller):
     name = "none"
     description = "plain quantization-aware training with cross-entropy"
     needs_teachers = 0
+    distils_float = True  # as student.float_method: the float student on the labels alone
 
     def forward_train(self, images, labels, progress):
         logits = self.student(images)
@@ -47,6 +48,7 @@ class PostTrainingQuantization(NoDistillation):
     description = "post-training quantization: calibrate and export, no training"
     Options = PTQOptions
     trains = False
+    distils_float = False
 
 
 @dataclasses.dataclass
@@ -66,6 +68,7 @@ class KD(Distiller):
     name = "kd"
     description = "Hinton knowledge distillation from the teacher's softened logits"
     Options = KDOptions
+    distils_float = True
 
     def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

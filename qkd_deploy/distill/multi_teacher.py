@@ -120,6 +120,7 @@ class AverageTeachers(Distiller):
     Options = AvgTeachersOptions
     needs_teachers = 2
     default_teachers = ("resnet8x4", "resnet32x4")
+    distils_float = True
 
     @classmethod
     def check_teacher_count(cls, count, options):
