@@ -32,7 +32,14 @@ SHARED_SETTINGS = (
     "lr",
     "teacher_epochs",
     "float_epochs",
+    "float_method",
 )
+# settings that results from before the setting existed lack, with the value they ran with
+SETTING_DEFAULTS = {"float_method": "none"}
+
+
+def setting(result: dict, key: str):
+    return result["settings"].get(key, SETTING_DEFAULTS.get(key))
 
 
 def per_seed(result: dict, key: str, path: Path) -> list[float]:
@@ -49,7 +56,7 @@ def pooled_margins(files: list[Path], method: str, baseline: str, bits: str) -> 
     for path in files:
         result = json.loads(path.read_text())
         for key in SHARED_SETTINGS:
-            if result["settings"][key] != first["settings"][key]:
+            if setting(result, key) != setting(first, key):
                 sys.exit(f"{path}: its {key} differs from {files[0]}'s; pool like runs only")
         if result["machine"] != first["machine"]:
             sys.exit(
@@ -86,11 +93,19 @@ def markdown(args: argparse.Namespace, pooled: dict, summary: dict) -> str:
         for s, v in summary["margins"].items()
     ]
     met = "met" if summary["mean"] >= args.target else "not met"
+    float_method = setting(pooled, "float_method")
+    distilled = (
+        f" `{m}` started QAT from a float student distilled with `{float_method}` "
+        f"(`methods.py --float-method`), `{b}` from the plain one."
+        if float_method != "none" and b in ("none", "ptq")
+        else ""
+    )
     return "\n".join(
         [
             f"# `{m}` over `{b}` at {args.bits.upper()}, per seed",
             "",
-            f"Machine: {pooled['machine']}. From: {', '.join(str(f) for f in args.files)}.",
+            f"Machine: {pooled['machine']}. From: {', '.join(str(f) for f in args.files)}."
+            + distilled,
             "",
             f"| seed | {b} % | {m} % | margin (points) |",
             "| --- | --- | --- | --- |",
@@ -126,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             "method": args.method,
             "baseline": args.baseline,
             "bits": args.bits,
+            "float_method": setting(pooled, "float_method"),
             **summary,
             "margins": {s: round(v, 4) for s, v in summary["margins"].items()},
         }

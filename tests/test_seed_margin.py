@@ -62,6 +62,7 @@ def test_margins_are_pooled_per_seed_with_mean_and_standard_error(tmp_path):
         ({"seeds": [1], "epochs": 30}, "its epochs differs"),
         ({"seeds": [1], "machine": "CPU B"}, "pool one machine's results"),
         ({"seeds": [0]}, "seed 0 is in an earlier file too"),
+        ({"seeds": [1], "float_method": "avg-teachers"}, "its float_method differs"),
     ],
 )
 def test_unlike_runs_are_refused(tmp_path, second, message):
@@ -69,6 +70,17 @@ def test_unlike_runs_are_refused(tmp_path, second, message):
     b = result_file(tmp_path / "b.json", feed=[0.8], none=[0.79], **second)
     done = run(a, b)
     assert done.returncode == 1 and message in done.stderr
+
+
+def test_a_distilled_float_student_is_stated_and_older_files_count_as_plain(tmp_path):
+    older = result_file(tmp_path / "old.json", [0], [0.81], [0.78])
+    newer = result_file(tmp_path / "new.json", [1], [0.80], [0.79], float_method="none")
+    assert run(older, newer).returncode == 0  # a file from before --float-method: plain
+    distilled = result_file(tmp_path / "d.json", [0], [0.83], [0.78], float_method="kd")
+    done = run(distilled, "--out", tmp_path / "out", "--name", "d")
+    assert done.returncode == 0, done.stderr
+    assert "distilled with `kd`" in (tmp_path / "out" / "d.md").read_text()
+    assert json.loads((tmp_path / "out" / "d.json").read_text())["float_method"] == "kd"
 
 
 def test_a_file_without_the_method_names_what_it_ran(tmp_path):
