@@ -72,7 +72,7 @@ from results_io import machine_line, summarize, targets_table, write_results
 
 from qkd_deploy.config import load_config, save_config, to_dict
 from qkd_deploy.data import Preprocess, load_dataset, stratified_subset
-from qkd_deploy.distill.base import float_methods
+from qkd_deploy.distill.base import float_methods, method_class
 from qkd_deploy.errors import UserError
 from qkd_deploy.runtime.base import run_in_batches
 from qkd_deploy.runtime.onnxruntime import OnnxRuntimeRunner
@@ -187,6 +187,12 @@ def distils_float_student(args: argparse.Namespace, method: str) -> bool:
     student never starts from the float student) trains its own float student, distilled from
     its teachers, instead of copying the pool's."""
     return args.float_method != "none" and method not in (*PIPELINE_BASELINES, *DATA_FREE)
+
+
+def too_few_teachers_for_float_method(args: argparse.Namespace) -> list[str]:
+    """The methods of ``--methods`` whose teachers are too few for ``--float-method``."""
+    needs = method_class(args.float_method).needs_teachers
+    return [m for m in args.methods if distils_float_student(args, m) and METHODS[m][0] < needs]
 
 
 def ptq_accuracies(pool: Path, args: argparse.Namespace, seed: int) -> dict[str, float]:
@@ -503,6 +509,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not set(LOW_BITS) & set(args.bits):
         p.error(f"--bits needs one of {', '.join(LOW_BITS)}: the plain-QAT baseline runs there")
+    too_few = too_few_teachers_for_float_method(args)
+    if too_few:
+        p.error(
+            f"--float-method {args.float_method} needs at least "
+            f"{method_class(args.float_method).needs_teachers} teachers, more than these "
+            f"methods distil from: {', '.join(too_few)}; leave them out of --methods or use "
+            "--float-method kd"
+        )
     for seed in args.seeds if args.pool_from else []:
         check_reusable_pool(args, seed)
     start = time.perf_counter()
