@@ -451,8 +451,7 @@ def check_method_fits(ctx: Context) -> None:
     train, not hours later: a user's teacher without stage feature maps for ``feed``, stage sizes
     the student's cannot be compared with, teachers that ``cmt-kd`` cannot mix. The same for
     ``student.float_method`` on the float student. Untrained models have the trained ones'
-    structure; the random state is restored afterwards, so the run's
-    numbers do not change.
+    structure; the random state is restored afterwards, so the run's numbers do not change.
     """
     with torch.random.fork_rng():
         distiller, images, labels = untrained_method(ctx)
