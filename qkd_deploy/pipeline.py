@@ -95,22 +95,20 @@ def load_state(model: nn.Module, path: Path) -> nn.Module:
 def train_float(
     ctx: Context,
     stage: str,
-    model: nn.Module,
+    distiller: Distiller,
     cfg: TrainConfig,
     seed_offset: int,
     progress: bool,
-    method: str = "none",
-    teachers: list[nn.Module] | None = None,
-    method_options: dict | None = None,
-) -> tuple[nn.Module, list]:
-    """Train ``model`` in float with cross-entropy, or distilled from ``teachers`` by ``method``
-    (a method that ``distils_float``), or load it if this stage already finished."""
+) -> nn.Module:
+    """Train ``distiller.student`` in float with the distiller's losses (``none``: cross-entropy;
+    a method that ``distils_float``: distilled from its teachers), or load it if this stage
+    already finished."""
+    model = distiller.student
     folder = ctx.run.stage(stage)
     final = folder / "model.pt"
     if final.exists():
-        return load_state(model, final).eval(), []
-    distiller = build_distiller(method, model, teachers or [], method_options)
-    history = fit(
+        return load_state(model, final).eval()
+    fit(
         distiller,
         ctx.train_loader(cfg.batch_size, seed_offset),
         cfg,
@@ -120,7 +118,7 @@ def train_float(
         device=ctx.device,
     )
     save_state(model, final)
-    return model.eval(), history
+    return model.eval()
 
 
 def teacher_configs(config: Config) -> list[TeacherConfig]:
@@ -157,9 +155,8 @@ def teachers_stage(ctx: Context, progress: bool) -> tuple[list[nn.Module], list[
         torch.manual_seed(ctx.config.seed + 100 * i)
         teacher = teacher_model(ctx, cfg, i)
         if not cfg.module:
-            teacher, _ = train_float(
-                ctx, stage, teacher, ctx.config.teacher_train, 100 * i, progress
-            )
+            plain = build_distiller("none", teacher, [])
+            teacher = train_float(ctx, stage, plain, ctx.config.teacher_train, 100 * i, progress)
         teachers.append(teacher)
         infos.append(
             {
@@ -241,18 +238,10 @@ def float_student_stage(ctx: Context, teachers: list[nn.Module], progress: bool)
     model = untrained_student(ctx)
     if not cfg.float_reference:
         return model
-    model, _ = train_float(
-        ctx,
-        "student_float",
-        model,
-        cfg.float_train,
-        1,
-        progress,
-        cfg.float_method,
-        teachers,
-        cfg.float_method_options,
-    )
-    return model
+    # the plain float student's distiller holds no teachers: its checkpoints stay as they were
+    used = teachers if method_class(cfg.float_method).needs_teachers else []
+    distiller = build_distiller(cfg.float_method, model, used, cfg.float_method_options)
+    return train_float(ctx, "student_float", distiller, cfg.float_train, 1, progress)
 
 
 def quantize_options(qcfg: QuantConfig, bits: BitWidths) -> QuantizeOptions:
@@ -458,7 +447,7 @@ def check_method_fits(ctx: Context) -> None:
         distiller.train()
         distiller.forward_train(images, labels, 0.0)
         cfg = ctx.config.student
-        if cfg.float_method != "none" and cfg.float_reference:
+        if cfg.float_method != "none":  # check_float_method: then float_reference is on
             distiller, images, labels = untrained_float_method(ctx)
             distiller.train()
             distiller.forward_train(images, labels, 0.0)
@@ -477,7 +466,7 @@ def untrained_method(ctx: Context) -> tuple[Distiller, torch.Tensor | None, torc
     if "batch_size" in {f.name for f in dataclasses.fields(method.Options)}:
         method_options["batch_size"] = PREFLIGHT_IMAGES
     options = quantize_options(ctx.config.quant, BitWidths.parse(cfg.bits[0]))
-    teachers = [teacher_model(ctx, t, i) for i, t in enumerate(teacher_configs(ctx.config))]
+    teachers = untrained_teachers(ctx)
     start = untrained_student(ctx)
     images, labels = next(iter(ctx.train_loader(PREFLIGHT_IMAGES, 2)))
     batches = [] if data_free else [images]
@@ -492,12 +481,16 @@ def untrained_float_method(ctx: Context) -> tuple[Distiller, torch.Tensor, torch
     """``student.float_method`` built on untrained copies of the run's teachers and the float
     student, with ``PREFLIGHT_IMAGES`` augmented training images and labels to step it with."""
     cfg = ctx.config.student
-    teachers = [teacher_model(ctx, t, i) for i, t in enumerate(teacher_configs(ctx.config))]
     images, labels = next(iter(ctx.train_loader(PREFLIGHT_IMAGES, 1)))
     distiller = build_distiller(
-        cfg.float_method, untrained_student(ctx), teachers, cfg.float_method_options
+        cfg.float_method, untrained_student(ctx), untrained_teachers(ctx), cfg.float_method_options
     )
     return distiller, images, labels
+
+
+def untrained_teachers(ctx: Context) -> list[nn.Module]:
+    """The run's teachers as configured, before the teachers stage trains them."""
+    return [teacher_model(ctx, t, i) for i, t in enumerate(teacher_configs(ctx.config))]
 
 
 def _mark_calibrated(model: nn.Module) -> None:

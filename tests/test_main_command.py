@@ -483,6 +483,23 @@ def test_float_method_distils_the_float_student_that_quantization_starts_from(ti
     assert all(torch.equal(quantized[k], distilled[k]) for k in shared)
 
 
+def test_float_checkpoints_hold_the_teachers_only_when_the_float_student_distils(
+    tiny_run, tmp_path
+):
+    """The plain float student's checkpoint is the student's alone (as before float_method); a
+    distilled one's also holds its frozen teachers, so a resumed stage restores all of it."""
+    config, out = tiny_run
+    plain = torch.load(out / "student_float" / "checkpoint.pt", weights_only=False)["model"]
+    assert plain and not any(k.startswith("teachers.") for k in plain)
+    run = tmp_path / "kd-float"
+    shutil.copytree(out / "teacher", run / "teacher")
+    overrides = ["student.method=ptq", "student.bits=[w8a8]", "student.float_method=kd"]
+    save_config(load_config(str(config), [*overrides, f"out={run}"]), run / "config.yaml")
+    assert main(["--resume", str(run)]) == 0
+    distilled = torch.load(run / "student_float" / "checkpoint.pt", weights_only=False)["model"]
+    assert any(k.startswith("teachers.0.") for k in distilled)
+
+
 def test_teachers_default_to_the_float_methods_when_only_the_float_student_distils():
     from qkd_deploy.pipeline import teacher_configs
 
