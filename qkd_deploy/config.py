@@ -103,11 +103,22 @@ class QuantConfig:
     # other input's Conv with the Add; "both" puts Q/DQ on both inputs (an extra INT8 kernel)
     residual_add_inputs: str = "skip"
     first_last_bits: int | None = 8
-    layer_bits: dict[str, str] = field(default_factory=dict)  # fnmatch pattern -> "wXaY"
+    # fnmatch pattern -> "wXaY", or "float" (no Q/DQ: the layer runs in float)
+    layer_bits: dict[str, str] = field(default_factory=dict)
+    # choose layer_bits before QAT from the float student's per-layer sensitivity, within
+    # "drop:POINTS" (accuracy drop), "size_kb:KB" (weights) or "share:FRACTION" (of layers
+    # kept at higher precision); the choice is written into the run's config.yaml
+    budget: str | None = None
     learn_scales: bool = True  # LSQ; False keeps the calibrated step sizes fixed
     weight_calibrator: str = "mse"
     activation_calibrator: str = "percentile"
     percentile: float = 99.99
+
+    def __post_init__(self) -> None:
+        if self.budget is not None:
+            from qkd_deploy.quant.budget import Budget
+
+            Budget.parse(self.budget)  # a typo fails where the config is built
 
 
 @dataclass

@@ -29,9 +29,10 @@ from qkd_deploy.errors import UserError
 from qkd_deploy.export.onnx import export_onnx
 from qkd_deploy.fileio import atomic_write_bytes, sha256_file
 from qkd_deploy.models import build_model, load_user_model
-from qkd_deploy.quant.convert import BitWidths, QuantizeOptions, quantize_model
+from qkd_deploy.quant.convert import BitWidths, QuantizeOptions
 from qkd_deploy.quant.deploy import to_deploy
 from qkd_deploy.quant.fold import fold_batchnorm
+from qkd_deploy.quant.precision import PrecisionOptions, quantize, split_layer_bits
 from qkd_deploy.rundir import RunDir, library_versions, machine_description
 from qkd_deploy.runtime.base import run_in_batches
 from qkd_deploy.runtime.onnxruntime import OnnxRuntimeRunner, fused_kernel_inexactness
@@ -244,16 +245,18 @@ def float_student_stage(ctx: Context, teachers: list[nn.Module], progress: bool)
     return train_float(ctx, "student_float", distiller, cfg.float_train, 1, progress)
 
 
-def quantize_options(qcfg: QuantConfig, bits: BitWidths) -> QuantizeOptions:
+def quantize_options(qcfg: QuantConfig, bits: BitWidths) -> PrecisionOptions:
     """How to quantize a student at ``bits``; raises on bad settings (the pipeline builds these
     before any training, so a typo costs nothing)."""
-    return QuantizeOptions(
+    widths, float_layers = split_layer_bits(qcfg.layer_bits)  # "float": no Q/DQ on the layer
+    return PrecisionOptions(
         bits,
         qcfg.target,
         qcfg.first_last_bits,
-        qcfg.layer_bits,
+        widths,
         qcfg.learn_scales,
         qcfg.residual_add_inputs,
+        float_layers,
     )
 
 
@@ -278,7 +281,7 @@ def quantized_student_stage(
     start = untrained_student(ctx) if data_free else float_student
     torch.manual_seed(ctx.config.seed + 2)
     options = quantize_options(qcfg, bits)
-    student = quantize_model(start, options)
+    student = quantize(start, options)
     final = folder / "model.pt"
     if final.exists():
         _mark_calibrated(student)
@@ -365,7 +368,7 @@ def _calibrated_copy(
     model: nn.Module, options: QuantizeOptions, batches: list, calibrate_on
 ) -> nn.Module:
     """A fake-quant copy of ``model`` calibrated on ``batches`` (if any)."""
-    quantized = quantize_model(model, options)
+    quantized = quantize(model, options)
     if batches:
         calibrate_on(quantized, batches)
     return quantized
@@ -377,7 +380,9 @@ def _quantized_at(
     """A calibrated fake-quant copy of ``model`` (a teacher) at ``bits``; ``quant.layer_bits``
     names the student's layers and would override ``bits`` in a teacher of the same
     architecture, so it does not apply."""
-    at_bits = dataclasses.replace(options, bits=BitWidths(bits, bits), layer_bits={})
+    at_bits = dataclasses.replace(
+        options, bits=BitWidths(bits, bits), layer_bits={}, float_layers=()
+    )
     return _calibrated_copy(model, at_bits, batches, calibrate_on)
 
 

@@ -268,6 +268,7 @@ def _run_stages(config: Config, root: Path) -> dict:
     )
     from qkd_deploy.distill.base import method_class
     from qkd_deploy.export.bundle import remove_stale_bundles
+    from qkd_deploy.quant.budget import choose_layer_precision
     from qkd_deploy.quant.convert import BitWidths
     from qkd_deploy.rundir import RunDir, library_versions, machine_description, write_manifest
     from qkd_deploy.train import distributed
@@ -309,6 +310,8 @@ def _run_stages(config: Config, root: Path) -> dict:
                 **ref,
             }
         )
+    with P.timed(timings, "precision_budget"):  # quant.budget: per-layer precision, before QAT
+        choose_layer_precision(ctx, float_student)
     students = []
     trains = method_class(config.student.method).trains
     for bits in bit_list:

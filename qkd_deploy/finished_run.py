@@ -1,0 +1,89 @@
+"""A run directory read back for analysis: its config, its data as the run saw it, and its
+trained float and fake-quant students (the commands that inspect a run without training it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from qkd_deploy.config import Config, load_config
+from qkd_deploy.data import DatasetSplits, Preprocess
+from qkd_deploy.errors import UserError
+from qkd_deploy.quant.convert import BitWidths
+
+
+@dataclass
+class FinishedRun:
+    root: Path
+    config: Config
+    data: DatasetSplits
+    preprocess: Preprocess
+
+    @classmethod
+    def open(cls, root: str | Path) -> FinishedRun:
+        """The run in ``root`` with its data loaded and normalised as the run did it."""
+        from qkd_deploy.data import (
+            load_dataset,
+            normalization_stats,
+            parse_normalize,
+            stratified_subset,
+        )
+
+        root = Path(root)
+        if not (root / "config.yaml").is_file():
+            raise UserError(f"{root}: no config.yaml there; give the directory of a run")
+        config = load_config(str(root / "config.yaml"))
+        data = load_dataset(config.data.spec, config.data.image_size)
+        if config.data.train_limit:
+            data.train = stratified_subset(data.train, config.data.train_limit, config.seed)
+        preprocess = (
+            parse_normalize(config.data.normalize, data.in_channels)
+            if config.data.normalize
+            else normalization_stats(data.train.images.numpy())
+        )
+        return cls(root, config, data, preprocess)
+
+    def float_student(self) -> nn.Module:
+        """The trained float student (the model QAT starts from), in eval mode."""
+        from qkd_deploy.models import build_model
+        from qkd_deploy.pipeline import load_state
+
+        weights = self.root / "student_float" / "model.pt"
+        if not weights.is_file():
+            raise UserError(
+                f"{self.root} has no trained float student ({weights} is missing): finish the "
+                f"run (python -m qkd_deploy.train_and_export --resume {self.root}); a run with "
+                "student.float_reference=false has none"
+            )
+        model = build_model(self.config.student.arch, self.data.in_channels, self.data.num_classes)
+        return load_state(model, weights).eval()
+
+    def student_bits(self, name: str | None) -> BitWidths:
+        """The bit-width of the student called ``name`` (``w4a4`` or ``resnet8_w4a4``), or the
+        run's lowest when None."""
+        run_bits = [BitWidths.parse(b) for b in self.config.student.bits]
+        if name is None:
+            return min(run_bits, key=lambda b: (b.w + b.a, b.w))
+        wanted = name.rpartition("_")[2] if "_" in name else name
+        for bits in run_bits:
+            if bits.name == wanted.lower():
+                return bits
+        raise UserError(
+            f"--student {name!r}: the run has students {[b.name for b in run_bits]}; name one"
+        )
+
+    def quantized_student(self, bits: BitWidths) -> nn.Module:
+        """The trained fake-quant student at ``bits``, as the pipeline saved it (eval mode)."""
+        from qkd_deploy.pipeline import load_state, quantize_options
+        from qkd_deploy.quant.precision import quantize
+
+        weights = self.root / bits.name / "model.pt"
+        if not weights.is_file():
+            raise UserError(f"{self.root} has no trained {bits.name} student ({weights})")
+        student = quantize(self.float_student(), quantize_options(self.config.quant, bits))
+        for name, buffer in student.named_buffers():
+            if name.endswith("calibrated"):
+                buffer.fill_(True)
+        return load_state(student, weights).eval()
