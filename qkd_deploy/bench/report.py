@@ -1,4 +1,4 @@
-"""``report.json`` (DESIGN.md schema, stable keys) and its Markdown rendering."""
+"""``report.json`` (schema in docs/design.md, stable keys) and its Markdown rendering."""
 
 from __future__ import annotations
 

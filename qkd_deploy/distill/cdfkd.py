@@ -1,6 +1,6 @@
 """CDFKD-MFS: collaborative data-free distillation of several teachers into one multi-header
 student (Hao, Luo, Wang, Hu, An, "CDFKD-MFS: Collaborative Data-free Knowledge Distillation via
-Multi-level Feature Sharing", arXiv 2205.11845, 2022; METHODS.md section 6).
+Multi-level Feature Sharing", arXiv 2205.11845, 2022; docs/methods/cdfkd-mfs.md).
 
 Followed: the paper and, where it is silent, the authors' code (github.com/Hao840/CDFKD-MFS:
 ``CDFKD_MFS.py``, ``nets/mhresnet8x.py``, ``utils/forward.py``; and the attention of the earlier

@@ -1,5 +1,5 @@
 """DAFL: data-free distillation with a generator and the teacher as a fixed discriminator
-(Chen et al., "Data-Free Learning of Student Networks", ICCV 2019; METHODS.md section 6).
+(Chen et al., "Data-Free Learning of Student Networks", ICCV 2019; docs/methods/dafl.md).
 
 What follows the paper, and where the paper is silent, the authors' code
 (huawei-noah/Data-Efficient-Model-Compression, ``DAFL/DAFL-train.py`` and its README), read to

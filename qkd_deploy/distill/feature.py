@@ -1,4 +1,4 @@
-"""Feature-level distillation (METHODS.md section 4): FEED and InDistill.
+"""Feature-level distillation: FEED and InDistill (docs/methods/feed.md, indistill.md).
 
 Both read intermediate feature maps through the zoo models' ``forward_features`` (the student is a
 fake-quant copy of a zoo model and keeps that structure). Whatever a method adds for training
@@ -145,9 +145,9 @@ class FEED(Distiller):
     Choices the paper leaves open, with what we follow:
     - ``beta = 500`` and the normalisation/averaging: the official Factor Transfer code
       (``train_student.py``: ``--beta 500``, ``nn.L1Loss()`` on ``F.normalize(x.view(B, -1))``),
-      the method FEED extends. The target is the teacher's raw last feature map (METHODS.md),
+      the method FEED extends. The target is the teacher's raw last feature map (as in FEED),
       with no FT paraphraser on the teacher side.
-    - Translator: conv-BN-ReLU-conv (METHODS.md), 3x3 kernels as FT's translator, hidden width =
+    - Translator: conv-BN-ReLU-conv (non-linear, as in FEED), 3x3 kernels as FT's, hidden width =
       the teacher's channels; ``translator_kernel`` changes the kernel.
     - No logit KD term (the paper's loss is CE + feature term only).
     - Sequential stages share the trainer's single learning-rate schedule (the paper retrains
@@ -300,7 +300,7 @@ class InDistill(Distiller):
     - Order: the reference code (``kd_from_aux_to_student.py``) lists layers as [4, 3, 2, 1, 0]
       but weights the *last* entry first, i.e. it distils layer 0 (the shallowest conv) first,
       then 1, then 2, matching the paper's argument (distillation difficulty grows with depth;
-      early layers form in the critical learning period). METHODS.md reads it as deepest first;
+      early layers form in the critical learning period). Read in list order it is deepest first;
       ``order = "deep-first"`` gives that.
     - ``warmup_share = 0.17``: the reference spends 3 + 4 + 5 = 12 of its 60 + 10 epochs on the
       curriculum (the rest goes to the main distillation).
@@ -309,7 +309,7 @@ class InDistill(Distiller):
       on the calibration images instead (for models whose producing conv is unclear).
     - Distilled layers: every stage output (``layers`` picks a subset); teacher and student need
       the same number of stages, teacher width >= student width, equal spatial sizes.
-    - Last phase: Hinton KD with the project's defaults (tau 4, alpha 0.5), per METHODS.md;
+    - Last phase: Hinton KD with the project's defaults (tau 4, alpha 0.5);
       the paper uses InDistill as a warm-up before any main KD method (the retrieval-oriented
       reference code follows it with PKT on the penultimate layer).
     - No auxiliary teacher (the paper adds one for extreme capacity gaps, distilled from the

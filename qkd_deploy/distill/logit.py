@@ -1,5 +1,5 @@
 """Logit distillation: plain QAT (``none``), Hinton KD (``kd``) and KD with a decaying soft-loss
-coefficient for quantized students (``kd-decay``, METHODS.md section 1)."""
+coefficient for quantized students (``kd-decay``); docs/methods/ has a page for each."""
 
 from __future__ import annotations
 

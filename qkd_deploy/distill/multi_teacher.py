@@ -1,4 +1,4 @@
-"""Multi-teacher distillation (METHODS.md section 2): the averaged-teachers baseline
+"""Multi-teacher distillation (docs/methods/): the averaged-teachers baseline
 (``avg-teachers``) and Collaborative Multi-Teacher KD for low bit-width students (``cmt-kd``).
 
 The loss terms are small public functions so they can be checked against hand-computed numbers.
@@ -285,13 +285,13 @@ def cmt_kd_losses(
 @register_method
 class CMTKD(Distiller):
     """Collaborative Multi-Teacher KD for low bit-width DNNs (Pham, Hoang and Do, WACV 2023,
-    arXiv 2210.16103), as METHODS.md section 2 states it.
+    arXiv 2210.16103), as its paper describes it (docs/methods/cmt-kd.md).
 
     Algorithm, per batch:
 
     1. Quantized teachers at different bit-widths (``teacher_bits``, e.g. 8/6/4; 32 keeps a teacher
        in float) are made from the float teachers with ``context.quantize`` (first and last layer
-       at the run's ``first_last_bits``, 8 by default, as METHODS.md says) and trained jointly with
+       at the run's ``first_last_bits``, 8 by default, as is common) and trained jointly with
        the student; the float teachers given in stay frozen and unused after that.
     2. The teachers run stage by stage. At each shared stage ``k`` (``shared_stages``, default
        every stage) their outputs ``A_k^i`` form the importance-aware shared knowledge
@@ -304,7 +304,7 @@ class CMTKD(Distiller):
        quantized teachers (with their quantizer step sizes) and, at ``importance_lr_scale`` =
        0.1 of the learning rate, the importance logits ``pi_k``.
 
-    Choices the paper (or METHODS.md) leaves open, all stated here; config fields where useful:
+    Choices the paper leaves open, all stated here; config fields where useful:
 
     - ``Q_i``: the paper quantizes the activations before mixing them. Our teachers quantize a
       tensor where a layer consumes it, so each (shared stage, teacher) pair gets its own LSQ
@@ -320,7 +320,7 @@ class CMTKD(Distiller):
       ``tau^2``; each side's target is detached, as in deep mutual learning (Zhang et al. 2018),
       so ``KL_S`` trains the student and ``KL_T`` the teachers. (One third-party reading of the
       paper uses a KDCL "min-logit" ensemble of teachers and student as the common target; this
-      follows METHODS.md instead.)
+      follows the paper's two-way distillation instead.)
     - Attention transfer follows the reference code of Zagoruyko & Komodakis
       (szagoruyko/attention-transfer, ``at``/``at_loss``): channel mean of ``A^2``, flattened,
       L2-normalised, mean squared difference, summed over the shared stages. ``F_k`` is detached
@@ -338,7 +338,7 @@ class CMTKD(Distiller):
     The default teachers are three resnet8x4 (the pipeline trains each with its own seed): one
     architecture has equal stage shapes by construction and is the cheapest good digits teacher.
 
-    No code of the authors was found; the details follow METHODS.md and the paper's abstract and
+    No code of the authors was found; the details follow the paper's abstract and
     introduction. ``export_model()`` is the student: no teacher, quantizer or ``pi`` is exported.
     """
 

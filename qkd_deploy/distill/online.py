@@ -1,4 +1,4 @@
-"""Online distillation without a pre-trained teacher (METHODS.md section 3): Deep Mutual Learning
+"""Online distillation without a pre-trained teacher (docs/methods/): Deep Mutual Learning
 (``dml``), Peer Collaborative Learning (``pcl``) and Decoupled Knowledge with Ensemble Learning
 (``dkel``).
 
@@ -465,12 +465,12 @@ class DKEL(OnlineDistiller):
       measured on different inputs than the peers'.
 
     Reference code read: shaoeric/Decoupled-Knowledge-with-Ensemble-Learning-for-Online-
-    Distillation. It differs from METHODS.md's reading in ways worth knowing: its teacher is the
+    Distillation. It differs from the paper's description in ways worth knowing: its teacher is the
     temporal mean of the *student* network (``update_ema_variables(model, mean_model)``), whose
     first update (mean-teacher decay 0 at step 0) overwrites the warmed-up weights; its warm-up
     stops after ``--init`` batches (default 1); and its decaying weight ``exp(-0.5 * epoch)``
     mixes the ensemble of the other teacher branches with the individual branches (on top of a
-    PCL-style ensemble head). This implementation follows METHODS.md.
+    PCL-style ensemble head). This implementation follows the paper's description.
     """
 
     name = "dkel"

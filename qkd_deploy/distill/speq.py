@@ -1,6 +1,6 @@
 """SPEQ: self-distillation of a quantized student from itself at stochastic activation precision
 (Boo, Shin, Choi, Sung, "Stochastic Precision Ensemble: Self-Knowledge Distillation for Quantized
-Deep Neural Networks", AAAI 2021; METHODS.md section 5).
+Deep Neural Networks", AAAI 2021; docs/methods/speq.md).
 
 There is no teacher network. Each step the student's own weights are run once more, without
 gradient, with every activation quantizer independently switched, with probability ``u``, from

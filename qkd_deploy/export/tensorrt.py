@@ -3,7 +3,7 @@
 Torch-free (stdlib, numpy, onnx, tensorrt). TensorRT is imported only when an engine is built;
 ``--print-trtexec`` and everything that only reads the ONNX file work without it.
 
-How the precision is chosen (DESIGN.md, "Export rules"):
+How the precision is chosen (docs/jetson.md, "TensorRT 10 and TensorRT 8.6"):
 - TensorRT >= 10 + Q/DQ model (int8, int4): a strongly typed network. Tensor types come from the
   Q/DQ graph, and precision builder flags are not allowed with it (NVIDIA/TensorRT
   samples/trtexec/README.md, "Create a strongly typed plan file"; Python API "Builder" page,
