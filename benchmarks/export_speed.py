@@ -1,4 +1,4 @@
-"""Issue-3 targets: INT8 ONNX speed in ONNX Runtime (CPU); file sizes are listed, not checked.
+"""Speed targets: INT8 ONNX speed in ONNX Runtime (CPU); file sizes are listed, not checked.
 
 For each network: the float ONNX, our W8A8 export for each target (`onnxruntime`: UINT8
 post-ReLU activations; `tensorrt`: signed INT8 only, conv branches of residual adds unquantized)

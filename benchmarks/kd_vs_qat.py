@@ -1,4 +1,4 @@
-"""Issue-2 targets on the embedded digits data, over several seeds.
+"""KD-versus-plain-QAT accuracy targets on the embedded digits data, over several seeds.
 
 For each seed: a float teacher (resnet8x4) and a float student (resnet8), then QAT students that
 start from the float student: W8A8 and W4A4 with kd-decay (the default), W4A4 with plain QAT
@@ -76,7 +76,7 @@ def targets(summary: dict) -> list[tuple[str, bool, str]]:
 
 def markdown(summary: dict, checks: list, seeds: list[int], seconds: float) -> str:
     lines = [
-        "# KD vs plain QAT on digits (issue 2 targets)",
+        "# KD vs plain QAT on digits (accuracy targets)",
         "",
         machine_line(),
         f"Seeds {seeds}; wall time {seconds / 60:.1f} min. Accuracy of the exported ONNX model in "

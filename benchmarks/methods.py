@@ -1,4 +1,4 @@
-"""Issue-4 ranking table: every distillation method at W4A4 and W2A2 on Fashion-MNIST.
+"""Ranking table: every distillation method at W4A4 and W2A2 on Fashion-MNIST.
 
 One student architecture, one epoch budget for every method, several seeds. Per seed, one pool
 run trains the teachers and the float student once; every method's run directory gets copies of
@@ -331,7 +331,7 @@ def best_distillation(summary: dict, bits: str) -> tuple[str, float] | None:
 
 
 def targets(summary: dict) -> list[tuple[str, bool, str]]:
-    """The issue's targets, each checked where this run has its bit-width."""
+    """The ranking's targets, each checked where this run has its bit-width."""
     checks = []
     best = best_distillation(summary, "w2a2")
     if best:
@@ -388,7 +388,7 @@ def markdown(
         key=lambda m: -(_mean(summary, f"{m}/w2a2") or 0),
     )
     lines = [
-        f"# Distillation methods on {data['dataset']} (issue 4 ranking table)",
+        f"# Distillation methods on {data['dataset']} (ranking table)",
         "",
         machine_line(),
         "",

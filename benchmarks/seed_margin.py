@@ -4,7 +4,7 @@ A table of two seeds gives a mean that one lucky seed can carry. This reads the 
 accuracies of finished `benchmarks/methods.py` results (the same settings and machine, other
 seeds: e.g. the table and later `--seeds 2 3 --methods feed --bits w2a2` runs) and states the
 margin of ``--method`` over ``--baseline`` for every seed, its mean, sample standard deviation
-and standard error, against the issue's W2A2 target (2 points). Nothing is trained.
+and standard error, against the W2A2 target (2 points). Nothing is trained.
 
     python benchmarks/seed_margin.py benchmarks/results/methods.json \
         benchmarks/results/methods-seeds23-amd.json [--method feed] [--baseline none] \
