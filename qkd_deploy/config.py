@@ -65,6 +65,7 @@ class DataConfig:
     augment: bool = True
     calibration_size: int = 512
     train_limit: int | None = None  # a fixed stratified subset of the training split (budgets)
+    workers: int | None = None  # processes decoding folder images (0: none; null: cores-1, <=4)
 
 
 @dataclass

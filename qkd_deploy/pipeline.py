@@ -69,13 +69,16 @@ class Context:
             augment=augment,
             seed=self.config.seed + seed_offset,
             drop_last=True,
+            workers=self.config.data.workers,
         )
 
     def test_loader(self) -> BatchLoader:
-        return BatchLoader(self.data.test, self.preprocess, EVAL_BATCH)
+        return BatchLoader(
+            self.data.test, self.preprocess, EVAL_BATCH, workers=self.config.data.workers
+        )
 
     def test_images(self) -> np.ndarray:
-        return self.preprocess.apply(self.data.test.images).numpy()
+        return np.concatenate([images.numpy() for images, _ in self.test_loader()])
 
     @property
     def test_labels(self) -> np.ndarray:
@@ -210,7 +213,7 @@ def test_accuracy(ctx: Context, model: nn.Module, stage: str | None) -> float:
 
 
 def _check_classifier(model: nn.Module, ctx: Context, what: str) -> None:
-    sample = ctx.preprocess.apply(ctx.data.test.images[:2])
+    sample = ctx.preprocess.apply(ctx.data.test.first(2))
     try:
         with torch.no_grad():
             out = model(sample)
@@ -287,7 +290,8 @@ def quantized_student_stage(
         _mark_calibrated(student)
         return load_state(student, final).eval()
     subset = stratified_subset(ctx.data.train, ctx.config.data.calibration_size, ctx.config.seed)
-    batches = [] if data_free else [x for x, _ in BatchLoader(subset, ctx.preprocess, EVAL_BATCH)]
+    calibration = BatchLoader(subset, ctx.preprocess, EVAL_BATCH, workers=ctx.config.data.workers)
+    batches = [] if data_free else [x for x, _ in calibration]
     real_loader = ctx.train_loader(cfg.train.batch_size, 2)
     loader = StepsOnly(len(real_loader)) if data_free else real_loader
     context = method_context(ctx, start, options, batches, len(loader))

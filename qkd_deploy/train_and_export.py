@@ -262,8 +262,8 @@ def _run_stages(config: Config, root: Path) -> dict:
     from qkd_deploy import pipeline as P
     from qkd_deploy.data import (
         load_dataset,
-        normalization_stats,
         parse_normalize,
+        split_statistics,
         stratified_subset,
     )
     from qkd_deploy.distill.base import method_class
@@ -283,7 +283,7 @@ def _run_stages(config: Config, root: Path) -> dict:
         preprocess = (
             parse_normalize(config.data.normalize, data.in_channels)
             if config.data.normalize
-            else normalization_stats(data.train.images.numpy())
+            else split_statistics(data.train, config.data.workers)
         )
     ctx = P.Context(config, data, preprocess, RunDir(root))
     device = ctx.device  # a GPU asked for that is not there fails here, before any training
@@ -384,7 +384,7 @@ def _save_sample_batch(ctx) -> None:
 
     buffer = io.BytesIO()
     np.savez(
-        buffer, images=ctx.data.test.images[:16].numpy(), labels=ctx.data.test.labels[:16].numpy()
+        buffer, images=ctx.data.test.first(16).numpy(), labels=ctx.data.test.labels[:16].numpy()
     )
     atomic_write_bytes(ctx.run.root / "sample_batch.npz", buffer.getvalue())
 

@@ -1,4 +1,5 @@
-"""Image-classification data: readers, normalisation, augmentation and a batch loader.
+"""Image-classification data: readers, normalisation, augmentation and a batch loader that
+streams image folders.
 
 Names are imported lazily, so ``qkd_deploy.data.preprocess`` (numpy only) stays importable on a
 machine without torch.
@@ -18,7 +19,13 @@ if TYPE_CHECKING:
         load_dataset,
         read_idx,
     )
-    from qkd_deploy.data.loader import BatchLoader, stratified_subset
+    from qkd_deploy.data.folder import FolderSplit
+    from qkd_deploy.data.loader import (
+        BatchLoader,
+        default_workers,
+        split_statistics,
+        stratified_subset,
+    )
     from qkd_deploy.data.preprocess import Preprocess, normalization_stats, parse_normalize
 
 _EXPORTS = {
@@ -28,7 +35,10 @@ _EXPORTS = {
     "ImageSplit": "datasets",
     "load_dataset": "datasets",
     "read_idx": "datasets",
+    "FolderSplit": "folder",
     "BatchLoader": "loader",
+    "default_workers": "loader",
+    "split_statistics": "loader",
     "stratified_subset": "loader",
     "Preprocess": "preprocess",
     "normalization_stats": "preprocess",
@@ -40,13 +50,16 @@ __all__ = [
     "Augment",
     "BatchLoader",
     "DatasetSplits",
+    "FolderSplit",
     "ImageSplit",
     "Preprocess",
-    "stratified_subset",
+    "default_workers",
     "load_dataset",
     "normalization_stats",
     "parse_normalize",
     "read_idx",
+    "split_statistics",
+    "stratified_subset",
 ]
 
 

@@ -1,5 +1,6 @@
-"""In-memory image-classification data sets: sklearn digits, IDX (MNIST family), CIFAR pickles
-and image folders, all returned as uint8 NCHW tensors with int64 labels.
+"""Image-classification data sets: sklearn digits, IDX (MNIST family) and CIFAR pickles, held in
+memory as uint8 NCHW tensors with int64 labels, and image folders, read from disk as batches ask
+for them (``data.folder``).
 
 ``load_dataset(spec)`` picks the reader by the name before the first ``:`` (see ``DATASET_FORMS``).
 """
@@ -11,16 +12,16 @@ import math
 import pickle
 import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from qkd_deploy.data.augment import Augment
+from qkd_deploy.data.folder import FolderSplit, read_folder
 from qkd_deploy.errors import UserError
 
 DATASET_FORMS = (
@@ -45,7 +46,6 @@ FASHION_MNIST_CLASSES = (
     "Bag",
     "Ankle boot",
 )
-DEFAULT_FOLDER_SIZE = 32
 
 
 @dataclass
@@ -69,14 +69,27 @@ class ImageSplit:
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    def subset(self, index: torch.Tensor | np.ndarray | Sequence[int]) -> ImageSplit:
+        """The images at ``index``, in that order."""
+        index = torch.as_tensor(np.asarray(index, dtype=np.int64))
+        return ImageSplit(self.images[index], self.labels[index])
+
+    def first(self, n: int) -> torch.Tensor:
+        """The first ``n`` images (fewer in a smaller split), uint8 NCHW."""
+        return self.images[:n]
+
 
 @dataclass
 class DatasetSplits:
     """A loaded data set: both splits, class names, image geometry and its default augmentation."""
 
     name: str
-    train: ImageSplit
-    test: ImageSplit
+    train: ImageSplit | FolderSplit
+    test: ImageSplit | FolderSplit
     num_classes: int
     class_names: list[str]
     in_channels: int
@@ -426,197 +439,21 @@ def _read_cifar100(spec: str, arg: str, image_size: int | None) -> DatasetSplits
 
 # ---------------------------------------------------------------- image folders
 
-_IMAGE_SUFFIXES = {
-    ".png",
-    ".jpg",
-    ".jpeg",
-    ".bmp",
-    ".gif",
-    ".tif",
-    ".tiff",
-    ".webp",
-    ".ppm",
-    ".pgm",
-}
-_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N"}
-_FLOAT_MODES = {"F"}
-_IMAGE_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
-
-
-def _class_folders(root: Path) -> dict[str, list[Path]]:
-    """Sorted class folder name -> sorted image files in it; refuses empty folders."""
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not folders:
-        raise UserError(
-            f"{root} has no class sub-folders; put the images of each class in "
-            "their own folder (DIR/<class>/<image>)"
-        )
-    classes = {}
-    for folder in folders:
-        files = sorted(  # hidden files are not images (macOS "._x.jpg" resource forks)
-            p
-            for p in folder.iterdir()
-            if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES and not p.name.startswith(".")
-        )
-        if not files:
-            raise UserError(
-                f"class folder {folder} holds no images (looked for "
-                f"{', '.join(sorted(_IMAGE_SUFFIXES))}); add images or remove it"
-            )
-        classes[folder.name] = files
-    return classes
-
-
-def _mode_and_peak(path: Path) -> tuple[str, int | None]:
-    """The image's Pillow mode and, for a 16-bit grayscale image, its largest pixel."""
-    try:
-        with Image.open(path) as img:
-            if img.mode in _FLOAT_MODES:
-                raise UserError(
-                    f"{path} is a floating-point image, whose value range qkd-deploy cannot "
-                    "know; save it as an 8- or 16-bit image (PNG or TIFF)"
-                )
-            deep = img.mode.startswith("I")
-            return img.mode, int(_deep_pixels(img, path).max(initial=0)) if deep else None
-    except _IMAGE_ERRORS as err:
-        raise UserError(f"cannot read image {path}: {err}") from None
-
-
-def _deep_pixels(img: Image.Image, path: Path) -> np.ndarray:
-    """The pixels of a 16-bit grayscale image (Pillow mode ``I;16*``, or ``I`` as 16-bit PGM
-    opens), checked to fit 16 bits."""
-    values = np.asarray(img).astype(np.int64)
-    if values.size and (values.min() < 0 or values.max() > 65535):
-        raise UserError(f"{path}: pixels outside 0..65535; save it as an 8- or 16-bit image")
-    return values
-
-
-@dataclass(frozen=True)
-class _FolderFormat:
-    """How a folder's images become 8-bit arrays: ``mode`` L or RGB, and ``peak``, the largest
-    pixel of its 16-bit images, which maps to 255 (a 12-bit scan keeps its full range, and
-    every image of the set shares one scale)."""
-
-    mode: str
-    peak: int = 255
-
-
-def _folder_format(files: list[Path]) -> _FolderFormat:
-    modes, peaks = zip(*(_mode_and_peak(f) for f in files), strict=True)
-    mode = "L" if all(m in _GRAY_MODES for m in modes) else "RGB"
-    peak = max((p for p in peaks if p is not None), default=255)
-    return _FolderFormat(mode, max(peak, 1))
-
-
-def _load_image(path: Path, form: _FolderFormat, size: int) -> np.ndarray:
-    try:
-        with Image.open(path) as img:
-            if img.mode.startswith("I"):  # convert() would clamp each value above 255 to 255
-                scaled = _deep_pixels(img, path) * (255.0 / form.peak)
-                img = Image.fromarray(scaled.round().astype(np.uint8), mode="L")
-            img = img.convert(form.mode).resize((size, size), Image.Resampling.BILINEAR)
-            return np.asarray(img).reshape(size, size, -1)
-    except _IMAGE_ERRORS as err:
-        raise UserError(f"cannot read image {path}: {err}") from None
-
-
-def _read_folder_split(
-    files: list[Path], labels: list[int], form: _FolderFormat, size: int
-) -> ImageSplit:
-    channels = 1 if form.mode == "L" else 3
-    images = np.empty((len(files), size, size, channels), dtype=np.uint8)
-    for i, path in enumerate(files):
-        images[i] = _load_image(path, form, size)
-    return _split(images.transpose(0, 3, 1, 2), np.asarray(labels))
-
-
-def _flatten(
-    classes: dict[str, list[Path]], class_names: list[str]
-) -> tuple[list[Path], list[int]]:
-    """All files of ``classes`` and their labels (index of the folder name in class_names)."""
-    files: list[Path] = []
-    labels: list[int] = []
-    for name, paths in classes.items():
-        files += paths
-        labels += [class_names.index(name)] * len(paths)
-    return files, labels
-
-
-def _split_80_20(
-    root: Path, whole: ImageSplit, class_names: list[str]
-) -> tuple[ImageSplit, ImageSplit]:
-    """The fixed stratified 80/20 train/test split (random_state=0) of a folder without one."""
-    from sklearn.model_selection import train_test_split
-
-    counts = torch.bincount(whole.labels, minlength=len(class_names)).tolist()
-    too_small = [name for name, count in zip(class_names, counts, strict=True) if count < 2]
-    if too_small:
-        raise UserError(
-            f"{root}: class folder(s) {too_small} hold fewer than 2 images, too few "
-            "for the automatic 80/20 split; add images or provide train/ and test/ "
-            "sub-folders"
-        )
-    try:
-        train_idx, test_idx = train_test_split(
-            np.arange(len(whole)), test_size=0.2, stratify=whole.labels.numpy(), random_state=0
-        )
-    except ValueError as err:
-        raise UserError(
-            f"{root}: cannot make a stratified 80/20 train/test split ({err}); add "
-            "images or provide train/ and test/ sub-folders"
-        ) from None
-    return (
-        ImageSplit(whole.images[train_idx], whole.labels[train_idx]),
-        ImageSplit(whole.images[test_idx], whole.labels[test_idx]),
-    )
-
-
-def _folder_layout(root: Path) -> tuple[dict[str, list[Path]], dict[str, list[Path]] | None]:
-    """(train classes, test classes) if ``root`` has train/ and test/ (or val/), else
-    (all classes, None)."""
-    if not (root / "train").is_dir():
-        return _class_folders(root), None
-    for name in ("test", "val"):
-        if (root / name).is_dir():
-            train, test = _class_folders(root / "train"), _class_folders(root / name)
-            unknown = sorted(set(test) - set(train))
-            if unknown:
-                raise UserError(
-                    f"{root / name} has class folders {unknown} that "
-                    f"{root / 'train'} lacks; both must use the same class names"
-                )
-            return train, test
-    raise UserError(
-        f"{root} has a train/ folder but no test/ or val/ folder; add one, or put "
-        "the class folders directly in DIR for an automatic 80/20 split"
-    )
-
 
 def _read_folder(spec: str, arg: str, image_size: int | None) -> DatasetSplits:
-    """One sub-folder per class; train/ + test/ (or val/) sub-folders, else a fixed 80/20 split.
-
-    Images become L if every one of them is grayscale, else RGB, resized to ``image_size``
-    (default 32) with bilinear resampling. 16-bit grayscale images are scaled to 8 bits by the
-    set's largest pixel; floating-point images are refused.
-    """
-    root = _existing_dir(spec, arg)
-    size = image_size or DEFAULT_FOLDER_SIZE
-    train_classes, test_classes = _folder_layout(root)
-    class_names = list(train_classes)
-    all_files = [
-        f
-        for classes in (train_classes, test_classes or {})
-        for files in classes.values()
-        for f in files
-    ]
-    form = _folder_format(all_files)
-    train = _read_folder_split(*_flatten(train_classes, class_names), form, size)
-    if test_classes is None:
-        train, test = _split_80_20(root, train, class_names)
-    else:
-        test = _read_folder_split(*_flatten(test_classes, class_names), form, size)
-    augment = Augment(crop_padding=max(1, size // 8), hflip=True)
-    return _make_splits("folder", train, test, class_names, augment, None)
+    """``folder.read_folder``: splits that decode their images as batches ask for them."""
+    found = read_folder(_existing_dir(spec, arg), image_size)
+    size = found.train.geometry.size
+    return DatasetSplits(
+        name="folder",
+        train=found.train,
+        test=found.test,
+        num_classes=len(found.class_names),
+        class_names=found.class_names,
+        in_channels=found.train.channels,
+        image_size=(size, size),
+        augment=found.augment,
+    )
 
 
 _READERS: dict[str, _Reader] = {

@@ -138,18 +138,31 @@ def normalization_stats(images_uint8: np.ndarray) -> Preprocess:
     Counts pixel values per channel with ``bincount``, so it is exact and needs no float copy of
     the split.
     """
+    return stats_of(pixel_counts(images_uint8))
+
+
+def pixel_counts(images_uint8: np.ndarray) -> np.ndarray:
+    """How often each value 0..255 occurs in each channel of a uint8 NCHW batch: (C, 256) int64.
+    Counts of several batches add up to those of the whole split."""
     if images_uint8.dtype != np.uint8 or images_uint8.ndim != 4 or images_uint8.size == 0:
         raise UserError(
             f"normalisation statistics need a non-empty uint8 NCHW array, got dtype "
             f"{images_uint8.dtype} and shape {images_uint8.shape}"
         )
+    channels = images_uint8.shape[1]
+    return np.stack(
+        [np.bincount(images_uint8[:, c].ravel(), minlength=256) for c in range(channels)]
+    ).astype(np.int64)
+
+
+def stats_of(counts: np.ndarray) -> Preprocess:
+    """The normalisation of pixels whose values occur ``counts`` times (``pixel_counts``)."""
     levels = np.arange(256, dtype=np.float64) / 255.0
     means, stds = [], []
-    for c in range(images_uint8.shape[1]):
-        counts = np.bincount(images_uint8[:, c].ravel(), minlength=256).astype(np.float64)
-        total = counts.sum()
-        mean = float(counts @ levels / total)
-        var = float(counts @ (levels - mean) ** 2 / total)
+    for channel in np.asarray(counts, dtype=np.float64):
+        total = channel.sum()
+        mean = float(channel @ levels / total)
+        var = float(channel @ (levels - mean) ** 2 / total)
         means.append(mean)
         stds.append(math.sqrt(var))
     if min(stds) == 0:

@@ -78,15 +78,6 @@ class Group:
         dist.broadcast_object_list(received, src=0, group=self.control)
         return received[0]
 
-    def shard(
-        self, images: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """This process's images of the batch (every ``world``-th from its rank), and their
-        share of it, the weight of its gradient. A batch holds at least ``world`` images
-        (``pipeline.check_training_processes``)."""
-        mine = images[self.rank :: self.world]
-        return mine, labels[self.rank :: self.world], len(mine) / len(images)
-
     def average_gradients(self, optimizer: torch.optim.Optimizer, weight: float) -> None:
         """Every process ends with ``sum over processes of weight * gradient``. A parameter
         that got no gradient here but did elsewhere (a branch this shard's step skipped)

@@ -137,19 +137,17 @@ def _train_epoch(
     loss_sum = 0.0
     term_sums: dict[str, float] = {}
     bar = tqdm(
-        loader,
+        _process_batches(loader, group),
+        total=len(loader),
         desc=f"{desc} {epoch + 1}/{cfg.epochs}",
         leave=True,
         disable=not progress,
         dynamic_ncols=True,
         mininterval=0.5,
     )
-    for step, (images, labels) in enumerate(bar):
+    for step, (images, labels, share) in enumerate(bar):
         done = (epoch * len(loader) + step) / total_steps
-        share = 1.0
         if images is not None:  # data-free methods get None and generate on the model's device
-            if group is not None:
-                images, labels, share = group.shard(images, labels)
             images, labels = images.to(device), labels.to(device)
         logits, terms = distiller.forward_train(images, labels, done)
         loss = sum(terms.values())
@@ -185,6 +183,15 @@ def _train_epoch(
     return EpochStats(
         epoch + 1, loss_sum / seen, correct / seen, {k: v / seen for k, v in term_sums.items()}
     )
+
+
+def _process_batches(loader, group: distributed.Group | None):
+    """(images, labels, share of the batch) of this process: every batch whole on one device;
+    under torchrun the loader reads only this process's rows of each batch
+    (``BatchLoader.shard``)."""
+    if group is None:
+        return ((images, labels, 1.0) for images, labels in loader)
+    return loader.shard(group.rank, group.world)
 
 
 def _checkpoint_state(
