@@ -30,6 +30,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "methods": ("qkd_deploy.distill.catalog:main", "list the distillation methods and options"),
     "bundle": ("qkd_deploy.export.bundle:main_bundle", "pack one student for the device"),
     "verify": ("qkd_deploy.export.bundle:main_verify", "check a deploy bundle on the device"),
+    "sensitivity": (
+        "qkd_deploy.quant.sensitivity_run:main",
+        "per-layer quantization sensitivity of a run's float student (no training)",
+    ),
+    "diff": (
+        "qkd_deploy.bench.diff:main",
+        "run an ONNX model as written and on fused kernels; name the first tensor that differs",
+    ),
     "build-engine": (
         "qkd_deploy.export.tensorrt:main",
         "build a TensorRT engine (+ sidecar, trtexec line) from ONNX",

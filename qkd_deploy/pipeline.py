@@ -259,7 +259,7 @@ def quantize_options(qcfg: QuantConfig, bits: BitWidths) -> PrecisionOptions:
         widths,
         qcfg.learn_scales,
         qcfg.residual_add_inputs,
-        float_layers,
+        float_layers=float_layers,
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -35,7 +35,7 @@ def split_layer_bits(layer_bits: dict[str, str]) -> tuple[dict[str, str], tuple[
 class PrecisionOptions(QuantizeOptions):
     """``QuantizeOptions`` plus the patterns of layers left in float (see ``quantize``)."""
 
-    float_layers: tuple[str, ...] = ()
+    float_layers: tuple[str, ...] = field(default=(), kw_only=True)
 
 
 def quantize(model: nn.Module, options: QuantizeOptions) -> nn.Module:
