@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import warnings
+from collections import defaultdict
 from dataclasses import dataclass, field
 
-import torch
 from torch import fx, nn
 
 from qkd_deploy.errors import UserError
@@ -20,7 +21,15 @@ from qkd_deploy.quant.modules import (
     QuantLinear,
     replace_submodule,
 )
+from qkd_deploy.quant.placement import (
+    OUTPUT,
+    Graph,
+    Site,
+    onnxruntime_sites,
+    tensorrt_sites,
+)
 from qkd_deploy.quant.quantizer import LSQQuantizer
+from qkd_deploy.quant.rewrite import Edit, rewrite_owners
 
 
 @dataclass(frozen=True)
@@ -65,7 +74,8 @@ class QuantizeOptions:
     first_last_bits: int | None = 8
     layer_bits: dict[str, str] = field(default_factory=dict)
     learn_scales: bool = True
-    residual_add_inputs: str = "skip"  # tensorrt target: "skip" or "both" (see _add_inputs...)
+    residual_add_inputs: str = "skip"  # tensorrt target: "skip" or "both" (quant.placement)
+    trace: bool = field(default=True, kw_only=True)  # False: layers only (see quantize_model)
 
     def __post_init__(self) -> None:
         check_target(self.target)
@@ -77,8 +87,14 @@ class QuantizeOptions:
 
 
 def quantize_model(model: nn.Module, options: QuantizeOptions) -> nn.Module:
-    """A copy of ``model`` with every Conv2d, Linear and residual ``Add`` replaced by its quantized
-    form. The first Conv2d and the last Linear (in registration order) get ``first_last_bits``."""
+    """A copy of ``model`` with every Conv2d and Linear replaced by its quantized form and
+    activation quantizers placed from the traced graph for ``options.target`` (see
+    ``quant.placement``): on functional ops too (``out += identity``, ``torch.cat``,
+    ``x * gate``), inserted into the forward of the module that calls them (``quant.rewrite``).
+    The first Conv2d and the last Linear (in registration order) get ``first_last_bits``.
+
+    With ``options.trace=False`` only the layers are quantized (Conv2d, Linear and the zoo's
+    ``Add``, both inputs), with a warning."""
     model = copy.deepcopy(model)
     names = [n for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear, Add)]
     if not any(isinstance(m, (nn.Conv2d, nn.Linear)) for _, m in model.named_modules()):
@@ -86,23 +102,98 @@ def quantize_model(model: nn.Module, options: QuantizeOptions) -> nn.Module:
     _check_deployable(model)
     _check_layer_bits(options.layer_bits, names)
     first_last = _first_conv_and_last_linear(model)
-    add_inputs = _add_inputs_to_quantize(model, options)
-    ort_target = options.target == "onnxruntime"
-    graph = _trace_or_none(model, "find what reads each tensor") if ort_target else None
-    consumers = _input_consumers(graph, model) if graph else []
-    heads = _pool_heads(graph, model) if graph else {}
+    if not options.trace:
+        warnings.warn(
+            "quant.trace=false: only Conv2d/Linear layers (and zoo Add modules) are quantized; "
+            "functional adds, multiplications and concatenations stay in float",
+            stacklevel=2,
+        )
+        return _quantize_layers_only(model, names, first_last, options)
+    graph = Graph(trace(model, "place quantizers"), dict(model.named_modules()))
+    sites = _sites(graph, first_last, options)
     for name in names:
-        bits = _bits_for(name, first_last, options)
-        module = model.get_submodule(name)
-        if isinstance(module, Add):
-            new = QuantAdd(bits.a, options.target, options.learn_scales, add_inputs[name])
-        else:
-            new = _quantized(module, bits, options)
-        replace_submodule(model, name, new)
-    if ort_target:
-        _tie_quantizers(model, consumers)
-        _quantize_global_pools(model, options, heads)
+        if type(model.get_submodule(name)) is not Add:
+            replace_submodule(
+                model, name, _quantized(model.get_submodule(name), name, first_last, options)
+            )
+    _realize(model, graph, sites, options)
     return model
+
+
+def _quantize_layers_only(
+    model: nn.Module, names: list[str], first_last: set[str], options: QuantizeOptions
+) -> nn.Module:
+    for name in names:
+        module = model.get_submodule(name)
+        if type(module) is Add:
+            bits = _bits_for(name, first_last, options).a
+            new = QuantAdd(bits, options.target, options.learn_scales)
+        else:
+            new = _quantized(module, name, first_last, options)
+        replace_submodule(model, name, new)
+    return model
+
+
+def _sites(graph: Graph, first_last: set[str], options: QuantizeOptions) -> list[Site]:
+    def bits_of(node: fx.Node) -> int:
+        module = module_of(node, graph.modules)
+        if type(module) in (nn.Conv2d, nn.Linear, Add):
+            return _bits_for(node.target, first_last, options).a
+        if graph.kinds[node] == "pool":  # feeds the head
+            return options.first_last_bits or options.bits.a
+        return options.bits.a
+
+    if options.target == "tensorrt":
+        return tensorrt_sites(graph, bits_of, options.residual_add_inputs)
+    return onnxruntime_sites(graph, bits_of)
+
+
+def _realize(model: nn.Module, graph: Graph, sites: list[Site], options: QuantizeOptions) -> None:
+    """Give every site its group's quantizer: as the input quantizer of a quantized layer, in a
+    QuantAdd or QuantAvgPool put in place of the zoo's Add or a global pool, or inserted into the
+    forward that calls the op."""
+    shared: dict[object, LSQQuantizer] = {}
+    by_node: dict[fx.Node, dict[int, LSQQuantizer]] = defaultdict(dict)
+    for site in sites:
+        if site.group not in shared:
+            shared[site.group] = _activation_quantizer(site.bits, options)
+        by_node[site.node][site.index] = shared[site.group]
+    edits: dict[fx.Node, Edit] = {}
+    for node, quantizers in by_node.items():
+        module = model.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(module, (QuantConv2d, QuantLinear)):
+            module.input_quantizer = quantizers[0]
+        elif type(module) is Add:
+            replace_submodule(model, node.target, _quant_add(quantizers, options))
+        elif graph.kinds[node] == "pool":
+            pool = _quant_pool(module or nn.AdaptiveAvgPool2d(1), quantizers, options)
+            if module is None:
+                edits[node] = Edit(replacement=pool)
+            else:
+                replace_submodule(model, node.target, pool)
+        else:
+            edits[node] = Edit(inputs=quantizers)
+    rewrite_owners(model, graph.graph, edits)
+
+
+def _activation_quantizer(bits: int, options: QuantizeOptions) -> LSQQuantizer:
+    return LSQQuantizer(bits, "activation", target=options.target, learn_scale=options.learn_scales)
+
+
+def _quant_add(quantizers: dict[int, LSQQuantizer], options: QuantizeOptions) -> QuantAdd:
+    bits = next(iter(quantizers.values())).bits
+    add = QuantAdd(bits, options.target, options.learn_scales, (0 in quantizers, 1 in quantizers))
+    add.quantizer_a, add.quantizer_b = quantizers.get(0), quantizers.get(1)
+    return add
+
+
+def _quant_pool(
+    pool: nn.Module, quantizers: dict[int, LSQQuantizer], options: QuantizeOptions
+) -> QuantAvgPool:
+    quant = QuantAvgPool(pool, quantizers[0].bits, options.target, options.learn_scales)
+    quant.input_quantizer = quantizers[0]
+    quant.output_quantizer = quantizers.get(OUTPUT)
+    return quant
 
 
 def _check_deployable(model: nn.Module) -> None:
@@ -136,135 +227,6 @@ def _check_layer_bits(layer_bits: dict[str, str], names: list[str]) -> None:
         )
 
 
-def _is_global_pool(module: nn.Module | None) -> bool:
-    return type(module) is nn.AdaptiveAvgPool2d and module.output_size in (1, (1, 1))
-
-
-def _quantize_global_pools(model: nn.Module, options: QuantizeOptions, heads: dict) -> None:
-    """Quantize the input of each global average pool (see ``QuantAvgPool``), at the head's
-    bit-width: the pooled tensor feeds the last linear layer. A pool whose output goes straight
-    (through a flatten) into a quantized Linear quantizes its output with that layer's input
-    quantizer, shared."""
-    bits = options.first_last_bits or options.bits.a
-    pools = [n for n, m in model.named_modules() if _is_global_pool(m)]
-    for name in pools:
-        pool = QuantAvgPool(model.get_submodule(name), bits, options.target, options.learn_scales)
-        head = model.get_submodule(heads[name]) if name in heads else None
-        if isinstance(head, QuantLinear):
-            pool.output_quantizer = head.input_quantizer
-        replace_submodule(model, name, pool)
-
-
-def _trace_or_none(model: nn.Module, purpose: str) -> fx.Graph | None:
-    """The model's graph, or None when it cannot be traced (the passes that need it then leave
-    the placement as it is: still exact, less fused)."""
-    try:
-        return trace(model, purpose)
-    except UserError:
-        return None
-
-
-_FLATTENS = {torch.flatten, "flatten", "view", "reshape"}
-
-
-def _pool_heads(graph: fx.Graph, model: nn.Module) -> dict[str, str]:
-    """Global average pool -> the Linear that reads its output through at most flattens/views."""
-    modules = dict(model.named_modules())
-    heads = {}
-    for node in graph.nodes:
-        if not _is_global_pool(module_of(node, modules)):
-            continue
-        reader = node
-        while len(reader.users) == 1:
-            reader = next(iter(reader.users))
-            if reader.op == "call_module" or reader.target not in _FLATTENS:
-                break
-        if type(module_of(reader, modules)) is nn.Linear:
-            heads[node.target] = reader.target
-    return heads
-
-
-def _input_consumers(graph: fx.Graph, model: nn.Module) -> list[list[tuple[str, int]]]:
-    """For each tensor read by more than one Conv2d/Linear/Add input, those inputs as
-    ``(module name, argument index)``."""
-    modules = dict(model.named_modules())
-    readers: dict[fx.Node, list[tuple[str, int]]] = {}
-    for node in graph.nodes:
-        module = module_of(node, modules)
-        if type(module) in (nn.Conv2d, nn.Linear, Add):
-            for index, arg in enumerate(node.args[: 2 if type(module) is Add else 1]):
-                readers.setdefault(_through_identities(arg, modules), []).append(
-                    (node.target, index)
-                )
-    return [group for group in readers.values() if len(group) > 1]
-
-
-def _through_identities(node: object, modules: dict[str, nn.Module]) -> object:
-    """The node whose value ``node`` passes on unchanged (an identity shortcut), else ``node``."""
-    while isinstance(module_of(node, modules), nn.Identity):
-        node = node.args[0]
-    return node
-
-
-def _input_quantizer(module: nn.Module, index: int) -> LSQQuantizer | None:
-    if isinstance(module, QuantAdd):
-        return module.quantizer_a if index == 0 else module.quantizer_b
-    return module.input_quantizer
-
-
-def _tie_quantizers(model: nn.Module, consumers: list[list[tuple[str, int]]]) -> None:
-    """Make the quantizers that read one tensor at one bit-width a single shared module.
-
-    A block's input feeds its first conv, and its shortcut conv or the residual add: with one
-    quantizer per reader, the tensor would be quantized twice with different scales. Shared, the
-    export quantizes it once, and ONNX Runtime can drop the ReLU before that single UINT8
-    QuantizeLinear and fuse the add into QLinearAdd (what its own ``quantize_static`` does)."""
-    for group in consumers:
-        shared: dict[int, LSQQuantizer] = {}
-        for name, index in group:
-            module = model.get_submodule(name)
-            quantizer = _input_quantizer(module, index)
-            if quantizer is None:
-                continue
-            first = shared.setdefault(quantizer.bits, quantizer)
-            if first is not quantizer:
-                _set_input_quantizer(module, index, first)
-
-
-def _set_input_quantizer(module: nn.Module, index: int, quantizer: LSQQuantizer) -> None:
-    if isinstance(module, QuantAdd):
-        setattr(module, "quantizer_a" if index == 0 else "quantizer_b", quantizer)
-    else:
-        module.input_quantizer = quantizer
-
-
-def _add_inputs_to_quantize(
-    model: nn.Module, options: QuantizeOptions
-) -> dict[str, tuple[bool, bool]]:
-    """Which inputs of each residual ``Add`` get a quantizer (see ``QuantAdd``): for TensorRT
-    with ``residual_add_inputs="skip"``, not the first input that comes straight from a
-    Conv2d/BatchNorm2d (TensorRT's placement recommendation: quantize the skip input, so the
-    Add fuses into that conv); otherwise both."""
-    adds = [n for n, m in model.named_modules() if type(m) is Add]
-    placement = dict.fromkeys(adds, (True, True))
-    fuse = options.target == "tensorrt" and options.residual_add_inputs == "skip"
-    graph = _trace_or_none(model, "place residual-add quantizers") if fuse and adds else None
-    if graph is None:  # untraceable: quantize both inputs, still exact, less fused
-        return placement
-    modules = dict(model.named_modules())
-    for node in graph.nodes:
-        if node.op == "call_module" and node.target in placement:
-            from_conv = [
-                isinstance(module_of(arg, modules), (nn.Conv2d, nn.BatchNorm2d))
-                for arg in node.args[:2]
-            ]
-            if from_conv[0]:
-                placement[node.target] = (False, True)
-            elif from_conv[1]:
-                placement[node.target] = (True, False)
-    return placement
-
-
 def _first_conv_and_last_linear(model: nn.Module) -> set[str]:
     convs = [n for n, m in model.named_modules() if type(m) is nn.Conv2d]
     linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]
@@ -280,7 +242,10 @@ def _bits_for(name: str, first_last: set[str], options: QuantizeOptions) -> BitW
     return options.bits
 
 
-def _quantized(module: nn.Module, bits: BitWidths, options: QuantizeOptions) -> nn.Module:
+def _quantized(
+    module: nn.Module, name: str, first_last: set[str], options: QuantizeOptions
+) -> nn.Module:
+    bits = _bits_for(name, first_last, options)
     if type(module) is nn.Conv2d:
         return QuantConv2d.from_float(module, bits.w, bits.a, options.target, options.learn_scales)
     return QuantLinear.from_float(module, bits.w, bits.a, options.target, options.learn_scales)

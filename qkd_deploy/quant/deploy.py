@@ -180,4 +180,18 @@ def to_deploy(model: nn.Module) -> nn.Module:
     for name, module in folded.named_modules():
         if type(module) in deploy_types:
             replace_submodule(deploy, name, deploy_types[type(module)](module, freeze))
+    for name in _standalone_quantizers(folded, tuple(deploy_types)):
+        replace_submodule(deploy, name, freeze(folded.get_submodule(name)))
     return deploy.eval()
+
+
+def _standalone_quantizers(model: nn.Module, layers: tuple[type, ...]) -> list[str]:
+    """Every name of every activation quantizer that is not part of a quantized layer: those
+    placed on functional ops (``quant.rewrite``), a shared one under each of its names."""
+    owners = {id(m) for m in model.modules() if isinstance(m, layers)}
+    names = []
+    for name, module in model.named_modules(remove_duplicate=False):
+        parent = model.get_submodule(name.rpartition(".")[0])
+        if isinstance(module, LSQQuantizer) and id(parent) not in owners:
+            names.append(name)
+    return names
