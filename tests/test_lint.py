@@ -341,6 +341,45 @@ def _token_linear(axis: int = 0, between: str = "Transpose") -> onnx.ModelProto:
     return g.model(y, ("N", 2, 4), inputs={"x": ("N", 2, 4)}, opset=17)
 
 
+def _retyped(model: onnx.ModelProto, name: str, data_type: int) -> onnx.ModelProto:
+    """The initializer ``name`` relabelled as ``data_type``, its bytes kept."""
+    next(t for t in model.graph.initializer if t.name == name).data_type = data_type
+    return model
+
+
+def _without_outputs() -> onnx.ModelProto:
+    model = clean_model()
+    del model.graph.output[:]
+    return model
+
+
+def _untyped_output() -> onnx.ModelProto:
+    model = clean_model()
+    model.graph.output[0].type.tensor_type.elem_type = TensorProto.UNDEFINED
+    return model
+
+
+def _raw_data_too_long() -> onnx.ModelProto:
+    model = clean_model()
+    next(t for t in model.graph.initializer if t.name == "w1_int8").raw_data += b"\0"
+    return model
+
+
+def _axis_of_type(attribute: onnx.AttributeProto) -> onnx.ModelProto:
+    """w1_dq's axis attribute replaced by ``attribute`` (a string, a list: not an INT)."""
+    model = clean_model()
+    target = node(model, "w1_dq")
+    kept = [a for a in target.attribute if a.name != "axis"]
+    del target.attribute[:]
+    target.attribute.extend([*kept, attribute])
+    return model
+
+
+def _conv_channel_mismatch() -> onnx.ModelProto:
+    """conv1's INT8 weight for 2 input channels, its input has 3."""
+    return set_const(clean_model(), "w1_int8", np.zeros((4, 2, 3, 3)), np.int8)
+
+
 @dataclass(frozen=True)
 class Case:
     rule: str
@@ -351,6 +390,10 @@ class Case:
 
 CASES = [
     Case("MODEL-CHECKER", "error", "g", _checker_fails),
+    Case("MODEL-GRAPH-IO", "error", "g", _without_outputs),
+    Case("MODEL-GRAPH-IO", "error", "fc_out", _untyped_output),
+    Case("MODEL-TENSOR-DATA", "error", "w1_int8", _raw_data_too_long),
+    Case("OPSET-UNKNOWN", "error", "g", lambda: clean_model(opset=99)),
     Case("MODEL-NOT-QUANTIZED", "info", "g", _float_model),
     Case("MODEL-SUBGRAPH", "info", "branchy", _if_model),
     Case("OP-QOPERATOR", "error", "mmi", _qoperator_model),
@@ -375,6 +418,7 @@ CASES = [
     Case("QDQ-WEIGHT-AXIS", "error", "w_dq", lambda: _token_linear(axis=1)),
     Case("QDQ-SCALE-SHAPE", "error", "w1_dq", lambda: _per_channel(clean_model(), "w1", 5, 0)),
     Case("QDQ-BLOCK", "error", "w_dq", lambda: _block_matmul(TensorProto.INT8)),
+    Case("QDQ-BLOCK", "error", "x_dq", lambda: set_attr(clean_model(), "x_dq", block_size=-2)),
     Case("QDQ-INT4", "error", "w1_dq", _int4_conv_weight),
     Case("QDQ-INT4", "error", "x_q", _int4_activation),
     Case("QDQ-WEIGHT-FLOAT", "warning", "w2_q", _float_weight_with_q),
@@ -407,6 +451,7 @@ CASES = [
     ),
     Case("SHAPE-DYNAMIC-BATCH", "info", "x", clean_model),
     Case("SHAPE-DYNAMIC-DIMS", "warning", "x", _dynamic_dims),
+    Case("SHAPE-CONV-CHANNELS", "error", "conv1", _conv_channel_mismatch),
 ]
 
 
@@ -419,6 +464,35 @@ def test_rule_fires_at_node(case: Case) -> None:
     findings = lint_model(case.build())
     assert (case.node, case.severity) in _fired(findings, case.rule), format_findings(findings)
     assert all(f.fix and f.message for f in findings)
+
+
+MALFORMED = {  # models ONNX's checker or ONNX Runtime rejects, once crashes or passes of the linter
+    "INT4 zero point at opset 18": (
+        lambda: _retyped(clean_model(opset=18), "x_zp", TensorProto.INT4),
+        "MODEL-CHECKER",
+    ),
+    "data type 79": (lambda: _retyped(clean_model(), "x_zp", 79), "MODEL-CHECKER"),
+    "Conv channel mismatch": (_conv_channel_mismatch, "SHAPE-CONV-CHANNELS"),
+    "no outputs": (_without_outputs, "MODEL-GRAPH-IO"),
+    "axis a string": (
+        lambda: _axis_of_type(helper.make_attribute("axis", "x")),
+        "MODEL-CHECKER",
+    ),
+    "axis a list": (
+        lambda: _axis_of_type(helper.make_attribute("axis", [0, 1])),
+        "MODEL-CHECKER",
+    ),
+    "raw data longer than its dims": (_raw_data_too_long, "MODEL-TENSOR-DATA"),
+}
+
+
+@pytest.mark.parametrize("name", MALFORMED)
+def test_malformed_models_are_errors_not_crashes(name: str, tmp_path) -> None:
+    build, rule = MALFORMED[name]
+    path = _save(tmp_path, build(), "m.onnx")
+    findings = lint_file(path)
+    assert (rule, "error") in {(f.rule, f.severity) for f in findings}, format_findings(findings)
+    assert "LINT-INTERNAL" not in {f.rule for f in findings}, format_findings(findings)
 
 
 def test_every_rule_has_a_bad_graph_and_a_source() -> None:

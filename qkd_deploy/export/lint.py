@@ -19,13 +19,19 @@ Sources, cited per rule as [KEY: section]:
   OTRT     onnx-tensorrt docs/operators.md (QuantizeLinear/DequantizeLinear rows, type notes,
            max opset per release) and its QuantizeLinear/DequantizeLinear importer checks.
   ONNX     ONNX operator specs QuantizeLinear/DequantizeLinear (opsets 10, 13, 19, 21, 23).
-  DESIGN   /work/shared/DESIGN.md (project rules, not TensorRT's).
+  DESIGN   this project's export rules (not TensorRT's).
+
+The linter never raises on a malformed model: ONNX's checker (full, with shape inference) runs
+first and what it rejects is an error; every rule reads attributes by their declared type, walks
+the graph without following cycles, and a rule that still fails is reported as an error of that
+rule instead of a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -35,8 +41,9 @@ from typing import NamedTuple
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import AttributeProto, TensorProto, numpy_helper
 
+from qkd_deploy.errors import UserError
 from qkd_deploy.fileio import load_onnx_graph
 
 SEVERITIES = ("error", "warning", "info")
@@ -69,8 +76,10 @@ FP8_TYPES = {
     TensorProto.FLOAT8E5M2FNUZ,
 }
 FOUR_BIT_TYPES = {TensorProto.INT4, TensorProto.UINT4}
+PACKED_4_BIT = {*FOUR_BIT_TYPES, FP4}
 SCALE_TYPES_TRT10 = {TensorProto.FLOAT16, TensorProto.BFLOAT16}
 TRT86_MAX_OPSET = 17
+MAX_ONNX_BYTES = 2**31 - 1  # protobuf cannot parse a larger message: no valid .onnx is larger
 
 
 @dataclass(frozen=True)
@@ -80,6 +89,11 @@ class Finding:
     node: str  # node name (or op_type#index if unnamed) or tensor name
     message: str  # what is wrong
     fix: str  # how to fix it
+
+
+def _text(value: str | bytes) -> str:
+    """A string field as text: protobuf hands over bytes that are not valid UTF-8."""
+    return value if isinstance(value, str) else value.decode("utf-8", "replace")
 
 
 class _Hit(NamedTuple):
@@ -96,7 +110,7 @@ class _Node:
 
     @property
     def op(self) -> str:
-        return self.proto.op_type
+        return _text(self.proto.op_type)
 
     @property
     def inputs(self) -> list[str]:
@@ -114,10 +128,31 @@ class _Node:
         return self.proto.input[i] if i < len(self.proto.input) else ""
 
     def attr(self, name: str, default: object = None) -> object:
-        for attribute in self.proto.attribute:
-            if attribute.name == name:
-                return onnx.helper.get_attribute_value(attribute)
-        return default
+        """The attribute's value; ``default`` when it is absent, None when its type is not one
+        ONNX defines (the checker reports that)."""
+        attribute = self._attribute(name)
+        if attribute is None:
+            return default
+        try:
+            return onnx.helper.get_attribute_value(attribute)
+        except ValueError:
+            return None
+
+    def int_attr(self, name: str, default: int | None = None) -> int | None:
+        """An INT attribute's value; ``default`` when absent, None when it is not an INT."""
+        attribute = self._attribute(name)
+        if attribute is None:
+            return default
+        return attribute.i if attribute.type == AttributeProto.INT else None
+
+    def ints_attr(self, name: str) -> list[int] | None:
+        """An INTS attribute's values; None when absent or not INTS."""
+        attribute = self._attribute(name)
+        ok = attribute is not None and attribute.type == AttributeProto.INTS
+        return list(attribute.ints) if ok else None
+
+    def _attribute(self, name: str) -> AttributeProto | None:
+        return next((a for a in self.proto.attribute if a.name == name), None)
 
 
 class _Graph:
@@ -230,16 +265,25 @@ class _Graph:
 
     def behind(self, name: str, op: str) -> _Node | None:
         """The ``op`` node producing ``name``, looking back through pass-through ops."""
-        node = self.producer.get(name)
-        while node is not None and node.op in PASS_THROUGH:
-            node = self.producer.get(node.input(0))
+        node = self.skip_pass_through(self.producer.get(name))
         return node if node is not None and node.op == op else None
 
-    def ahead(self, name: str) -> Iterator[tuple[_Node, int]]:
-        """(consumer, input index) pairs of ``name``, looking forward through pass-through ops."""
+    def skip_pass_through(self, node: _Node | None) -> _Node | None:
+        """The first producer at or behind ``node`` that is not a pass-through op (None at a
+        graph input, or in a cycle of pass-through ops, which only a malformed graph has)."""
+        seen = set()
+        while node is not None and node.op in PASS_THROUGH and node.index not in seen:
+            seen.add(node.index)
+            node = self.producer.get(node.input(0))
+        return None if node is not None and node.index in seen else node
+
+    def ahead(self, name: str, seen: frozenset[int] = frozenset()) -> Iterator[tuple[_Node, int]]:
+        """(consumer, input index) pairs of ``name``, looking forward through pass-through ops
+        (once each: a malformed graph may loop)."""
         for node in self.consumers_of(name):
             if node.op in PASS_THROUGH:
-                yield from self.ahead(node.output)
+                if node.index not in seen:
+                    yield from self.ahead(node.output, seen | {node.index})
                 continue
             yield from ((node, i) for i, inp in enumerate(node.inputs) if inp == name)
 
@@ -251,7 +295,45 @@ class _Graph:
 
 
 def _type_name(dtype: int) -> str:
-    return TensorProto.DataType.Name(dtype)
+    """``INT8``, ..., or ``data type 79`` for a number ONNX does not define."""
+    try:
+        return TensorProto.DataType.Name(dtype)
+    except ValueError:
+        return f"data type {dtype}"
+
+
+def _stored_data_problem(tensor: TensorProto) -> str | None:
+    """What is wrong with an inline tensor's data for its dims and type; None when it fits,
+    when it is external, or when its type is not one onnx knows (MODEL-CHECKER reports that)."""
+    dims = list(tensor.dims)
+    if tensor.data_location == TensorProto.EXTERNAL or tensor.data_type == TensorProto.STRING:
+        return None
+    if any(d < 0 for d in dims):
+        return f"negative dimension in {dims}"
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except Exception:  # undefined or unknown data type
+        return None
+    count = math.prod(dims)
+    if tensor.HasField("raw_data"):
+        bits = 4 if tensor.data_type in PACKED_4_BIT else 8 * itemsize
+        needed, stored = (count * bits + 7) // 8, len(tensor.raw_data)
+        if stored != needed:
+            name = _type_name(tensor.data_type)
+            return f"{stored} bytes of raw data, but {dims} {name} takes {needed}"
+        return None
+    try:
+        numpy_helper.to_array(tensor)
+    except Exception as error:
+        return f"its {_type_name(tensor.data_type)} data does not fit dims {dims} ({error})"
+    return None
+
+
+def _numbers(value: np.ndarray | None) -> np.ndarray | None:
+    """A constant's values as float64; None when unknown or not numbers (strings, ...)."""
+    if value is None or value.dtype.kind not in "biuf":
+        return None
+    return value.astype(np.float64)
 
 
 def _quant_type(g: _Graph, node: _Node) -> int | None:
@@ -261,9 +343,9 @@ def _quant_type(g: _Graph, node: _Node) -> int | None:
         if source is not None:
             return _quant_type(g, source)
         return g.elem_type(node.input(0)) or g.elem_type(node.input(2))
-    output_dtype = node.attr("output_dtype", 0)
+    output_dtype = node.int_attr("output_dtype", 0)
     if output_dtype:
-        return int(output_dtype)
+        return output_dtype
     return g.elem_type(node.input(2)) if node.input(2) else TensorProto.INT8
 
 
@@ -293,7 +375,7 @@ def _quantizes_constant(g: _Graph, node: _Node) -> bool:
 
 def _granularity(g: _Graph, node: _Node) -> str | None:
     """'tensor', 'channel' or 'block' from the scale's shape (None when unknown)."""
-    if node.attr("block_size", 0):
+    if node.int_attr("block_size", 0):
         return "block"
     shape = g.shape(node.input(1))
     if shape is None:
@@ -305,9 +387,11 @@ def _granularity(g: _Graph, node: _Node) -> str | None:
 
 
 def _axis(g: _Graph, node: _Node) -> int | None:
-    axis = int(node.attr("axis", 1))
+    """The ``axis`` attribute, made non-negative with the input's rank (it may still lie
+    outside the rank); None when unknown or not an INT."""
+    axis = node.int_attr("axis", 1)
     shape = g.shape(node.input(0))
-    if axis >= 0:
+    if axis is None or axis >= 0:
         return axis
     return axis + len(shape) if shape is not None else None
 
@@ -320,21 +404,25 @@ def _expected_weight_axis(g: _Graph, consumer: _Node) -> int | None:
     if consumer.op == "ConvTranspose":
         return 1
     if consumer.op == "Gemm":
-        return 0 if consumer.attr("transB", 0) else 1
+        return 0 if consumer.int_attr("transB", 0) else 1
     shape = g.shape(consumer.input(1))
     return len(shape) - 1 if shape else None
 
 
-def _weight_uses(g: _Graph, name: str) -> Iterator[tuple[_Node, list[_Node] | None]]:
+def _weight_uses(
+    g: _Graph, name: str, seen: frozenset[int] = frozenset()
+) -> Iterator[tuple[_Node, list[_Node] | None]]:
     """Weighted ops that take ``name`` as their weight input, looking forward through
-    pass-through ops, each with the Transposes on the way; None instead when another op there
-    changes the layout (Reshape, Flatten, ...), so the weight's axes are not followed."""
+    pass-through ops (once each), each with the Transposes on the way; None instead when another
+    op there changes the layout (Reshape, Flatten, ...), so the weight's axes are not followed."""
     for node in g.consumers_of(name):
         if node.op not in PASS_THROUGH:
             if WEIGHTED.get(node.op) is not None and node.input(WEIGHTED[node.op]) == name:
                 yield node, []
             continue
-        for use, transposes in _weight_uses(g, node.output):
+        if node.index in seen:
+            continue
+        for use, transposes in _weight_uses(g, node.output, seen | {node.index}):
             if node.op == "Transpose" and transposes is not None:
                 transposes = [node, *transposes]
             elif node.op != "Identity":
@@ -345,8 +433,8 @@ def _weight_uses(g: _Graph, name: str) -> Iterator[tuple[_Node, list[_Node] | No
 def _axis_before(g: _Graph, transposes: list[_Node], axis: int) -> int | None:
     """``axis`` of the tensor after ``transposes`` as an axis of the tensor before them."""
     for transpose in reversed(transposes):
-        perm = transpose.attr("perm")
-        if perm is None:  # the default reverses the dimensions
+        perm = transpose.ints_attr("perm")
+        if perm is None:  # the default reverses the dimensions (or a malformed perm)
             shape = g.shape(transpose.input(0))
             perm = list(reversed(range(len(shape)))) if shape is not None else None
         if perm is None or not 0 <= axis < len(perm):
@@ -394,6 +482,7 @@ class _Rule:
 
 
 RULES: dict[str, str] = {}  # rule id -> "severity: what it checks [source]"
+INTERNAL_RULE = "LINT-INTERNAL"  # a rule that raised: reported as an error, never a traceback
 _REGISTRY: dict[str, _Rule] = {}
 
 
@@ -416,16 +505,52 @@ def _rule(
 @_rule(
     "MODEL-CHECKER",
     "error",
-    "onnx.checker rejects the model",
-    "ONNX: onnx.checker",
-    "re-export the model; run onnx.checker.check_model(model) for the details",
+    "onnx.checker rejects the model (full check: types and shapes inferred, strictly)",
+    "ONNX: onnx.checker.check_model(full_check=True)",
+    "re-export the model; run onnx.checker.check_model(model, full_check=True) for the details",
 )
 def _checker(g: _Graph) -> Iterator[_Hit]:
     try:
-        onnx.checker.check_model(str(g.path) if g.path else g.model)
-    except (onnx.checker.ValidationError, ValueError) as error:
+        onnx.checker.check_model(str(g.path) if g.path else g.model, full_check=True)
+    except Exception as error:  # ValidationError, InferenceError, ValueError, ...: all rejections
         lines = str(error).strip().splitlines() or [type(error).__name__]
         yield _Hit(g.name, f"onnx.checker: {lines[0]}")
+
+
+@_rule(
+    "MODEL-GRAPH-IO",
+    "error",
+    "the graph lists its outputs, and every graph input and output has a defined element type",
+    "TensorRT network validation: 'Network must have at least one output'; ONNX Runtime refuses "
+    "an undefined one ('Invalid tensor data type 0')",
+    "export the model again: its image input and logits output as typed graph input and output",
+)
+def _graph_io(g: _Graph) -> Iterator[_Hit]:
+    if not g.graph.output:
+        yield _Hit(g.name, "the graph lists no outputs: it computes nothing a runtime can return")
+    for value in [*g.inputs, *g.graph.output]:
+        if not value.type.HasField("tensor_type"):
+            continue  # sequences and maps: not a classifier's, not checked here
+        elem_type = value.type.tensor_type.elem_type
+        if elem_type == TensorProto.UNDEFINED or _type_name(elem_type).startswith("data type"):
+            yield _Hit(value.name, f"graph input or output of undefined type ({elem_type})")
+
+
+@_rule(
+    "MODEL-TENSOR-DATA",
+    "error",
+    "a stored tensor's data does not fit its dims and type",
+    "ONNX IR: TensorProto (raw_data: the elements packed little-endian, 4-bit types two to a "
+    "byte); ONNX Runtime refuses such a tensor ('Deserialize tensor ... failed')",
+    "re-export the model; the file was damaged or edited by hand",
+)
+def _tensor_data(g: _Graph) -> Iterator[_Hit]:
+    tensors = [(t.name, t) for t in g.graph.initializer]
+    tensors += [(n.label, n.attr("value")) for n in g.nodes if n.op == "Constant"]
+    for name, tensor in tensors:
+        problem = _stored_data_problem(tensor) if isinstance(tensor, TensorProto) else None
+        if problem:
+            yield _Hit(name, problem)
 
 
 @_rule(
@@ -522,6 +647,23 @@ def _opset_trt86(g: _Graph) -> Iterator[_Hit]:
         yield _Hit(g.name, f"opset {g.opset}: TensorRT 8.6 (JetPack 6.0) cannot parse it")
 
 
+@_rule(
+    "OPSET-UNKNOWN",
+    "error",
+    "an opset newer than any the installed onnx defines: its operators cannot be checked",
+    "ONNX: onnx.defs.onnx_opset_version(); ONNX Runtime refuses opsets newer than it supports",
+    "export with a released opset (qkd-deploy exports 17, 18 or 21)",
+)
+def _opset_unknown(g: _Graph) -> Iterator[_Hit]:
+    known = onnx.defs.onnx_opset_version()
+    if g.opset > known:
+        yield _Hit(
+            g.name,
+            f"opset {g.opset}: onnx {onnx.__version__} defines opsets up to {known}",
+            fix=f"export with opset <= {known}, or update onnx if a newer release defines it",
+        )
+
+
 # ---- Q/DQ parameter rules ----------------------------------------------------------------------
 
 
@@ -550,10 +692,9 @@ def _scale_constant(g: _Graph) -> Iterator[_Hit]:
 )
 def _scale_value(g: _Graph) -> Iterator[_Hit]:
     for node in g.qdq:
-        scale = None if _shared_with_q(g, node, 1) else g.value(node.input(1))
-        if scale is None:
+        values = None if _shared_with_q(g, node, 1) else _numbers(g.value(node.input(1)))
+        if values is None:  # unknown, or not numbers: QDQ-SCALE-DTYPE reports the type
             continue
-        values = scale.astype(np.float64)
         if values.size == 0 or not np.all(np.isfinite(values)) or np.any(values <= 0):
             smallest = values.min() if values.size else "none"
             yield _Hit(
@@ -647,8 +788,8 @@ def _zero_point(g: _Graph) -> Iterator[_Hit]:
         if not g.is_constant(zero_point):
             yield _Hit(node.label, f"zero point {zero_point!r} is not a constant")
             continue
-        value = g.value(zero_point)
-        flat = value.astype(np.float64).ravel() if value is not None else np.zeros(0)
+        value = _numbers(g.value(zero_point))
+        flat = value.ravel() if value is not None else np.zeros(0)
         nonzero = flat[flat != 0]
         if nonzero.size:
             yield _Hit(
@@ -729,8 +870,9 @@ def _scale_shape(g: _Graph) -> Iterator[_Hit]:
         shape, scales, axis = g.shape(node.input(0)), g.shape(node.input(1)), _axis(g, node)
         if _granularity(g, node) != "channel" or not shape or not scales or axis is None:
             continue
-        if axis >= len(shape):
-            yield _Hit(node.label, f"axis {axis} is out of range for rank {len(shape)}")
+        if not 0 <= axis < len(shape):
+            given = node.int_attr("axis", 1)
+            yield _Hit(node.label, f"axis {given} is out of range for rank {len(shape)}")
         elif None not in (shape[axis], scales[0]) and shape[axis] != scales[0]:
             yield _Hit(node.label, f"{scales[0]} scales for {shape[axis]} channels on axis {axis}")
 
@@ -738,13 +880,16 @@ def _scale_shape(g: _Graph) -> Iterator[_Hit]:
 @_rule(
     "QDQ-BLOCK",
     "error",
-    "block quantization only for INT4 weights, one blocked dimension",
+    "block quantization only for INT4 weights, one blocked dimension, a positive block_size",
     "TRT-OPS 10.0-10.3: Quantize/Dequantize 'block quantization (supported for kINT4 only)'; "
-    "OTRT importer: 'Only a single blocking dimension is allowed'",
+    "OTRT importer: 'Only a single blocking dimension is allowed'; ONNX: block_size",
     "use per-channel INT8, or INT4 blocks along one axis of a GEMM weight",
 )
 def _block(g: _Graph) -> Iterator[_Hit]:
     for node in g.qdq:
+        block_size = node.int_attr("block_size", 0)
+        if block_size is not None and block_size < 0:
+            yield _Hit(node.label, f"block_size {block_size} is negative")
         if _fed_by_q(g, node) or _granularity(g, node) != "block":
             continue
         dtype = _quant_type(g, node)
@@ -905,9 +1050,7 @@ def _weighted(g: _Graph) -> Iterator[tuple[_Node, bool, bool]]:
 
 def _float_op_between(g: _Graph, node: _Node) -> _Node | None:
     """The float op between a DQ and this op's data input (DQ -> Relu -> Conv), if any."""
-    producer = g.producer.get(node.input(0))
-    while producer is not None and producer.op in PASS_THROUGH:
-        producer = g.producer.get(producer.input(0))
+    producer = g.skip_pass_through(g.producer.get(node.input(0)))
     if producer is None or producer.op in WEIGHTED or producer.op == DQ_OP:
         return None
     return producer if any(g.is_quantized(i) for i in producer.inputs if i) else None
@@ -1049,6 +1192,28 @@ def _dynamic_other_dims(g: _Graph) -> Iterator[_Hit]:
             yield _Hit(value_info.name, f"dynamic non-batch dims {[d for d in dims if d != 0]}")
 
 
+@_rule(
+    "SHAPE-CONV-CHANNELS",
+    "error",
+    "a Conv's input channels equal its weight's input channels times group",
+    "ONNX: Conv (W is M x C/group x kH x kW); ONNX Runtime fails the run: 'Input channels C is "
+    "not equal to kernel channels * group'",
+    "give the Conv a weight of shape (out, in / group, kH, kW) for its input",
+)
+def _conv_channels(g: _Graph) -> Iterator[_Hit]:
+    for node in (n for n in g.nodes if n.op == "Conv"):
+        data, weight = g.shape(node.input(0)), g.shape(node.input(1))
+        group = node.int_attr("group", 1)
+        if not data or not weight or len(data) < 2 or len(weight) < 2 or group is None:
+            continue
+        if None not in (data[1], weight[1]) and data[1] != weight[1] * group:
+            yield _Hit(
+                node.label,
+                f"input has {data[1]} channels, weight {list(weight)} with group {group} "
+                f"takes {weight[1] * group}",
+            )
+
+
 # ---- public API --------------------------------------------------------------------------------
 
 
@@ -1058,16 +1223,39 @@ def lint_model(model: onnx.ModelProto) -> list[Finding]:
 
 
 def _lint(g: _Graph) -> list[Finding]:
-    findings = [
-        Finding(hit.severity or rule.severity, rule_id, hit.node, hit.message, hit.fix or rule.fix)
-        for rule_id, rule in _REGISTRY.items()
-        for hit in rule.check(g)
-    ]
+    findings = [f for rule_id, rule in _REGISTRY.items() for f in _findings(rule_id, rule, g)]
     return sorted(findings, key=lambda f: SEVERITIES.index(f.severity))
 
 
+def _findings(rule_id: str, rule: _Rule, g: _Graph) -> list[Finding]:
+    """The rule's findings; a rule that fails on a malformed model is one LINT-INTERNAL error
+    naming it, not a traceback."""
+    try:
+        hits = list(rule.check(g))
+    except Exception as error:
+        message = (
+            f"rule {rule_id} could not check this model ({type(error).__name__}: {error}): the "
+            "model is malformed where the rule looks (see MODEL-CHECKER), or the linter has a bug"
+        )
+        fix = "run onnx.checker.check_model(model, full_check=True) and re-export the model"
+        return [Finding("error", INTERNAL_RULE, g.name, message, fix)]
+    severity, fix = rule.severity, rule.fix
+    return [
+        Finding(hit.severity or severity, rule_id, _text(hit.node), hit.message, hit.fix or fix)
+        for hit in hits
+    ]
+
+
 def lint_file(path: str) -> list[Finding]:
-    """Lint an .onnx file (external weight data is not read)."""
+    """Lint an .onnx file (external weight data is not read). A file over protobuf's 2 GiB
+    limit is refused before it is read: no valid .onnx is that large."""
+    size = Path(path).stat().st_size if Path(path).is_file() else 0
+    if size > MAX_ONNX_BYTES:
+        raise UserError(
+            f"{path}: {size} bytes, over the 2 GiB protobuf limit of one .onnx file, so it is "
+            "not a valid model; save a large model with its weights as external data "
+            "(onnx.save(model, path, save_as_external_data=True))"
+        )
     model = load_onnx_graph(path)
     return _lint(_Graph(model, Path(path)))
 
