@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import gzip
 import math
-import pickle
+import os
 import struct
 import zlib
 from collections.abc import Callable, Sequence
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from qkd_deploy.data import safe_pickle
 from qkd_deploy.data.augment import Augment
 from qkd_deploy.data.folder import FolderSplit, read_folder
 from qkd_deploy.errors import UserError
@@ -226,40 +227,58 @@ def read_idx(path: str | Path) -> np.ndarray:
     """Read one IDX file (plain or gzip-compressed) into a native-endian numpy array.
 
     Header: two zero bytes, a dtype code, the number of dimensions, then each dimension as a
-    big-endian uint32; the data that follows must be exactly as long as the header says.
+    big-endian uint32; the data that follows must be exactly as long as the header says. The
+    header's size is checked against the file's before any data is read: a plain file must
+    hold exactly that much, a gzip file at most ``_MAX_DEFLATE_RATIO`` times its size.
     """
     path = Path(path)
-    raw = _read_bytes(path)
-    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in _IDX_DTYPES or raw[3] == 0:
+    try:
+        with open(path, "rb") as plain:
+            gz = plain.read(2) == b"\x1f\x8b"
+            size = os.fstat(plain.fileno()).st_size
+            plain.seek(0)
+            stream = gzip.GzipFile(fileobj=plain) if gz else plain
+            return _read_idx_stream(stream, path, size, gz)
+    except (OSError, EOFError, zlib.error) as err:
+        raise UserError(f"cannot read {path}: {err}") from None
+
+
+_MAX_DEFLATE_RATIO = 1032  # deflate cannot expand data more than ~1032:1
+
+
+def _read_idx_stream(stream, path: Path, size: int, gz: bool) -> np.ndarray:
+    magic = stream.read(4)
+    if len(magic) < 4 or magic[:2] != b"\0\0" or magic[2] not in _IDX_DTYPES or magic[3] == 0:
         raise UserError(
-            f"{path} is not an IDX file: its magic number is 0x{raw[:4].hex()}, "
+            f"{path} is not an IDX file: its magic number is 0x{magic[:4].hex()}, "
             "expected 0x0000 + dtype code (08..0E) + number of dimensions; "
             "check the path or download the file again"
         )
-    ndim = raw[3]
+    ndim = magic[3]
     header = 4 + 4 * ndim
-    if len(raw) < header:
+    raw_dims = stream.read(4 * ndim)
+    if len(raw_dims) < 4 * ndim:
         raise UserError(f"{path}: IDX header is truncated; download the file again")
-    dims = struct.unpack(f">{ndim}I", raw[4:header])
-    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    dims = struct.unpack(f">{ndim}I", raw_dims)
+    dtype = np.dtype(_IDX_DTYPES[magic[2]])
     count = math.prod(dims)
-    if len(raw) - header != count * dtype.itemsize:
+    expected = count * dtype.itemsize
+    available = size * _MAX_DEFLATE_RATIO if gz else size - header
+    if expected > available:
+        held = f"at most {available} once decompressed" if gz else str(available)
         raise UserError(
-            f"{path}: the IDX header promises {count * dtype.itemsize} bytes of data "
-            f"(shape {dims}) but the file holds {len(raw) - header}; the file is "
+            f"{path}: the IDX header promises {expected} bytes of data (shape {dims}) but the "
+            f"file holds {held}; the file is truncated or corrupt, download it again"
+        )
+    data = stream.read(expected + 1)  # one more: data beyond the promised size is an error
+    if len(data) != expected:
+        raise UserError(
+            f"{path}: the IDX header promises {expected} bytes of data (shape {dims}) but the "
+            f"file holds {'more' if len(data) > expected else len(data)}; the file is "
             "truncated or corrupt, download it again"
         )
-    data = np.frombuffer(raw, dtype=dtype, count=count, offset=header)
-    return data.astype(dtype.newbyteorder("=")).reshape(dims)
-
-
-def _read_bytes(path: Path) -> bytes:
-    """The file's bytes, gunzipped if it starts with the gzip magic number."""
-    try:
-        raw = path.read_bytes()
-        return gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
-    except (OSError, EOFError, zlib.error) as err:
-        raise UserError(f"cannot read {path}: {err}") from None
+    array = np.frombuffer(data, dtype=dtype, count=count)
+    return array.astype(dtype.newbyteorder("=")).reshape(dims)
 
 
 def _find_idx(directory: Path, role: str, spec: str) -> Path:
@@ -338,44 +357,28 @@ def _read_fashion_mnist(spec: str, arg: str, image_size: int | None) -> DatasetS
 # ---------------------------------------------------------------- CIFAR pickles
 
 
-class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickles plain containers and numpy arrays only, so a tampered batch cannot run code."""
-
-    _ALLOWED = {
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.numeric", "_frombuffer"),
-        ("numpy._core.numeric", "_frombuffer"),
-        ("_codecs", "encode"),
-    }
-
-    def find_class(self, module: str, name: str) -> object:
-        if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-        return super().find_class(module, name)
-
-
 def _unpickle(path: Path) -> dict:
-    try:
-        with open(path, "rb") as f:
-            obj = _ArrayUnpickler(f, encoding="bytes").load()
-    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError) as err:
-        raise UserError(
-            f"{path} is not a readable CIFAR pickle batch ({err}); download the "
-            "'python version' of the data set again"
-        ) from None
+    obj = safe_pickle.load(
+        path,
+        "a readable CIFAR pickle batch",
+        "download the 'python version' of the data set again",
+    )
     if not isinstance(obj, dict):
         raise UserError(f"{path}: expected a pickled dict, found {type(obj).__name__}")
     return obj
+
+
+def _key_name(key: object) -> str:
+    if isinstance(key, bytes):
+        return key.decode(errors="replace")
+    return key if isinstance(key, str) else f"<{type(key).__name__}>"
 
 
 def _field(batch: dict, key: bytes, path: Path) -> object:
     if key not in batch:
         raise UserError(
             f"{path}: the batch has no {key.decode()!r} entry (found "
-            f"{sorted(k.decode(errors='replace') for k in batch)}); is this the "
+            f"{sorted(_key_name(k) for k in batch)}); is this the "
             "right CIFAR variant?"
         )
     return batch[key]
@@ -385,18 +388,28 @@ def _read_cifar_batches(paths: list[Path], label_key: bytes, num_classes: int) -
     images, labels = [], []
     for path in paths:
         batch = _unpickle(path)
-        data = np.asarray(_field(batch, b"data", path))
-        batch_labels = np.asarray(_field(batch, label_key, path))
+        data = _array_field(batch, b"data", path)
+        batch_labels = _array_field(batch, label_key, path)
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
             raise UserError(
                 f"{path}: 'data' must be uint8 of shape (N, 3072), got {data.dtype} {data.shape}"
             )
         if batch_labels.shape != (len(data),):
             raise UserError(f"{path}: {len(data)} images but {batch_labels.size} labels")
+        if batch_labels.dtype.kind not in "iu":
+            raise UserError(f"{path}: labels must be integers, got {batch_labels.dtype}")
         _check_labels(batch_labels, num_classes, path)
         images.append(data.reshape(-1, 3, 32, 32))
         labels.append(batch_labels)
     return _split(np.concatenate(images), np.concatenate(labels))
+
+
+def _array_field(batch: dict, key: bytes, path: Path) -> np.ndarray:
+    """Entry ``key`` of a batch as a numpy array (a list of labels becomes one)."""
+    try:
+        return np.asarray(_field(batch, key, path))
+    except (ValueError, TypeError, OverflowError) as error:  # ragged or mixed lists
+        raise UserError(f"{path}: {key.decode()!r} is not an array ({error})") from None
 
 
 def _cifar_dir(spec: str, arg: str, subfolder: str, required: list[str]) -> Path:
@@ -413,9 +426,15 @@ def _cifar_dir(spec: str, arg: str, subfolder: str, required: list[str]) -> Path
 
 
 def _label_names(path: Path, key: bytes) -> list[str]:
-    return [
-        n.decode() if isinstance(n, bytes) else str(n) for n in _field(_unpickle(path), key, path)
-    ]
+    names = _field(_unpickle(path), key, path)
+    if not isinstance(names, list | tuple) or not names:
+        raise UserError(f"{path}: {key.decode()!r} must be a non-empty list of class names")
+    if not all(isinstance(n, bytes | str) for n in names):
+        raise UserError(f"{path}: {key.decode()!r} holds something other than names")
+    try:
+        return [n.decode() if isinstance(n, bytes) else n for n in names]
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: a class name is not UTF-8 text ({error})") from None
 
 
 def _read_cifar10(spec: str, arg: str, image_size: int | None) -> DatasetSplits:
