@@ -3,6 +3,7 @@
 - ``to_opset17``: TensorRT 8.6 (JetPack 6.0) parses opset <= 17. onnx's version converter alone
   leaves opset-18 Reduce* nodes invalid (axes as an input, ``noop_with_empty_axes``), so this
   pass rewrites them and refuses ops whose opset-18 form it does not know.
+  A Split with ``num_outputs`` (opset 18) becomes the opset-13 Split into sizes (an initializer).
 - ``pack_int4_weights``: weights of <= 4 bits feeding MatMul/Gemm become INT4 initializers
   behind DequantizeLinear (opset 21); TensorRT takes INT4 only as weight-only GEMM quantization,
   so conv weights stay on their INT8 container.
@@ -78,7 +79,7 @@ def to_opset17(model: onnx.ModelProto) -> onnx.ModelProto:
             f"down-conversion to opset 17 starts from opset 18, not {opset(model)}; "
             "export with opset 18 (INT4 weights need 21 and TensorRT >= 10)"
         )
-    unknown = sorted({n.op_type for n in model.graph.node} - _SAME_IN_17 - _REDUCE_18)
+    unknown = sorted({n.op_type for n in model.graph.node} - _SAME_IN_17 - _REDUCE_18 - {"Split"})
     if unknown:
         raise UserError(
             f"cannot down-convert ops {unknown} to opset 17 (their opset-18 form "
@@ -89,6 +90,8 @@ def to_opset17(model: onnx.ModelProto) -> onnx.ModelProto:
     for node in model.graph.node:
         if node.op_type in _REDUCE_18:
             _axes_input_to_attribute(node, constants)
+        elif node.op_type == "Split":
+            _split_sizes_input(model, node)
     for entry in model.opset_import:
         if entry.domain in ("", "ai.onnx"):
             entry.version = 17
@@ -118,6 +121,33 @@ def _axes_input_to_attribute(node: onnx.NodeProto, constants: dict[str, np.ndarr
     node.attribute.extend(attrs.values())
     if axes is not None:
         node.attribute.append(helper.make_attribute("axes", axes))
+
+
+def _split_sizes_input(model: onnx.ModelProto, node: onnx.NodeProto) -> None:
+    """Opset 18's ``num_outputs`` (chunks of ceil(size / n), the last one smaller) as the sizes
+    input opset 13 takes; the split axis must have a static size."""
+    attrs = {a.name: a for a in node.attribute}
+    if "num_outputs" not in attrs:
+        return
+    parts = attrs["num_outputs"].i
+    axis = attrs["axis"].i if "axis" in attrs else 0
+    shapes = onnx.shape_inference.infer_shapes(model).graph.value_info
+    shape = {v.name: v.type.tensor_type.shape for v in [*shapes, *model.graph.input]}
+    dims = shape.get(node.input[0])
+    size = dims.dim[axis % len(dims.dim)].dim_value if dims is not None and dims.dim else 0
+    if not size:
+        raise UserError(
+            f"{node.name}: a Split into {parts} parts of a dimension of unknown size has no "
+            "opset-17 form; deploy with TensorRT >= 10, which reads opset 18"
+        )
+    chunk = -(-size // parts)
+    sizes = [min(chunk, size - i * chunk) for i in range(parts)]
+    name = f"{node.name}_sizes"
+    model.graph.initializer.append(numpy_helper.from_array(np.array(sizes, np.int64), name))
+    node.input.append(name)
+    kept = [a for a in node.attribute if a.name != "num_outputs"]
+    del node.attribute[:]
+    node.attribute.extend(kept)
 
 
 def pack_int4_weights(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:

@@ -147,7 +147,7 @@ class LSQQuantizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer is not None:
-            self.observer.observe(x)
+            self.observer.observe(x.detach().clone())  # the model may change x in place later
             return x
         if not bool(self.calibrated):
             return x
