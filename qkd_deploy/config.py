@@ -103,6 +103,8 @@ class QuantConfig:
     # tensorrt target: "skip" quantizes a residual Add's skip input only, so TensorRT fuses the
     # other input's Conv with the Add; "both" puts Q/DQ on both inputs (an extra INT8 kernel)
     residual_add_inputs: str = "skip"
+    # place quantizers from the traced graph (torch.fx); false: quantize Conv2d/Linear only
+    trace: bool = True
     first_last_bits: int | None = 8
     # fnmatch pattern -> "wXaY", or "float" (no Q/DQ: the layer runs in float)
     layer_bits: dict[str, str] = field(default_factory=dict)
