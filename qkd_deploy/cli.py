@@ -9,7 +9,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-from qkd_deploy.errors import UserError
+from qkd_deploy.errors import expected_failure
+from qkd_deploy.train.threads import prefer_passive_waiting
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": (
@@ -60,12 +61,19 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"qkd-deploy: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    prefer_passive_waiting()  # before a command loads torch's OpenMP runtime
     module_name, function_name = COMMANDS[name][0].split(":")
     command = getattr(importlib.import_module(module_name), function_name)
     try:
         return int(command(rest) or 0)
-    except UserError as error:
-        print(f"qkd-deploy {name}: error: {error}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"qkd-deploy {name}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        message = expected_failure(error)
+        if message is None:
+            raise  # a bug: its traceback
+        print(f"qkd-deploy {name}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -49,9 +49,7 @@ class TrainConfig:
                 f"grad_clip must be a positive norm or null, got {self.grad_clip}",
             ),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
+        _check_all(checks)
 
 
 @dataclass
@@ -66,6 +64,24 @@ class DataConfig:
     calibration_size: int = 512
     train_limit: int | None = None  # a fixed stratified subset of the training split (budgets)
     workers: int | None = None  # processes decoding folder images (0: none; null: cores-1, <=4)
+
+    def __post_init__(self) -> None:
+        _check_all(
+            [
+                (
+                    self.calibration_size >= 1,
+                    f"calibration_size must be >= 1 image, got {self.calibration_size}",
+                ),
+                (
+                    self.train_limit is None or self.train_limit >= 1,
+                    f"train_limit must be >= 1 image or null (all), got {self.train_limit}",
+                ),
+                (
+                    self.image_size is None or self.image_size >= 1,
+                    f"image_size must be >= 1 pixel or null, got {self.image_size}",
+                ),
+            ]
+        )
 
 
 @dataclass
@@ -95,6 +111,26 @@ class StudentConfig:
     # epoch of training images; data-free students, which never see them, skip it (ptq has its
     # own method option, on by default)
     bn_reestimate: bool = False
+    # a student (or the float student) whose test accuracy ends below this fraction fails the
+    # run (exit 1, every file kept); None: 5 points above chance; 0 accepts any accuracy
+    min_accuracy: float | None = None
+
+    def __post_init__(self) -> None:
+        from qkd_deploy.quant.convert import BitWidths
+
+        names = [BitWidths.parse(str(b)).name for b in self.bits]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        _check_all(
+            [
+                (bool(names), "bits names no student; give one or more, e.g. [w8a8, w4a4]"),
+                (not repeated, f"bits names {repeated} more than once; give each student once"),
+                (
+                    self.min_accuracy is None or 0 <= self.min_accuracy <= 1,
+                    f"min_accuracy is a fraction in [0, 1] or null, got {self.min_accuracy}",
+                ),
+            ]
+        )
+        self.bits = names
 
 
 @dataclass
@@ -130,6 +166,24 @@ class ExportConfig:
     int4_gemm_weights: bool = True  # Linear weights of <= 4 bits stored as INT4
     min_agreement: float = 0.99  # export fails when ONNX vs torch argmax agreement is lower
 
+    def __post_init__(self) -> None:
+        from onnx.defs import onnx_opset_version
+
+        newest = onnx_opset_version()
+        _check_all(
+            [
+                (
+                    17 <= self.opset <= newest,
+                    f"opset {self.opset}: the export writes opsets 17 (TensorRT 8.6) to {newest} "
+                    "(the newest this onnx knows); the default 18 suits TensorRT 10",
+                ),
+                (
+                    0 <= self.min_agreement <= 1,
+                    f"min_agreement is a fraction in [0, 1], got {self.min_agreement}",
+                ),
+            ]
+        )
+
 
 @dataclass
 class BenchConfig:
@@ -152,6 +206,9 @@ class Config:
     out: str | None = None  # run directory; None = runs/<timestamp>
     progress: bool = True
     device: str = "auto"  # where models train: auto (a CUDA GPU if torch sees one), cpu, cuda:N
+    # torch's CPU threads for training; 0 = chosen per run (qkd_deploy.train.threads: one for
+    # images up to 32x32, else the idle cores); OMP_NUM_THREADS in the environment also sets it
+    threads: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     # empty: the method's default teacher architectures, trained by the pipeline
     teachers: list[TeacherConfig] = field(default_factory=list)
@@ -160,6 +217,9 @@ class Config:
     quant: QuantConfig = field(default_factory=QuantConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+
+    def __post_init__(self) -> None:
+        _check_all([(self.threads >= 0, f"threads must be >= 0 (0: chosen), got {self.threads}")])
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -176,6 +236,15 @@ _YamlLoader.add_implicit_resolver(
 
 def _parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_YamlLoader)
+
+
+def _check_all(checks: list[tuple[bool, str]]) -> None:
+    """Raise the message of the first failed check (``from_dict`` puts the section's key in
+    front of it): a setting no run can use fails where the config is built, before any
+    training."""
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
 
 
 def to_dict(config: Config) -> dict[str, Any]:
@@ -215,7 +284,15 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise UserError(f"override {item!r} is not key=value (e.g. student.train.epochs=5)")
-        _set_dotted(values, key.strip(), _parse_yaml(text))
+        try:
+            value = _parse_yaml(text)
+        except yaml.YAMLError as error:
+            problem = str(error).splitlines()[0]
+            raise UserError(
+                f"override {item!r}: the value is not valid YAML ({problem}); quote a string "
+                "value, e.g. --set 'data.spec=\"folder:my dir\"'"
+            ) from None
+        _set_dotted(values, key.strip(), value)
     merged = _merge(to_dict(Config()), values)
     return from_dict(merged)
 
@@ -230,9 +307,13 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        values = _parse_yaml(path.read_text()) or {}
+        values = _parse_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as error:
         raise UserError(f"config file {path} is not valid YAML: {error}") from error
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path} is not UTF-8 text; save it as UTF-8 YAML") from None
+    except OSError as error:
+        raise UserError(f"config file {path} cannot be read ({error.strerror})") from None
     if not isinstance(values, dict):
         raise UserError(
             f"config file {path} must hold a mapping of sections (data:, student:, ...)"

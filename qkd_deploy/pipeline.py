@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+import pickle
 import sys
 import time
 from collections.abc import Iterable
@@ -92,8 +93,24 @@ def save_state(model: nn.Module, path: Path) -> None:
 
 
 def load_state(model: nn.Module, path: Path) -> nn.Module:
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    """``model`` with the weights a finished stage saved in ``path``; a damaged or foreign file
+    is one clear error (its stage trains again once the file is deleted)."""
+    fix = f"delete {path} to train that stage again (--resume {path.parent.parent})"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as error:
+        raise UserError(f"{path} cannot be read ({_first_line(error)}); {fix}") from None
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as error:
+        raise UserError(
+            f"{path} does not hold this stage's model ({_first_line(error)}); {fix}"
+        ) from None
     return model
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def train_float(
@@ -226,6 +243,11 @@ def _check_classifier(model: nn.Module, ctx: Context, what: str) -> None:
         raise UserError(
             f"{what} returns shape {tuple(out.shape)}; expected (N, "
             f"{ctx.data.num_classes}) logits for {ctx.data.name}"
+        )
+    if not torch.isfinite(out).all():
+        raise UserError(
+            f"{what} returns NaN or infinite logits on test images of {ctx.data.name}; check "
+            "its weights (--teacher-checkpoint) and the --normalize preprocessing"
         )
 
 

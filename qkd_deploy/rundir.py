@@ -39,7 +39,8 @@ class RunDir:
         and reports. The lock is the kernel's (``flock`` on ``.lock``), so it ends with its
         process, however that process ends."""
         self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "a+") as handle:
+        lock = self.root / ".lock"
+        with open(lock, "a+") as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -49,6 +50,11 @@ class RunDir:
                     f"run directory {self.root} is in use by another run (pid {holder}); "
                     "wait for it to finish or stop it, then resume, or choose another --out"
                 ) from None
+            if not _same_file(handle, lock):  # its holder removed it (a run that failed early)
+                raise UserError(
+                    f"run directory {self.root} was removed by the run that held it; run the "
+                    "command again"
+                )
             handle.truncate(0)
             handle.write(str(os.getpid()))
             handle.flush()
@@ -93,6 +99,14 @@ class RunDir:
         result = compute()
         atomic_write_json(record, {"key": key, "outputs": _hashes(outputs), "result": result})
         return result
+
+
+def _same_file(handle, path: Path) -> bool:
+    """Whether the open ``handle`` is still the file at ``path``."""
+    try:
+        return os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+    except FileNotFoundError:
+        return False
 
 
 def _hashes(files: tuple[Path, ...]) -> dict[str, str | None]:

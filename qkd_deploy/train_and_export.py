@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from qkd_deploy.config import Config, load_config, save_config, to_dict
-from qkd_deploy.errors import UserError
+from qkd_deploy.errors import TrainingDiverged, UserError, expected_failure
 
 # CLI flag -> the config keys it sets (``--epochs`` sets every training stage's epochs)
 FLAG_KEYS = {
@@ -89,6 +89,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="any config key, e.g. --set student.train.lr=0.02 (repeatable)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--allow-low-accuracy",
+        action="store_true",
+        help="exit 0 even when a student ends near chance (student.min_accuracy=0)",
+    )
     return p.parse_args(argv)
 
 
@@ -106,6 +111,8 @@ def build_config(args: argparse.Namespace) -> Config:
         overrides.append("student.bits=[" + ",".join(_bit_names(args.bits)) + "]")
     if args.no_progress:
         overrides.append("progress=false")
+    if args.allow_low_accuracy:
+        overrides.append("student.min_accuracy=0")
     return load_config(args.config, overrides + args.set)
 
 
@@ -127,31 +134,42 @@ def _teacher_entries(args: argparse.Namespace) -> list[dict]:
 def _bit_names(text: str) -> list[str]:
     from qkd_deploy.quant.convert import BitWidths
 
-    return [BitWidths.parse(part).name for part in text.split(",") if part.strip()]
+    names = [BitWidths.parse(part).name for part in text.split(",") if part.strip()]
+    if not names:
+        raise UserError(f"--bits {text!r} names no bit-width; write e.g. --bits 8,4 or w4a8")
+    return names
 
 
-def prepare_run_dir(args: argparse.Namespace) -> tuple[Config, Path]:
-    """A new run directory, or the existing one of ``--resume`` with the config it was made with."""
+def plan_run(args: argparse.Namespace) -> tuple[Config, Path, bool]:
+    """The run's config and directory, and whether the run is new; writes nothing (the
+    directory is claimed by ``run`` once it holds the directory's lock)."""
     if args.resume:
         root = Path(args.resume)
         stored = _stored_config(root)
         check_resume_flags(args)
         overrides = args.set + (["progress=false"] if args.no_progress else [])
+        if args.allow_low_accuracy:
+            overrides.append("student.min_accuracy=0")
         config = load_config(str(stored), overrides)
         check_method(config)  # an edited config.yaml fails before the run goes on
-        return config, root
+        return config, root, False
     config = build_config(args)
     config.student.method_options = check_method(config)
     root = Path(args.out or config.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}")
-    if root.exists() and any(root.iterdir()):
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--out {root} is a file, not a folder; choose a new folder")
+    config.out = str(root)
+    return config, root, True
+
+
+def _claim(root: Path, config: Config) -> None:
+    """Make ``root`` (held, empty but for its lock) this new run's directory."""
+    if any(p.name != ".lock" for p in root.iterdir()):
         raise UserError(
             f"run directory {root} is not empty; use --resume {root} to continue it "
             f"or --out to choose a new one"
         )
-    root.mkdir(parents=True, exist_ok=True)
-    config.out = str(root)
     save_config(config, root / "config.yaml")
-    return config, root
 
 
 # every flag that sets the run's settings (what --resume cannot change)
@@ -166,7 +184,7 @@ SETTING_FLAGS = (
 )
 # what a resumed run may change: nothing a model was trained with
 RESUMABLE_SECTIONS = ("export.", "bench.")
-RESUMABLE_KEYS = ("device",)
+RESUMABLE_KEYS = ("device", "threads", "student.min_accuracy")
 
 
 def check_resume_flags(args: argparse.Namespace) -> None:
@@ -231,29 +249,28 @@ def check_float_method(config: Config) -> None:
     checked_method_options(name, config.student.float_method_options, len(teacher_configs(config)))
 
 
-def run(config: Config, root: Path) -> dict:
-    """Every stage, with the run directory held against other runs; returns the report."""
+def run(config: Config, root: Path, new: bool = False) -> dict:
+    """Every stage, with the run directory held against other runs; returns the report.
+
+    The lock is taken before anything is checked or written, so a second run never touches a
+    directory it does not hold. A new run that stops, for any reason, before a stage wrote a
+    file leaves no run directory behind: the same command runs again once the input is fixed."""
     from qkd_deploy.rundir import RunDir
 
-    with RunDir(root).exclusive():
-        stored = root / "config.yaml"
-        # a resume with --set export.*/bench.* changed the config: the run's record follows
-        if stored.is_file() and to_dict(load_config(str(stored))) != to_dict(config):
-            save_config(config, stored)
-        return _run_stages(config, root)
-
-
-def run_or_undo(config: Config, root: Path, new: bool) -> dict:
-    """``run``; a new run that fails on bad input before any stage wrote a file leaves no run
-    directory behind."""
-    from qkd_deploy.rundir import RunDir
-
-    try:
-        return run(config, root)
-    except UserError:
+    run_dir = RunDir(root)
+    with run_dir.exclusive():
         if new:
-            RunDir(root).remove_if_unstarted()
-        raise
+            _claim(root, config)
+        else:  # a resume with --set export.*/bench.* changed the config: the record follows
+            stored = root / "config.yaml"
+            if stored.is_file() and to_dict(load_config(str(stored))) != to_dict(config):
+                save_config(config, stored)
+        try:
+            return _run_stages(config, root)
+        except BaseException:
+            if new:
+                run_dir.remove_if_unstarted()
+            raise
 
 
 def _run_stages(config: Config, root: Path) -> dict:
@@ -273,6 +290,7 @@ def _run_stages(config: Config, root: Path) -> dict:
     from qkd_deploy.rundir import RunDir, library_versions, machine_description, write_manifest
     from qkd_deploy.train import distributed
     from qkd_deploy.train.device import describe
+    from qkd_deploy.train.threads import set_training_threads
 
     timings: dict[str, float] = {}
     progress = config.progress
@@ -285,6 +303,7 @@ def _run_stages(config: Config, root: Path) -> dict:
             if config.data.normalize
             else split_statistics(data.train, config.data.workers)
         )
+    set_training_threads(config.threads, int(np.prod(data.image_size)), distributed.world_size())
     ctx = P.Context(config, data, preprocess, RunDir(root))
     device = ctx.device  # a GPU asked for that is not there fails here, before any training
     bit_list = [BitWidths.parse(b) for b in config.student.bits]
@@ -405,6 +424,9 @@ def _inputs(config: Config) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """The whole pipeline; under torchrun, process 0 runs it and the others train with it."""
+    from qkd_deploy.train.threads import prefer_passive_waiting
+
+    prefer_passive_waiting()  # before torch loads its OpenMP runtime
     from qkd_deploy.train import distributed
 
     root = None
@@ -414,20 +436,59 @@ def main(argv: list[str] | None = None) -> int:
             if group is not None and not group.leader:
                 distributed.serve(group)
                 return 0
-            config, root = prepare_run_dir(args)
-            report = run_or_undo(config, root, new=not args.resume)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+            config, root, new = plan_run(args)
+            report = run(config, root, new)
     except KeyboardInterrupt:
         print(_interrupted(root), file=sys.stderr)
         return 130
+    except Exception as error:
+        message = expected_failure(error)
+        if message is None:
+            raise  # a bug: its traceback (the run directory is cleaned as after a user error)
+        print(f"error: {message}{_resume_hint(error, root)}", file=sys.stderr)
+        return 2
     from qkd_deploy.bench.report import summary_table
 
     print()
     print(summary_table(report))
     print(f"\nRun directory: {root}  (report.json, report.md, manifest.json, */model.onnx)")
+    failures = accuracy_failures(report, config.student.min_accuracy)
+    if failures:
+        print(
+            f"error: {'; '.join(failures)}. Every file of the run is kept in {root}; to accept "
+            "such a student, run with --allow-low-accuracy (--set student.min_accuracy=0)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
+
+
+def accuracy_failures(report: dict, min_accuracy: float | None) -> list[str]:
+    """The float and quantized students whose ONNX test accuracy is below ``min_accuracy``
+    (None: 5 points above chance, where a student has learnt nothing usable)."""
+    floor = min_accuracy
+    if floor is None:
+        floor = 1 / report["num_classes"] + 0.05
+    models = report["float_references"] + report["students"]
+    return [
+        f"{m['name']} ends at {100 * m['accuracy_onnx']:.2f} % test accuracy, below the "
+        f"{100 * floor:.2f} % floor (student.min_accuracy)"
+        for m in models
+        if m["accuracy_onnx"] < floor
+    ]
+
+
+def _resume_hint(error: Exception, root: Path | None) -> str:
+    """How to go on after a failure that kept the run's files (a diverged stage, a full disk)."""
+    if root is None or not (root / "config.yaml").is_file():
+        return ""
+    if isinstance(error, TrainingDiverged):
+        if error.checkpoint is None:
+            return ""
+        return f"; or continue from that checkpoint as it is with --resume {root}"
+    if isinstance(error, OSError):
+        return f" (--resume {root})"
+    return ""
 
 
 def _interrupted(root: Path | None) -> str:
@@ -483,9 +544,12 @@ def export_main(argv: list[str]) -> int:
     if not args.out:
         return main(["--resume", str(root), *(f"--set={item}" for item in sets)])
     copy = _copy_run(root, Path(args.out))
-    code = main(["--resume", str(copy), *(f"--set={item}" for item in sets)])
-    if code != 0:  # the error is printed; a copy that did not export is not left behind
-        shutil.rmtree(copy)
+    code = 2
+    try:
+        code = main(["--resume", str(copy), *(f"--set={item}" for item in sets)])
+    finally:
+        if code not in (0, 1):  # the error is printed; a copy that did not export goes
+            shutil.rmtree(copy, ignore_errors=True)
     return code
 
 
@@ -508,7 +572,11 @@ def _copy_run(root: Path, out: Path) -> Path:
     ``config.yaml`` names its own directory."""
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} is not empty; choose a new directory")
-    shutil.copytree(root, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".lock"))
+    try:
+        shutil.copytree(root, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".lock"))
+    except BaseException:  # a full disk mid-copy leaves no half copy behind
+        shutil.rmtree(out, ignore_errors=True)
+        raise
     config = load_config(str(out / "config.yaml"))
     config.out = str(out)
     save_config(config, out / "config.yaml")

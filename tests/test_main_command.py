@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -51,14 +52,20 @@ def tiny_run(tmp_path_factory):
     return config, out
 
 
-def resume_on_tiny_pool(tiny_run, run_dir, overrides):
-    """A run of the tiny config with ``overrides`` on a copy of the tiny run's teacher and float
-    student (finished stages: the pipeline reuses them); returns its config."""
+def on_tiny_pool(tiny_run, run_dir, overrides):
+    """A run directory of the tiny config with ``overrides`` holding a copy of the tiny run's
+    teacher and float student (finished stages: the pipeline reuses them); returns its config."""
     config, out = tiny_run
     for stage in ("teacher", "student_float"):
         shutil.copytree(out / stage, run_dir / stage)
     cfg = load_config(str(config), [*overrides, f"out={run_dir}"])
     save_config(cfg, run_dir / "config.yaml")
+    return cfg
+
+
+def resume_on_tiny_pool(tiny_run, run_dir, overrides):
+    """``on_tiny_pool``, run to the end; returns its config."""
+    cfg = on_tiny_pool(tiny_run, run_dir, overrides)
     assert main(["--resume", str(run_dir)]) == 0
     return cfg
 
@@ -703,3 +710,110 @@ def test_bn_reestimate_recomputes_the_trained_students_batchnorm_statistics(tiny
     assert w2["accuracy_torch"] == pytest.approx(
         (logits.argmax(1) == data.test.labels).float().mean().item()
     )
+
+
+def test_a_diverging_stage_stops_with_where_and_which_loss_and_keeps_the_finished_stages(
+    tiny_run, tmp_path, capsys
+):
+    run_dir = tmp_path / "run"
+    on_tiny_pool(tiny_run, run_dir, ["student.bits=[w8a8]", "student.train.lr=1e30"])
+    kept = {p: sha256_file(p) for p in run_dir.glob("*/model.pt")}
+    assert main(["--resume", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "w8a8 kd-decay: loss" in err and "=nan" in err and "training diverged" in err
+    assert "at epoch 1/1" in err and "no epoch of this stage had finished" in err
+    assert "train.lr, now 1e+30" in err and "grad_clip" in err
+    assert {p: sha256_file(p) for p in run_dir.glob("*/model.pt")} == kept
+    assert not (run_dir / "w8a8" / "model.pt").exists()
+
+
+def test_a_student_at_chance_fails_the_run_keeps_its_files_and_may_be_accepted(
+    tiny_run, tmp_path, capsys
+):
+    """A learning rate that kills the student without a NaN: the run finishes, says so and exits
+    1; --resume --allow-low-accuracy accepts it without training again."""
+    run_dir = tmp_path / "run"
+    on_tiny_pool(tiny_run, run_dir, ["student.bits=[w8a8]", "student.train.lr=20"])
+    assert main(["--resume", str(run_dir)]) == 1
+    err = capsys.readouterr().err
+    assert "resnet8_w8a8 ends at" in err and "below the 15.00 % floor" in err
+    assert "--allow-low-accuracy" in err
+    weights = sha256_file(run_dir / "w8a8" / "model.pt")
+    assert (run_dir / "report.json").is_file()
+    assert main(["--resume", str(run_dir), "--allow-low-accuracy"]) == 0
+    assert sha256_file(run_dir / "w8a8" / "model.pt") == weights
+
+
+@pytest.mark.parametrize("damage", ["truncated", "planted"])
+def test_a_damaged_model_file_is_named_on_resume_and_export(tiny_run, tmp_path, capsys, damage):
+    _, out = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns(".lock"))
+    model = copy / "w4a4" / "model.pt"
+    if damage == "truncated":
+        model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    else:  # a pickle that would run code if it were loaded without weights_only
+        planted = tmp_path / "planted"
+        model.write_bytes(pickle_calling(os.system, f"touch {planted}"))
+    assert main(["--resume", str(copy)]) == 2
+    err = capsys.readouterr().err
+    assert str(model) in err and "Traceback" not in err and "delete" in err
+    assert cli.main(["export", str(copy), "--opset", "17"]) == 2
+    assert str(model) in capsys.readouterr().err
+    if damage == "planted":
+        assert not planted.exists()
+
+
+def pickle_calling(function, argument) -> bytes:
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return function, (argument,)
+
+    return pickle.dumps(Payload())
+
+
+def test_a_bug_keeps_its_traceback_and_leaves_no_new_run_directory(tmp_path, monkeypatch):
+    import qkd_deploy.pipeline as pipeline
+
+    def broken(ctx):
+        raise RuntimeError("a bug in a check")
+
+    monkeypatch.setattr(pipeline, "check_method_fits", broken)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="a bug in a check"):
+        main(["--out", str(out), "--no-progress"])
+    assert not out.exists()
+
+
+def test_a_full_disk_mid_run_is_one_error_and_the_run_resumes(
+    tiny_run, tmp_path, monkeypatch, capsys
+):
+    """ENOSPC while a student is exported: the message names the file and --resume, every
+    finished stage stays, and the resumed run finishes."""
+    import errno
+
+    import qkd_deploy.pipeline as pipeline
+
+    run_dir = tmp_path / "run"
+    on_tiny_pool(tiny_run, run_dir, ["student.bits=[w8a8]"])
+    export = pipeline.export_stage
+
+    def disk_full(ctx, model, name, quantized):
+        if quantized:
+            target = ctx.run.root / name / "model.onnx"
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
+        return export(ctx, model, name, quantized)
+
+    monkeypatch.setattr(pipeline, "export_stage", disk_full)
+    code = main(["--resume", str(run_dir)])
+    monkeypatch.undo()
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: No space left on device: ") and "Traceback" not in err
+    assert str(run_dir / "w8a8" / "model.onnx") in err and f"--resume {run_dir}" in err
+    assert (run_dir / "w8a8" / "model.pt").is_file()
+    assert main(["--resume", str(run_dir)]) == 0
+    assert (run_dir / "w8a8" / "model.onnx").is_file()

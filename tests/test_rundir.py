@@ -12,12 +12,12 @@ import pytest
 from qkd_deploy.config import load_config, save_config
 from qkd_deploy.errors import UserError
 from qkd_deploy.fileio import atomic_write_text
-from qkd_deploy.rundir import RunDir
+from qkd_deploy.rundir import RunDir, _same_file
 from qkd_deploy.train_and_export import main
 
 HOLD_THE_DIRECTORY = """
 import sys
-from qkd_deploy.rundir import RunDir
+from qkd_deploy.rundir import RunDir, _same_file
 with RunDir(sys.argv[1]).exclusive():
     print("held", flush=True)
     sys.stdin.read()
@@ -110,3 +110,32 @@ def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path):
         os.umask(previous)
     assert stat.S_IMODE(written.stat().st_mode) == 0o644
     assert [p.name for p in tmp_path.iterdir()] == ["report.md"]  # no temporary file left
+
+
+def test_a_new_run_takes_the_lock_before_it_checks_or_writes_anything(tmp_path, capsys):
+    """The forced interleaving: run A holds the (still empty) directory and has not written its
+    config yet. Run B, started on the same --out, must neither pass nor clean up: it fails on
+    the lock, and A's directory and lock stay as they were."""
+    root = tmp_path / "run"
+    root.mkdir()
+    with held_by_another_process(root) as pid:
+        assert main(["--out", str(root), "--no-progress"]) == 2
+        assert f"in use by another run (pid {pid})" in capsys.readouterr().err
+        assert sorted(p.name for p in root.iterdir()) == [".lock"]
+        assert (root / ".lock").read_text() == str(pid)
+        # A goes on: it claims the directory it holds
+        save_config(load_config(overrides=[f"out={root}"]), root / "config.yaml")
+    assert sorted(p.name for p in root.iterdir()) == [".lock", "config.yaml"]
+
+
+def test_a_lock_counts_only_while_it_is_the_directory_s_lock_file(tmp_path):
+    """A run that opened the lock file of a run which then failed early and removed it (with
+    its directory) must not carry on in a directory nobody holds: ``exclusive`` checks that the
+    file it locked is still the one at the path."""
+    lock = tmp_path / ".lock"
+    with open(lock, "a+") as handle:
+        assert _same_file(handle, lock)
+        lock.unlink()
+        assert not _same_file(handle, lock)
+        lock.write_text("")  # a later run's new lock file
+        assert not _same_file(handle, lock)

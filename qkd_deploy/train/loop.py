@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from qkd_deploy.config import TrainConfig
 from qkd_deploy.distill.base import Distiller
-from qkd_deploy.errors import UserError
+from qkd_deploy.errors import TrainingDiverged, UserError
 from qkd_deploy.fileio import atomic_write_bytes
 from qkd_deploy.train import distributed
 from qkd_deploy.train.device import CPU
@@ -152,9 +152,7 @@ def _train_epoch(
         logits, terms = distiller.forward_train(images, labels, done)
         loss = sum(terms.values())
         if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"{desc}: loss became {loss.item()} at epoch {epoch + 1}, step {step}"
-            )
+            raise _diverged(job, terms, epoch, step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if group is not None:
@@ -182,6 +180,24 @@ def _train_epoch(
         term_sums = dict(zip(names, sums, strict=True))
     return EpochStats(
         epoch + 1, loss_sum / seen, correct / seen, {k: v / seen for k, v in term_sums.items()}
+    )
+
+
+def _diverged(job: TrainingJob, terms: dict, epoch: int, step: int) -> TrainingDiverged:
+    """The error that stops a stage whose loss became NaN or infinite: which terms, where, what
+    is kept and what to change."""
+    bad = {name: v.item() for name, v in terms.items() if not torch.isfinite(v)}
+    where = f"{job.desc}: loss {', '.join(f'{k}={v}' for k, v in bad.items()) or 'sum'}"
+    kept = (
+        f"the checkpoint of epoch {epoch} ({job.checkpoint}) is kept"
+        if epoch > 0
+        else "no epoch of this stage had finished"
+    )
+    return TrainingDiverged(
+        f"{where} at epoch {epoch + 1}/{job.cfg.epochs}, step {step + 1}: training diverged; "
+        f"{kept}. Lower this stage's learning rate (train.lr, now {job.cfg.lr}) or clip its "
+        "gradients (train.grad_clip, e.g. 1.0) in a new run",
+        job.checkpoint if epoch > 0 else None,
     )
 
 
@@ -216,9 +232,10 @@ def _write_checkpoint(path: Path, state: dict) -> None:
 def _read_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError) as error:
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as error:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise UserError(
-            f"checkpoint {path} cannot be read ({error}); delete it to train that stage again"
+            f"checkpoint {path} cannot be read ({first_line}); delete it to train that stage again"
         ) from error
 
 
@@ -228,13 +245,13 @@ def _restore(job: TrainingJob, optimizer, scheduler, device: torch.device) -> tu
         distiller.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-    except (RuntimeError, KeyError, ValueError) as error:
+        _set_rng_state(state, device)
+        return int(state["epoch"]), list(state["history"])
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as error:
         raise UserError(
-            f"checkpoint {job.checkpoint} does not match this run's model/config ({error}); "
+            f"checkpoint {job.checkpoint} does not match this run's model/config ({error!r}); "
             f"resume with the config it was made with, or delete it to start over"
         ) from error
-    _set_rng_state(state, device)
-    return int(state["epoch"]), list(state["history"])
 
 
 def _rng_state(device: torch.device) -> dict:
