@@ -166,17 +166,20 @@ def _teacher_bn_distance(distiller) -> float:
     return statistics.loss().item()
 
 
-@pytest.mark.parametrize("bn_weight", [1.0, 0.0])
-def test_batchnorm_prior_draws_the_generated_statistics_to_the_teachers(teacher, bn_weight):
-    """With the prior, 10 generator steps bring the generated batches' statistics at the
-    teacher's BatchNorm inputs closer to its running statistics (measured: to 0.52 of the first
-    distance); the paper's objective alone (``bn_weight = 0``) drives them away (2.3x)."""
-    d = _dafl(teacher, bn_weight=bn_weight)
-    before = _teacher_bn_distance(d)
-    for step in range(10):
-        d.forward_train(None, None, step / 10)
-    ratio = _teacher_bn_distance(d) / before
-    assert (ratio < 0.75) is (bn_weight > 0), ratio
+def test_batchnorm_prior_draws_the_generated_statistics_to_the_teachers(teacher):
+    """With the prior, generator steps bring the generated batches' statistics at the teacher's
+    BatchNorm inputs closer to its running statistics, and closer than the paper's objective
+    alone (``bn_weight = 0``) leaves them. Measured after 20 steps: 0.45-0.63 of the first
+    distance with the prior, 1.4-1.9 without, depending on the thread count (which changes the
+    teacher's training) and the CPU, so the test compares the two rather than a threshold."""
+    ratios = {}
+    for bn_weight in (1.0, 0.0):
+        d = _dafl(teacher, bn_weight=bn_weight)
+        before = _teacher_bn_distance(d)
+        for step in range(20):
+            d.forward_train(None, None, step / 20)
+        ratios[bn_weight] = _teacher_bn_distance(d) / before
+    assert ratios[1.0] < 1.0 and ratios[1.0] < ratios[0.0], ratios
 
 
 def test_batchnorm_prior_needs_a_teacher_with_batchnorm():
