@@ -119,12 +119,15 @@ def random_pickle(rng: random.Random, max_bytes: int = 64) -> bytes:
 
 def escape(read: Callable[[], object], path: Path) -> str | None:
     """None if ``read()`` returns or raises one ``UserError`` naming ``path``; else what went
-    wrong (another exception, or an error that does not say which file)."""
+    wrong (another exception, an error that does not say which file, or one that reports a
+    failed allocation: the reader tried to reserve what the file claimed)."""
     try:
         read()
     except UserError as error:
         if path.name not in str(error):
             return f"UserError without the file name: {error}"
+        if "MemoryError" in str(error):
+            return f"allocation attempted: {error}"
     except Exception as error:  # what the fuzz looks for
         return f"{type(error).__name__}: {error}"
     return None

@@ -121,9 +121,18 @@ def test_idx_with_data_beyond_its_header_is_refused(tmp_path):
         ),
         # a bytes opcode claiming 2^62 bytes: the C unpickler would reserve them first
         (b"\x80\x04\x8e" + struct.pack("<Q", 1 << 62) + b"ab.", "EOFError"),
+        # BYTEARRAY8 claiming 2^40 bytes: the Python unpickler would zero-fill them first
+        (b"\x80\x05\x96" + struct.pack("<Q", 1 << 40) + b"ab.", "BYTEARRAY8 claims"),
         (b"\x80\x02c_codecs\nencode\nX\x01\x00\x00\x00aX\x04\x00\x00\x00zlib\x86R.", "latin-1"),
     ],
-    ids=["ndarray-call", "object-dtype", "huge-reconstruct", "huge-bytes", "codec"],
+    ids=[
+        "ndarray-call",
+        "object-dtype",
+        "huge-reconstruct",
+        "huge-bytes",
+        "huge-bytearray",
+        "codec",
+    ],
 )
 def test_pickle_payloads_that_would_allocate_are_refused(tmp_path, payload, refused):
     directory = write_cifar10(tmp_path / "cifar")

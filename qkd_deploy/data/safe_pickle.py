@@ -9,8 +9,8 @@ the file holds.
   items are checked), ``_codecs.encode`` (bytes in protocol-2 pickles) is latin-1 only.
   Numeric arrays are then filled by numpy, which checks the bytes against the shape first.
 - The file is read whole (up to ``MAX_BYTES``) and unpickled by the pure-Python unpickler from
-  memory: a length field in the pickle cannot make it reserve more than the file holds (the C
-  unpickler allocates what a length field claims before reading).
+  memory, which reads what a length field claims without reserving it first (the C unpickler
+  allocates it before reading), except BYTEARRAY8, whose length is checked against the file.
 - Any failure of malformed bytes is one ``UserError`` naming the file.
 """
 
@@ -20,6 +20,7 @@ import codecs
 import io
 import math
 import pickle
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -83,11 +84,30 @@ _ALLOWED = {
 
 
 class _Unpickler(pickle._Unpickler):  # the Python one: see the module docstring
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, raw: bytes) -> None:
+        super().__init__(io.BytesIO(raw), encoding="bytes")
+        self.size = len(raw)
+
     def find_class(self, module: str, name: str) -> object:
         allowed = _ALLOWED.get((module, name))
         if allowed is None:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
         return allowed
+
+    def load_bytearray8(self) -> None:
+        """BYTEARRAY8, whose Python version zero-fills the claimed length before reading."""
+        (length,) = struct.unpack("<Q", self.read(8))
+        if length > self.size:
+            raise pickle.UnpicklingError(
+                f"BYTEARRAY8 claims {length} bytes of a {self.size}-byte file"
+            )
+        data = bytearray(length)
+        self.readinto(data)
+        self.append(data)
+
+    dispatch[pickle.BYTEARRAY8[0]] = load_bytearray8
 
 
 def load(path: Path, what: str, fix: str) -> Any:
@@ -101,6 +121,6 @@ def load(path: Path, what: str, fix: str) -> Any:
     except OSError as error:
         raise UserError(f"cannot read {path}: {error}") from None
     try:
-        return _Unpickler(io.BytesIO(raw), encoding="bytes").load()
+        return _Unpickler(raw).load()
     except Exception as error:  # malformed bytes can fail in any opcode with any type
         raise UserError(f"{path} is not {what} ({type(error).__name__}: {error}); {fix}") from None
