@@ -270,3 +270,28 @@ def test_jpeg_reduced_decoding_matches_full_decoding(tmp_path) -> None:
 def test_workers_must_not_be_negative(small) -> None:
     with pytest.raises(UserError, match="data.workers must be >= 0"):
         BatchLoader(small.train, PREPROCESS, 4, workers=-1)
+
+
+def test_main_command_trains_and_exports_from_a_streamed_folder(tmp_path) -> None:
+    """The whole pipeline on a folder read by a decoding process: training, calibration,
+    statistics, export and the sample batch all take their images from the stream."""
+    import json
+
+    from qkd_deploy.train_and_export import main
+
+    write_folder(tmp_path / "images", 12, size=(18, 18))
+    out = tmp_path / "run"
+    sets = [f"{key}.batch_size=8" for key in ("teacher_train", "student.float_train")]
+    sets += ["student.train.batch_size=8", "data.workers=1", "data.calibration_size=8"]
+    sets += ["bench.batch_sizes=[1]", "bench.iterations=2", "bench.warmup=1"]
+    args = ["--data", f"folder:{tmp_path / 'images'}", "--set", "data.image_size=16"]
+    args += ["--teacher-arch", "resnet8", "--bits", "8", "--epochs", "1", "--no-progress"]
+    args += ["--allow-low-accuracy", "--out", str(out)]
+    for setting in sets:
+        args += ["--set", setting]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["dataset"] == "folder" and report["input_shape"] == [3, 16, 16]
+    assert report["test_samples"] == 8 and report["students"][0]["onnx_agreement"] == 1.0
+    with np.load(out / "sample_batch.npz") as sample:
+        assert sample["images"].shape == (8, 3, 16, 16)
