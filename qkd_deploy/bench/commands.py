@@ -76,6 +76,7 @@ def report_main(argv: list[str]) -> int:
     )
     args = p.parse_args(argv)
     from qkd_deploy.bench.report import (
+        RENDERED,
         load_report,
         student_warnings,
         summary_table,
@@ -83,7 +84,7 @@ def report_main(argv: list[str]) -> int:
     )
 
     run_dir = Path(args.run_dir)
-    report = load_report(run_dir / "report.json")
+    report = load_report(run_dir / "report.json", RENDERED)
     write_report(run_dir, report)
     if args.plot:
         from qkd_deploy.bench.plots import plot_report

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import platform
+import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -49,18 +53,70 @@ class OnnxRuntimeRunner:
         if not optimize:
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         self.providers = _resolve_providers(providers, ort.get_available_providers())
-        self.session = ort.InferenceSession(str(model_path), options, providers=self.providers)
-        model_input = self.session.get_inputs()[0]
+        self.model_path = model_path
+        self.session = _load(ort, model_path, options, self.providers)
+        model_input = _image_input(self.session, model_path)
         self.input_name = model_input.name
         self.input_shape = _sample_shape(model_input.shape, model_path)
         self.name = "onnxruntime_" + self.providers[0].replace("ExecutionProvider", "").lower()
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
-        return self.session.run(None, {self.input_name: batch})[0]
+        try:
+            return self.session.run(None, {self.input_name: batch})[0]
+        except onnxruntime_errors() as error:
+            raise UserError(
+                f"{self.model_path}: ONNX Runtime failed to run it on a float32 batch of shape "
+                f"{batch.shape} ({_first_line(error)}); check the model with qkd-deploy lint "
+                f"{self.model_path}"
+            ) from None
 
     def close(self) -> None:
         self.session = None
+
+
+def onnxruntime_errors() -> tuple[type[Exception], ...]:
+    """The exception types of ONNX Runtime's native module, which it raises for a model it
+    cannot load or run (InvalidProtobuf, InvalidGraph, Fail, ...)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as native
+
+    kinds = vars(native).values()
+    return tuple(k for k in kinds if isinstance(k, type) and issubclass(k, Exception))
+
+
+def _load(ort: Any, model_path: Path, options: Any, providers: list[str]) -> Any:
+    """An InferenceSession; a file ONNX Runtime cannot load is one UserError naming it. What its
+    Python wrapper prints to stdout (a provider it fell back from) goes to stderr."""
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            session = ort.InferenceSession(str(model_path), options, providers=providers)
+    except (*onnxruntime_errors(), UnicodeDecodeError) as error:  # a name that is not UTF-8
+        raise UserError(
+            f"{model_path}: ONNX Runtime cannot load it ({_first_line(error)}); pass a valid "
+            f".onnx model (qkd-deploy lint {model_path} says what is wrong with this one)"
+        ) from None
+    sys.stderr.write(printed.getvalue())
+    return session
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def _image_input(session: Any, model_path: Path) -> Any:
+    """The model's first input, which must be a float32 tensor with a batch dimension."""
+    inputs = session.get_inputs()
+    if not inputs:
+        raise UserError(f"{model_path} has no inputs; give a classifier that takes images")
+    model_input = inputs[0]
+    if model_input.type != "tensor(float)" or not model_input.shape:
+        raise UserError(
+            f"{model_path}: input {model_input.name!r} is {model_input.type} of shape "
+            f"{model_input.shape}; qkd-deploy runs classifiers on float32 (N, C, H, W) images"
+        )
+    return model_input
 
 
 def _sample_shape(shape: list, model_path: Path) -> tuple[int, ...]:
