@@ -12,6 +12,7 @@ import tarfile
 import numpy as np
 import onnx
 import pytest
+from bundle_run import STUDENT, tiny_run
 
 from qkd_deploy.data.preprocess import Preprocess
 from qkd_deploy.errors import UserError
@@ -30,27 +31,10 @@ from qkd_deploy.fileio import sha256_file
 from qkd_deploy.runtime.engine_info import write_sidecar
 from qkd_deploy.runtime.onnxruntime import OnnxRuntimeRunner
 
-TINY = """
-teachers: [{arch: resnet8}]
-teacher_train: {epochs: 1, batch_size: 128}
-student: {arch: resnet8, bits: [w4a4], float_train: {epochs: 1, batch_size: 128},
-          train: {epochs: 1, batch_size: 128}}
-data: {calibration_size: 64}
-bench: {batch_sizes: [1], warmup: 1, iterations: 2}
-progress: false
-"""
-STUDENT = "resnet8_w4a4"
-
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    from qkd_deploy.train_and_export import main
-
-    root = tmp_path_factory.mktemp("bundle_run")
-    (root / "tiny.yaml").write_text(TINY)
-    out = root / "run"
-    assert main(["--config", str(root / "tiny.yaml"), "--out", str(out)]) == 0
-    return out
+    return tiny_run(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

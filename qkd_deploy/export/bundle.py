@@ -7,18 +7,35 @@ as a ``.tar.gz`` of that folder. ``verify`` runs on the device without torch: it
 hashes, preprocesses the sample images with numpy, runs them through ONNX Runtime or a TensorRT
 engine built there, and compares the logits with the expected ones.
 
+The hashes show that a bundle is intact, not who made it. ``bundle --sign-key FILE`` signs it:
+``signature.json`` holds an HMAC-SHA256 of ``manifest.json`` under the user's key, and the
+manifest holds the sha256 of every file, so ``verify --sign-key FILE`` rejects any edit (looser
+tolerances, other expected logits, another model) made without the key, even with the hashes
+regenerated. A bundle, like a run directory, from elsewhere is to be trusted like code: its model
+is parsed by ONNX Runtime and TensorRT.
+
+Reading a bundle never trusts it: an archive member that the manifest does not list, or that is
+larger than listed, is refused before anything is written, as is an archive over
+``MAX_BUNDLE_BYTES``; a damaged ``manifest.json``, ``expected.json``, ``preprocess.json`` or
+``sample.npz`` is one UserError naming the file.
+
 Imports stdlib, numpy, onnx and onnxruntime only; TensorRT is imported when an engine is run.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import hmac
 import io
 import json
+import math
 import os
 import shutil
 import tarfile
 import tempfile
+import zipfile
+import zlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
@@ -28,6 +45,7 @@ import numpy as np
 import onnx
 
 from qkd_deploy.bench.accuracy import accuracy, parity
+from qkd_deploy.bench.report import BUNDLED, load_report
 from qkd_deploy.data.preprocess import Preprocess
 from qkd_deploy.errors import UserError
 from qkd_deploy.export.tensorrt import (
@@ -49,6 +67,8 @@ from qkd_deploy.runtime.onnxruntime import fused_kernel_inexactness
 
 FORMAT = "qkd-deploy-bundle/1"
 MANIFEST = "manifest.json"
+SIGNATURE = "signature.json"  # only in a signed bundle; it cannot list itself in the manifest
+SIGNATURE_ALGORITHM = "HMAC-SHA256"
 # every file of a bundle except the manifest, which lists them
 CONTENTS = (
     "model.onnx",
@@ -60,7 +80,14 @@ CONTENTS = (
 )
 RUNTIMES = ("onnxruntime", "tensorrt")
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz")
-REPORT_KEYS = ("dataset", "class_names", "preprocess", "students")
+# Reading limits. A bundle is one self-contained .onnx (protobuf caps it at 2 GiB) and small files.
+MAX_BUNDLE_BYTES = 3 * 2**30  # all members of an archive together
+MAX_MEMBERS = 32  # a bundle archive has a folder and 8 files
+MAX_SMALL_FILE_BYTES = 2**20  # manifest.json, signature.json, expected.json, a key file
+MAX_SAMPLE_BYTES = 64 * 2**20  # sample.npz's arrays: 16 images, their labels and logits
+MIN_KEY_BYTES = 16
+DAMAGED = "the bundle is damaged or was edited; make it again with qkd-deploy bundle"
+NUMBER = (int, float)
 
 # ONNX Runtime on the device runs the same graph on the CPU: its integer Q/DQ arithmetic is
 # exact (with 32-bit accumulation: ARM, x86 with VNNI), only float summation order may differ
@@ -143,9 +170,11 @@ def make_bundle(
     run_dir: str | os.PathLike,
     out: str | os.PathLike | None = None,
     student: str | None = None,
+    sign_key: bytes | None = None,
 ) -> Bundle:
     """Write the bundle of one student of ``run_dir`` to ``out`` (default
-    ``RUN_DIR/bundle_<student>``) and ``out.tar.gz``.
+    ``RUN_DIR/bundle_<student>``) and ``out.tar.gz``; signed with ``sign_key`` when given
+    (``read_sign_key``).
 
     The folder is filled under a temporary name and renamed into place when complete; the archive
     is written atomically after it. An existing non-empty ``out`` (or archive) is never touched.
@@ -159,7 +188,9 @@ def make_bundle(
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        _write_contents(staging, run_dir, report, entry)
+        _write_contents(staging, run_dir, report, entry, signed=sign_key is not None)
+        if sign_key is not None:
+            atomic_write_json(staging / SIGNATURE, _signature(staging / MANIFEST, sign_key))
         _make_readable(staging)
         os.replace(staging, out)
     finally:
@@ -169,17 +200,7 @@ def make_bundle(
 
 
 def _read_report(run_dir: Path) -> dict[str, Any]:
-    report = _read_json(
-        run_dir / "report.json",
-        "give the directory of a finished run (python -m qkd_deploy.train_and_export)",
-    )
-    missing = [key for key in REPORT_KEYS if key not in report]
-    if missing:
-        raise UserError(
-            f"{run_dir / 'report.json'} lacks {missing}; re-run the export with this version of "
-            "qkd-deploy"
-        )
-    return report
+    return load_report(run_dir / "report.json", BUNDLED)
 
 
 def _refuse_existing(out: Path, archive: Path) -> None:
@@ -190,7 +211,7 @@ def _refuse_existing(out: Path, archive: Path) -> None:
 
 
 def _write_contents(
-    folder: Path, run_dir: Path, report: dict[str, Any], entry: dict[str, Any]
+    folder: Path, run_dir: Path, report: dict[str, Any], entry: dict[str, Any], signed: bool
 ) -> None:
     """Every file of the bundle, then the manifest."""
     source = run_dir / entry["onnx_path"]
@@ -200,7 +221,7 @@ def _write_contents(
     shutil.copyfile(source, model_path)
     model = read_model_input(model_path)
     images, labels = _read_sample(run_dir / "sample_batch.npz", model)
-    preprocess = Preprocess.from_dict(report["preprocess"])
+    preprocess = _preprocess(report["preprocess"], run_dir / "report.json", "write it again")
     logits, output_name = _onnxruntime_logits(
         model_path, preprocess.apply_numpy(images), optimize=False
     )
@@ -222,7 +243,7 @@ def _write_contents(
     buffer = io.BytesIO()
     np.savez(buffer, images=images, labels=labels, logits=logits)
     atomic_write_bytes(folder / "sample.npz", buffer.getvalue())
-    atomic_write_text(folder / "BUILD.md", build_recipe(expected, model))
+    atomic_write_text(folder / "BUILD.md", build_recipe(expected, model, signed))
     versions = library_versions()
     atomic_write_json(
         folder / MANIFEST,
@@ -245,14 +266,71 @@ def _file_entry(path: Path) -> dict[str, Any]:
 def _read_sample(path: Path, model: ModelInput) -> tuple[np.ndarray, np.ndarray]:
     if not path.is_file():
         raise UserError(f"{path} not found: the run is incomplete or was made by an older version")
-    with np.load(path) as sample:
-        images, labels = sample["images"], sample["labels"]
+    fix = "the run's sample is damaged; export the run again (qkd-deploy export RUN_DIR)"
+    sample = load_npz(path, ("images", "labels"), fix)
+    images, labels = sample["images"], sample["labels"]
     if images.dtype != np.uint8 or images.shape[1:] != model.chw:
         raise UserError(
             f"{path}: images are {images.dtype} {images.shape}, but the model takes uint8 "
             f"(N, {', '.join(map(str, model.chw))}) before preprocessing"
         )
+    _check_labels(labels, len(images), path, fix)
     return images, labels
+
+
+def _check_labels(labels: np.ndarray, count: int, path: Path, fix: str) -> None:
+    if labels.shape != (count,) or labels.dtype.kind not in "iu":
+        raise UserError(
+            f"{path}: labels are {labels.dtype} {labels.shape}, not {count} integers; {fix}"
+        )
+
+
+def load_npz(path: Path, names: tuple[str, ...], fix: str) -> dict[str, np.ndarray]:
+    """The arrays ``names`` of an ``.npz`` without pickles, each checked before it is allocated:
+    at most ``MAX_SAMPLE_BYTES`` and no larger than its header says; anything else is one
+    UserError naming the file and ``fix``."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            stored = {info.filename: info for info in archive.infolist()}
+            for name in names:
+                info = stored.get(f"{name}.npy")
+                if info is None:
+                    raise UserError(f"{path} holds no array {name!r}; {fix}")
+                _check_npy_header(archive, info, path, fix)
+        with np.load(path, allow_pickle=False) as sample:
+            return {name: sample[name] for name in names}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, zlib.error) as error:
+        raise UserError(f"{path} is not an .npz of plain arrays ({error}); {fix}") from None
+
+
+def _check_npy_header(
+    archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path, fix: str
+) -> None:
+    """The member's shape and dtype fit the bytes it stores (numpy allocates what the header
+    says before it reads), and hold no Python objects."""
+    if info.file_size > MAX_SAMPLE_BYTES:
+        raise UserError(f"{path}: {info.filename} is {info.file_size} bytes, too large; {fix}")
+    with archive.open(info) as member:
+        version = np.lib.format.read_magic(member)
+        read_header = {
+            (1, 0): np.lib.format.read_array_header_1_0,
+            (2, 0): np.lib.format.read_array_header_2_0,
+        }.get(version)
+        if read_header is None:
+            raise UserError(f"{path}: {info.filename} has .npy version {version}; {fix}")
+        shape, _, dtype = read_header(member)
+    if dtype.hasobject or math.prod(shape) * dtype.itemsize > info.file_size:
+        raise UserError(
+            f"{path}: {info.filename} declares {dtype} {shape}, more than it stores or Python "
+            f"objects; {fix}"
+        )
+
+
+def _preprocess(spec: Any, file: Path, fix: str) -> Preprocess:
+    try:
+        return Preprocess.from_dict(spec)
+    except (UserError, TypeError, ValueError) as error:
+        raise UserError(f"{file}: {error}; {fix}") from None
 
 
 def _onnxruntime_logits(
@@ -314,9 +392,10 @@ def _expected(
     }
 
 
-def build_recipe(expected: dict[str, Any], model: ModelInput) -> str:
+def build_recipe(expected: dict[str, Any], model: ModelInput, signed: bool = False) -> str:
     """BUILD.md: how to run the model on the device (a TensorRT engine, or ONNX Runtime for an
-    ``onnxruntime``-target export, which TensorRT rejects) and verify the bundle."""
+    ``onnxruntime``-target export, which TensorRT rejects), verify the bundle and, when it is
+    ``signed``, authenticate it."""
     if expected["target"] == "onnxruntime":
         packages, steps = "numpy, onnx and onnxruntime", _onnxruntime_steps(model)
     else:
@@ -340,7 +419,32 @@ Nothing here needs torch. Install qkd-deploy without its training dependencies
 `verify` checks the sha256 of every file against `manifest.json`, runs the images of
 `sample.npz` after the preprocessing of `preprocess.json`, and compares the logits with the
 expected ones (tolerances in `expected.json`). Exit code 0 when everything passes, 1 otherwise.
+
+{_trust_note(signed)}
 """
+
+
+def _trust_note(signed: bool) -> str:
+    """Which checks authenticate the bundle, not only show it intact."""
+    trust = (
+        "Trust a bundle (or a run directory) from elsewhere as you would trust code: ONNX "
+        "Runtime and TensorRT parse its model."
+    )
+    if not signed:
+        return (
+            "## Authenticity\n\nThis bundle is not signed: the hashes show that it is intact, "
+            "not who made it (anyone can edit `expected.json` or the model and write new "
+            "hashes). `qkd-deploy bundle RUN --sign-key KEY` signs a bundle. " + trust
+        )
+    return (
+        "## Authenticity\n\nThis bundle is signed: `signature.json` holds an HMAC-SHA256 of "
+        "`manifest.json`, which holds every file's sha256, under the key it was made with.\n\n"
+        "```bash\nqkd-deploy verify . --sign-key KEY    # also authenticates the bundle\n```\n\n"
+        "With the key, an edit made without it fails `verify`, even with the hashes written "
+        "again. Without `--sign-key`, `verify` checks integrity only and says the bundle was "
+        "not authenticated. Keep the key secret and bring it to the device yourself, not in the "
+        "bundle. " + trust
+    )
 
 
 def _onnxruntime_steps(model: ModelInput) -> str:
@@ -419,16 +523,22 @@ def _tensorrt8_note(precision: str, model: ModelInput) -> str:
     )
 
 
+def _bundle_files(folder: Path) -> list[str]:
+    """The files of a bundle folder: its contents, the manifest and, when signed, the signature."""
+    signed = [SIGNATURE] if (folder / SIGNATURE).is_file() else []
+    return [*CONTENTS, MANIFEST, *signed]
+
+
 def _make_readable(folder: Path) -> None:
     """rwxr-xr-x / rw-r--r--, as in the archive (temporary files are created private)."""
     folder.chmod(0o755)
-    for name in (*CONTENTS, MANIFEST):
+    for name in _bundle_files(folder):
         (folder / name).chmod(0o644)
 
 
 def _write_archive(directory: Path, tmp: str) -> None:
     with tarfile.open(tmp, "w:gz") as tar:
-        for name in (*CONTENTS, MANIFEST):
+        for name in _bundle_files(directory):
             tar.add(directory / name, arcname=f"{directory.name}/{name}", filter=_anonymous)
     os.chmod(tmp, 0o644)
 
@@ -440,6 +550,83 @@ def _anonymous(info: tarfile.TarInfo) -> tarfile.TarInfo:
     return info
 
 
+# --- signing ---------------------------------------------------------------------------------
+
+
+def read_sign_key(path: str | os.PathLike) -> bytes:
+    """The bytes of a key file for ``--sign-key`` (at least ``MIN_KEY_BYTES``; any bytes, e.g.
+    ``head -c 32 /dev/urandom > bundle.key``)."""
+    path = Path(path)
+    make = f"make one with: head -c 32 /dev/urandom > {path}"
+    if not path.is_file():
+        raise UserError(f"--sign-key {path}: no such file; {make}")
+    size = path.stat().st_size
+    if size > MAX_SMALL_FILE_BYTES:
+        raise UserError(f"--sign-key {path} is {size} bytes; a key file holds a few bytes")
+    key = path.read_bytes()
+    if len(key) < MIN_KEY_BYTES:
+        raise UserError(
+            f"--sign-key {path} holds {len(key)} bytes, fewer than {MIN_KEY_BYTES}; {make}"
+        )
+    return key
+
+
+def _mac(key: bytes, data: bytes) -> str:
+    return hmac.new(key, data, hashlib.sha256).hexdigest()
+
+
+def _key_id(key: bytes) -> str:
+    """A short name for the key (not the key): tells two keys apart in messages."""
+    return _mac(key, b"qkd-deploy bundle key id")[:16]
+
+
+def _signature(manifest: Path, key: bytes) -> dict[str, str]:
+    return {
+        "algorithm": SIGNATURE_ALGORITHM,
+        "signed_file": MANIFEST,
+        "key_id": _key_id(key),
+        "hmac": _mac(key, manifest.read_bytes()),
+    }
+
+
+def _signature_check(folder: Path, key: bytes | None) -> dict[str, Any] | None:
+    """The ``signature`` check: None for an unsigned bundle verified without a key; a passed
+    note for a signed one verified without a key (not authenticated); with a key, passed only
+    when ``signature.json`` holds the HMAC of this ``manifest.json`` under it."""
+    path = folder / SIGNATURE
+    if key is None:
+        if not path.exists():
+            return None
+        return _check(
+            "signature",
+            True,
+            f"signed, but not authenticated: give --sign-key KEY to check {SIGNATURE}",
+        )
+    if not path.is_file():
+        return _check("signature", False, f"not signed (no {SIGNATURE}): not authenticated")
+    try:
+        signature = _read_json(path, DAMAGED)
+        algorithm = _field(signature, "algorithm", str, path)
+        expected_mac = _field(signature, "hmac", str, path)
+    except UserError as error:
+        return _check("signature", False, f"unreadable: {error}")
+    if algorithm != SIGNATURE_ALGORITHM:
+        return _check(
+            "signature", False, f"{algorithm!r} signature; {SIGNATURE_ALGORITHM} expected"
+        )
+    if not hmac.compare_digest(expected_mac, _mac(key, (folder / MANIFEST).read_bytes())):
+        key_note = ""
+        if signature.get("key_id") not in (None, _key_id(key)):
+            key_note = f" (signed with key id {signature['key_id']}, --sign-key is {_key_id(key)})"
+        return _check(
+            "signature",
+            False,
+            f"HMAC of {MANIFEST} does not match{key_note}: the bundle was changed after it was "
+            "signed, or signed with another key; do not deploy it",
+        )
+    return _check("signature", True, f"{SIGNATURE_ALGORITHM} of {MANIFEST}: authenticated")
+
+
 # --- verifying a bundle ----------------------------------------------------------------------
 
 
@@ -447,10 +634,11 @@ def verify_bundle(
     bundle: str | os.PathLike,
     runtime: str = "onnxruntime",
     engine: str | os.PathLike | None = None,
+    sign_key: bytes | None = None,
 ) -> dict[str, Any]:
     """Check a bundle folder (or its ``.tar.gz``) on this machine; ``result["passed"]`` says
     whether every check passed. ``engine`` (TensorRT only) defaults to the bundle's
-    ``model.<precision>.engine``."""
+    ``model.<precision>.engine``; with ``sign_key`` the bundle must also be signed with it."""
     if runtime not in RUNTIMES:
         raise UserError(f"unknown runtime {runtime!r}; choose from {RUNTIMES}")
     if engine is not None and runtime != "tensorrt":
@@ -459,7 +647,7 @@ def verify_bundle(
     if not bundle.exists():
         raise UserError(f"bundle {bundle} not found; give a bundle folder or its .tar.gz")
     if bundle.is_dir():
-        return _verify_folder(bundle, runtime, engine, bundle)
+        return _verify_folder(bundle, runtime, engine, bundle, sign_key)
     if not bundle.name.endswith(ARCHIVE_SUFFIXES):
         raise UserError(f"{bundle} is neither a bundle folder nor a .tar.gz")
     if runtime == "tensorrt" and engine is None:
@@ -468,26 +656,55 @@ def verify_bundle(
             "built on the device, see BUILD.md, and are not part of the archive)"
         )
     with tempfile.TemporaryDirectory(prefix="qkd-bundle-") as tmp:
-        return _verify_folder(extract_bundle(bundle, Path(tmp)), runtime, engine, bundle)
+        folder = extract_bundle(bundle, Path(tmp))
+        return _verify_folder(folder, runtime, engine, bundle, sign_key)
 
 
 def extract_bundle(archive: str | os.PathLike, destination: str | os.PathLike) -> Path:
     """Extract a bundle archive into ``destination`` and return its folder.
 
     Only regular files and folders under one top folder are accepted, so no member can land
-    outside ``destination`` (absolute paths, ``..``, links and devices are refused).
+    outside ``destination`` (absolute paths, ``..``, links and devices are refused). Nothing is
+    written before every header was read (at most ``MAX_MEMBERS`` members, ``MAX_BUNDLE_BYTES``
+    in all) and every file is the manifest, the signature or a file the manifest lists, no
+    larger than listed.
     """
     archive, destination = Path(archive), Path(destination)
     try:
         with tarfile.open(archive, "r:gz") as tar:
-            members = tar.getmembers()
+            members = _read_headers(tar, archive)
             top = _top_folder(members, archive)
-            for member in members:
-                if member.isfile():
-                    _extract_file(tar, member, destination)
-    except (tarfile.TarError, EOFError, OSError) as error:
+            files = _files_in(members, top, archive)
+            _refuse_unlisted(tar, files, archive)
+            for name, member in files.items():
+                _extract_file(tar, member, destination / top / name)
+    except (tarfile.TarError, EOFError, zlib.error) as error:
+        raise UserError(f"{archive}: cannot read it as a .tar.gz bundle ({error})") from None
+    except OSError as error:
+        if error.errno is not None:  # the disk or permissions, not the archive's content
+            raise
         raise UserError(f"{archive}: cannot read it as a .tar.gz bundle ({error})") from None
     return destination / top
+
+
+def _read_headers(tar: tarfile.TarFile, archive: Path) -> list[tarfile.TarInfo]:
+    """Every member's header, refusing the archive as soon as it has too many or too large."""
+    members: list[tarfile.TarInfo] = []
+    total = 0
+    while (member := tar.next()) is not None:
+        members.append(member)
+        total += member.size
+        if len(members) > MAX_MEMBERS:
+            raise UserError(
+                f"{archive}: more than {MAX_MEMBERS} members; a bundle archive holds one folder "
+                f"of {len(CONTENTS) + 2} files at most"
+            )
+        if total > MAX_BUNDLE_BYTES:
+            raise UserError(
+                f"{archive}: its members hold more than {MAX_BUNDLE_BYTES} bytes, more than any "
+                "bundle (one .onnx of at most 2 GiB and small files); refusing it"
+            )
+    return members
 
 
 def _top_folder(members: list[tarfile.TarInfo], archive: Path) -> str:
@@ -511,41 +728,107 @@ def _top_folder(members: list[tarfile.TarInfo], archive: Path) -> str:
     return tops.pop()
 
 
-def _extract_file(tar: tarfile.TarFile, member: tarfile.TarInfo, destination: Path) -> None:
-    target = destination.joinpath(*PurePosixPath(member.name).parts)
+def _files_in(
+    members: list[tarfile.TarInfo], top: str, archive: Path
+) -> dict[str, tarfile.TarInfo]:
+    """The archive's files by name in the bundle folder, which holds no subfolders."""
+    files: dict[str, tarfile.TarInfo] = {}
+    for member in (m for m in members if m.isfile()):
+        parts = PurePosixPath(member.name).parts
+        name = parts if top == "." else parts[1:]
+        if len(name) != 1:
+            raise UserError(
+                f"{archive}: refusing member {member.name!r}; a bundle's files lie directly in "
+                "its folder"
+            )
+        if name[0] in files:
+            raise UserError(f"{archive}: member {member.name!r} appears twice; refusing it")
+        files[name[0]] = member
+    return files
+
+
+def _refuse_unlisted(
+    tar: tarfile.TarFile, files: dict[str, tarfile.TarInfo], archive: Path
+) -> None:
+    """Every file must be one the archive's manifest lists, at most as large as listed (the
+    manifest and the signature: at most ``MAX_SMALL_FILE_BYTES``)."""
+    member = files.get(MANIFEST)
+    if member is None:
+        raise UserError(f"{archive} holds no {MANIFEST}; give an archive made by qkd-deploy bundle")
+    if member.size > MAX_SMALL_FILE_BYTES:
+        raise UserError(f"{archive}: its {MANIFEST} is {member.size} bytes; {DAMAGED}")
+    where = Path(f"{archive}: {MANIFEST}")
+    manifest = _check_manifest(_parse_json(tar.extractfile(member).read(), where, DAMAGED), where)
+    limits = {name: entry["bytes"] for name, entry in manifest["files"].items()}
+    limits |= {MANIFEST: MAX_SMALL_FILE_BYTES, SIGNATURE: MAX_SMALL_FILE_BYTES}
+    for name, member in files.items():
+        if name not in limits:
+            raise UserError(
+                f"{archive}: refusing member {member.name!r}, which {MANIFEST} does not list; "
+                f"{DAMAGED}"
+            )
+        if member.size > limits[name]:
+            raise UserError(
+                f"{archive}: refusing member {member.name!r} of {member.size} bytes, "
+                f"{MANIFEST} lists {limits[name]}; {DAMAGED}"
+            )
+
+
+def _extract_file(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tar.extractfile(member) as source, open(target, "wb") as sink:
         shutil.copyfileobj(source, sink)
 
 
 def _verify_folder(
-    folder: Path, runtime: str, engine: str | os.PathLike | None, shown: Path
+    folder: Path,
+    runtime: str,
+    engine: str | os.PathLike | None,
+    shown: Path,
+    sign_key: bytes | None,
 ) -> dict[str, Any]:
-    manifest = _read_json(folder / MANIFEST, "give a folder or archive made by qkd-deploy bundle")
-    if manifest.get("format") != FORMAT:
-        raise UserError(f"{folder / MANIFEST}: not a {FORMAT} manifest")
+    manifest_path = folder / MANIFEST
+    hint = "give a folder or archive made by qkd-deploy bundle"
+    manifest = _check_manifest(_read_json(manifest_path, hint), manifest_path)
     problems = _integrity_problems(folder, manifest["files"])
-    files = _check(
-        "files",
-        not problems,
-        "; ".join(problems) or f"{len(manifest['files'])} files match {MANIFEST}",
-    )
+    count = len(manifest["files"])
+    checks = [
+        _check("files", not problems, "; ".join(problems) or f"{count} files match {MANIFEST}")
+    ]
+    signature = _signature_check(folder, sign_key)
+    checks += [signature] if signature is not None else []
     result: dict[str, Any] = {
         "bundle": str(shown),
         "student": manifest["student"],
         "runtime": runtime,
-        "checks": [files],
+        "checks": checks,
     }
-    if problems:
+    if not all(check["passed"] for check in checks):
         return {**result, "passed": False}
-    expected = _read_json(folder / "expected.json", "the bundle is damaged; make it again")
+    expected = _read_json(folder / "expected.json", DAMAGED)
     if runtime == "tensorrt" and expected.get("target") == "onnxruntime":
         raise UserError(
             f"{shown} holds a student exported for ONNX Runtime, which TensorRT rejects (UINT8 "
             "Q/DQ, INT32 biases); verify it without --runtime tensorrt, or bundle a run exported "
             "with --set quant.target=tensorrt"
         )
-    return {**result, **_compare(folder, expected, runtime, engine, files)}
+    return {**result, **_compare(folder, expected, runtime, engine, checks)}
+
+
+def _check_manifest(manifest: dict[str, Any], where: Path) -> dict[str, Any]:
+    """The manifest's format, student and file list (plain names, each with its sha256 and size)."""
+    if manifest.get("format") != FORMAT:
+        raise UserError(f"{where}: not a {FORMAT} manifest; {DAMAGED}")
+    _field(manifest, "student", str, where)
+    files = _field(manifest, "files", dict, where)
+    for name, entry in files.items():
+        if name in ("", ".", "..") or PurePosixPath(name).name != name or "\\" in name:
+            raise UserError(f"{where}: lists {name!r}, which is not a file name; {DAMAGED}")
+        _field(entry if isinstance(entry, dict) else {}, "sha256", str, Path(f"{where}: {name}"))
+        size = _field(entry, "bytes", int, Path(f"{where}: {name}"))
+        if size < 0:
+            raise UserError(f"{where}: {name} has {size} bytes; {DAMAGED}")
+    return manifest
 
 
 def _integrity_problems(folder: Path, files: dict[str, dict[str, Any]]) -> list[str]:
@@ -567,39 +850,48 @@ def _compare(
     expected: dict[str, Any],
     runtime: str,
     engine: str | os.PathLike | None,
-    files: dict[str, Any],
+    checks: list[dict[str, Any]],
 ) -> dict[str, Any]:
-    """Run the sample and compare its logits with the expected ones (the graph as written).
+    """Run the sample and compare its logits with the expected ones (the graph as written),
+    after ``checks`` (files, signature) passed.
 
     ONNX Runtime runs its fused integer kernels, as a deployment does, where they compute the
     graph up to rounding ties (``onnxruntime_fused`` tolerance): for an ``onnxruntime``-target
     model on a CPU that accumulates in 32 bits. Otherwise it runs the graph as written, which
     still checks model, preprocessing and sample end to end (see ``fused_kernel_inexactness``).
     """
-    spec = _read_json(folder / "preprocess.json", "the bundle is damaged; make it again")
-    with np.load(folder / "sample.npz") as sample:
-        images, labels, reference = sample["images"], sample["labels"], sample["logits"]
-    batch = Preprocess.from_dict(spec).apply_numpy(images)
-    tolerances = expected["tolerances"]
+    expected_path = folder / "expected.json"
+    _check_summary(expected, expected_path)
+    tolerances = _field(expected, "tolerances", dict, expected_path)
+    images, labels, reference = _read_bundle_sample(folder / "sample.npz")
+    spec_path = folder / "preprocess.json"
+    preprocess = _preprocess(_read_json(spec_path, DAMAGED), spec_path, DAMAGED)
+    batch = _apply(preprocess, images, spec_path)
     if runtime == "tensorrt":
-        engine = Path(engine) if engine is not None else folder / expected["engine"]["file"]
+        engine = Path(engine) if engine is not None else folder / _engine_file(expected, folder)
         runner_name, logits = "tensorrt", _tensorrt_logits(folder, engine, batch)
-        tolerance = tolerances["tensorrt"]
+        tolerance = _tolerance(tolerances, "tensorrt", expected_path)
     else:
         causes = fused_kernel_inexactness(expected.get("target"))
         logits, _ = _onnxruntime_logits(folder / "model.onnx", batch, optimize=not causes)
         runner_name = "onnxruntime_cpu"
         if causes:
             runner_name += f" (graph as written; the fused kernels: {'; '.join(causes)})"
-            tolerance = tolerances["onnxruntime"]
+            tolerance = _tolerance(tolerances, "onnxruntime", expected_path)
         else:  # a bundle made before the fused kernels had their own is held to the graph's
-            tolerance = tolerances.get("onnxruntime_fused", tolerances["onnxruntime"])
+            key = "onnxruntime_fused" if "onnxruntime_fused" in tolerances else "onnxruntime"
+            tolerance = _tolerance(tolerances, key, expected_path)
+    if logits.shape != reference.shape:
+        raise UserError(
+            f"{folder / 'sample.npz'}: expected logits {reference.shape}, but the model gives "
+            f"{logits.shape}; {DAMAGED}"
+        )
     match = parity(logits, reference)
     n = len(labels)
     agreeing = round(match.agreement * n)
     needed = tolerance["min_agreement"] * n
     checks = [
-        files,
+        *checks,
         _check(
             "agreement",
             match.agreement >= tolerance["min_agreement"],
@@ -621,6 +913,56 @@ def _compare(
         "sample_accuracy": accuracy(logits, labels),
         "expected": expected,
         "passed": all(check["passed"] for check in checks),
+    }
+
+
+def _check_summary(expected: dict[str, Any], path: Path) -> None:
+    """What ``format_result`` shows from expected.json."""
+    _field(_field(expected, "sample", dict, path), "accuracy", NUMBER, Path(f"{path}: sample"))
+    _field(expected, "accuracy_onnx", NUMBER, path)
+    _field(expected, "dataset", str, path)
+
+
+def _read_bundle_sample(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """sample.npz: uint8 NCHW images, their labels and the expected logits (N, classes)."""
+    sample = load_npz(path, ("images", "labels", "logits"), DAMAGED)
+    images, labels, logits = sample["images"], sample["labels"], sample["logits"]
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise UserError(
+            f"{path}: images are {images.dtype} {images.shape}, not uint8 NCHW; {DAMAGED}"
+        )
+    _check_labels(labels, len(images), path, DAMAGED)
+    if logits.dtype.kind != "f" or logits.ndim != 2 or len(logits) != len(images):
+        raise UserError(
+            f"{path}: logits are {logits.dtype} {logits.shape}, not one float row per image; "
+            f"{DAMAGED}"
+        )
+    return images, labels, logits
+
+
+def _apply(preprocess: Preprocess, images: np.ndarray, spec_path: Path) -> np.ndarray:
+    try:
+        return preprocess.apply_numpy(images)
+    except UserError as error:
+        raise UserError(f"{spec_path} does not fit sample.npz: {error}; {DAMAGED}") from None
+
+
+def _engine_file(expected: dict[str, Any], folder: Path) -> str:
+    """expected.json's engine file name (a name in the bundle folder)."""
+    path = folder / "expected.json"
+    engine = _field(expected, "engine", dict, path)
+    name = _field(engine, "file", str, Path(f"{path}: engine"))
+    if PurePosixPath(name).name != name or name in ("", ".", ".."):
+        raise UserError(f"{path}: engine file {name!r} is not a file name; {DAMAGED}")
+    return name
+
+
+def _tolerance(tolerances: dict[str, Any], key: str, path: Path) -> dict[str, float]:
+    where = Path(f"{path}: tolerances")
+    tolerance = _field(tolerances, key, dict, where)
+    where = Path(f"{where}.{key}")
+    return {
+        name: _field(tolerance, name, NUMBER, where) for name in ("max_abs_error", "min_agreement")
     }
 
 
@@ -667,7 +1009,7 @@ def format_result(result: dict[str, Any]) -> str:
             f"{100 * expected['accuracy_onnx']:.2f} % on the {expected['dataset']} test split)"
         )
     else:
-        lines.append("        model not run: the files do not match the manifest")
+        lines.append("        model not run: a check above failed")
     lines.append("PASS" if result["passed"] else "FAIL")
     return "\n".join(lines)
 
@@ -675,20 +1017,39 @@ def format_result(result: dict[str, Any]) -> str:
 def _read_json(path: Path, hint: str) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{path} not found; {hint}")
+    size = path.stat().st_size
+    if size > MAX_SMALL_FILE_BYTES:
+        raise UserError(f"{path} is {size} bytes, too large for a bundle's JSON file; {hint}")
+    return _parse_json(path.read_bytes(), path, hint)
+
+
+def _parse_json(data: bytes, path: Path, hint: str) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        parsed = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise UserError(f"{path} is not valid JSON ({error}); {hint}") from None
-    if not isinstance(data, dict):
+    if not isinstance(parsed, dict):
         raise UserError(f"{path} is not a JSON object; {hint}")
-    return data
+    return parsed
+
+
+def _field(data: dict[str, Any], key: str, kind: Any, where: Path) -> Any:
+    """``data[key]``, which must be there and of ``kind`` (a bool is not a number)."""
+    if key not in data:
+        raise UserError(f"{where} lacks {key!r}; {DAMAGED}")
+    value = data[key]
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, NUMBER)):
+        shown = json.dumps(value)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        raise UserError(f"{where}: {key} is {shown}, of the wrong type; {DAMAGED}")
+    return value
 
 
 # --- commands --------------------------------------------------------------------------------
 
 
 def main_bundle(argv: list[str]) -> int:
-    """`qkd-deploy bundle RUN_DIR [--out DIR] [--student NAME]`."""
+    """`qkd-deploy bundle RUN_DIR [--out DIR] [--student NAME] [--sign-key FILE]`."""
     parser = argparse.ArgumentParser(
         prog="qkd-deploy bundle",
         description="Pack one student of a run for the device: model, preprocessing, labels, "
@@ -697,11 +1058,20 @@ def main_bundle(argv: list[str]) -> int:
     parser.add_argument("run_dir", help="a finished run directory (with report.json)")
     parser.add_argument("--out", help="bundle folder (default: RUN_DIR/bundle_<student>)")
     parser.add_argument("--student", help="student name in report.json (default: fewest bits)")
+    parser.add_argument(
+        "--sign-key",
+        metavar="FILE",
+        help="sign the bundle (HMAC-SHA256 of its manifest) with the bytes of FILE, a secret of "
+        f"at least {MIN_KEY_BYTES} bytes (head -c 32 /dev/urandom > FILE); verify --sign-key "
+        "FILE authenticates it",
+    )
     args = parser.parse_args(argv)
-    bundle = make_bundle(args.run_dir, args.out, args.student)
+    key = read_sign_key(args.sign_key) if args.sign_key else None
+    bundle = make_bundle(args.run_dir, args.out, args.student, sign_key=key)
+    signed = " (signed)" if key is not None else ""
     print(
-        f"wrote {bundle.directory} and {bundle.archive} (student {bundle.student}); on the "
-        f"device follow {bundle.directory.name}/BUILD.md, then run 'qkd-deploy verify .' there"
+        f"wrote {bundle.directory} and {bundle.archive}{signed} (student {bundle.student}); on "
+        f"the device follow {bundle.directory.name}/BUILD.md, then run 'qkd-deploy verify .' there"
     )
     return 0
 
@@ -710,8 +1080,9 @@ def main_verify(argv: list[str]) -> int:
     """`qkd-deploy verify BUNDLE`: 0 when every check passes, 1 otherwise."""
     parser = argparse.ArgumentParser(
         prog="qkd-deploy verify",
-        description="Check a deploy bundle on this machine: file hashes, then the sample images "
-        "through ONNX Runtime or a TensorRT engine against the expected logits.",
+        description="Check a deploy bundle on this machine: file hashes (and with --sign-key its "
+        "signature), then the sample images through ONNX Runtime or a TensorRT engine against "
+        "the expected logits.",
     )
     parser.add_argument("bundle", help="bundle folder or its .tar.gz")
     parser.add_argument(
@@ -722,9 +1093,15 @@ def main_verify(argv: list[str]) -> int:
         help="TensorRT engine built from the bundle's model.onnx by qkd-deploy build-engine "
         "(default with --runtime tensorrt: the bundle's model.<precision>.engine)",
     )
+    parser.add_argument(
+        "--sign-key",
+        metavar="FILE",
+        help="the key the bundle was signed with (bundle --sign-key): it must be signed with it",
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
     runtime = args.runtime or ("tensorrt" if args.engine else "onnxruntime")
-    result = verify_bundle(args.bundle, runtime, args.engine)
+    key = read_sign_key(args.sign_key) if args.sign_key else None
+    result = verify_bundle(args.bundle, runtime, args.engine, sign_key=key)
     print(json.dumps(result, indent=2) if args.json else format_result(result))
     return 0 if result["passed"] else 1
