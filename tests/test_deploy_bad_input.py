@@ -226,6 +226,22 @@ def test_verify_on_a_damaged_bundle_is_one_clear_error(folder, damage, capsys):
     _one_error_line(capsys, str(folder), *says)
 
 
+def test_a_sample_larger_than_any_sample_is_refused(folder, monkeypatch, capsys):
+    monkeypatch.setattr(bundle_module, "MAX_SAMPLE_BYTES", 1000)
+    assert main(["verify", str(folder)]) == 2
+    _one_error_line(capsys, "sample.npz is", "bytes, more than a sample holds")
+
+
+def test_a_foreign_folder_beside_a_run_is_not_taken_for_a_stale_bundle(run_dir, tmp_path):
+    from qkd_deploy.export.bundle import remove_stale_bundles
+
+    run = shutil.copytree(run_dir, tmp_path / "run")
+    foreign = run / "bundle_mine"
+    foreign.mkdir()
+    (foreign / "expected.json").write_text("[1, 2]")
+    assert remove_stale_bundles(run) == [] and foreign.is_dir()
+
+
 # --- verify: archives ----------------------------------------------------------------------------
 
 

@@ -150,7 +150,7 @@ def remove_stale_bundles(run_dir: str | os.PathLike) -> list[Path]:
         try:
             student = json.loads((folder / "expected.json").read_text())["student"]
             bundled = sha256_file(folder / "model.onnx")
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError):
             continue  # not a bundle this run made
         model = current.get(student)
         if model is None or not model.is_file() or sha256_file(model) != bundled:
@@ -289,6 +289,9 @@ def load_npz(path: Path, names: tuple[str, ...], fix: str) -> dict[str, np.ndarr
     """The arrays ``names`` of an ``.npz`` without pickles, each checked before it is allocated:
     at most ``MAX_SAMPLE_BYTES`` and no larger than its header says; anything else is one
     UserError naming the file and ``fix``."""
+    size = path.stat().st_size
+    if size > MAX_SAMPLE_BYTES:
+        raise UserError(f"{path} is {size} bytes, more than a sample holds; {fix}")
     try:
         with zipfile.ZipFile(path) as archive:
             stored = {info.filename: info for info in archive.infolist()}
