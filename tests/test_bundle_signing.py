@@ -149,11 +149,14 @@ def test_a_consistent_edit_passes_integrity_but_fails_authentication(signed_copy
 
 
 def test_a_damaged_signature_fails_with_the_key(signed_copy, key_file):
+    key = read_sign_key(key_file)
     (signed_copy / SIGNATURE).write_text("{not json")
-    passed, detail = _checks(verify_bundle(signed_copy, sign_key=read_sign_key(key_file)))[
-        "signature"
-    ]
+    passed, detail = _checks(verify_bundle(signed_copy, sign_key=key))["signature"]
     assert not passed and detail.startswith("unreadable:") and "signature.json" in detail
+    forged = {"algorithm": "HMAC-SHA256", "hmac": "é" * 64}  # not hex, not even ASCII
+    (signed_copy / SIGNATURE).write_text(json.dumps(forged))
+    passed, detail = _checks(verify_bundle(signed_copy, sign_key=key))["signature"]
+    assert not passed and "does not match" in detail
 
 
 def test_key_files_are_checked(tmp_path, run_dir, capsys):

@@ -69,7 +69,7 @@ FORMAT = "qkd-deploy-bundle/1"
 MANIFEST = "manifest.json"
 SIGNATURE = "signature.json"  # only in a signed bundle; it cannot list itself in the manifest
 SIGNATURE_ALGORITHM = "HMAC-SHA256"
-# every file of a bundle except the manifest, which lists them
+# every file of a bundle except the manifest, which lists them, and the optional signature
 CONTENTS = (
     "model.onnx",
     "labels.json",
@@ -267,7 +267,7 @@ def _read_sample(path: Path, model: ModelInput) -> tuple[np.ndarray, np.ndarray]
     if not path.is_file():
         raise UserError(f"{path} not found: the run is incomplete or was made by an older version")
     fix = "the run's sample is damaged; export the run again (qkd-deploy export RUN_DIR)"
-    sample = load_npz(path, ("images", "labels"), fix)
+    sample = _load_npz(path, ("images", "labels"), fix)
     images, labels = sample["images"], sample["labels"]
     if images.dtype != np.uint8 or images.shape[1:] != model.chw:
         raise UserError(
@@ -285,7 +285,7 @@ def _check_labels(labels: np.ndarray, count: int, path: Path, fix: str) -> None:
         )
 
 
-def load_npz(path: Path, names: tuple[str, ...], fix: str) -> dict[str, np.ndarray]:
+def _load_npz(path: Path, names: tuple[str, ...], fix: str) -> dict[str, np.ndarray]:
     """The arrays ``names`` of an ``.npz`` without pickles, each checked before it is allocated:
     at most ``MAX_SAMPLE_BYTES`` and no larger than its header says; anything else is one
     UserError naming the file and ``fix``."""
@@ -617,7 +617,8 @@ def _signature_check(folder: Path, key: bytes | None) -> dict[str, Any] | None:
         return _check(
             "signature", False, f"{algorithm!r} signature; {SIGNATURE_ALGORITHM} expected"
         )
-    if not hmac.compare_digest(expected_mac, _mac(key, (folder / MANIFEST).read_bytes())):
+    mac = _mac(key, (folder / MANIFEST).read_bytes())
+    if not hmac.compare_digest(expected_mac.encode("utf-8"), mac.encode("ascii")):
         key_note = ""
         if signature.get("key_id") not in (None, _key_id(key)):
             key_note = f" (signed with key id {signature['key_id']}, --sign-key is {_key_id(key)})"
@@ -928,7 +929,7 @@ def _check_summary(expected: dict[str, Any], path: Path) -> None:
 
 def _read_bundle_sample(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """sample.npz: uint8 NCHW images, their labels and the expected logits (N, classes)."""
-    sample = load_npz(path, ("images", "labels", "logits"), DAMAGED)
+    sample = _load_npz(path, ("images", "labels", "logits"), DAMAGED)
     images, labels, logits = sample["images"], sample["labels"], sample["logits"]
     if images.dtype != np.uint8 or images.ndim != 4:
         raise UserError(
