@@ -6,7 +6,7 @@ import torch
 from qkd_deploy.config import TrainConfig
 from qkd_deploy.data import BatchLoader, load_dataset, normalization_stats
 from qkd_deploy.distill import build_distiller
-from qkd_deploy.errors import UserError
+from qkd_deploy.errors import TrainingDiverged, UserError
 from qkd_deploy.models import build_model
 from qkd_deploy.train.loop import fit
 from qkd_deploy.train.optim import warmup_cosine
@@ -131,3 +131,25 @@ def test_grad_clip_must_be_positive(tmp_path, digits):
     with pytest.raises(UserError, match="grad_clip"):
         fit(distiller, loader, TrainConfig(grad_clip=0.0), tmp_path / "e.pt", progress=False)
     assert not (tmp_path / "e.pt").exists()
+
+
+class _PoisonedLoader(_DyingLoader):
+    """Behaves like the loader, but from epoch ``die_at`` on the images are NaN."""
+
+    def __iter__(self):
+        for images, labels in self.loader:
+            yield (images * float("nan") if self.epoch >= self.die_at else images), labels
+
+
+def test_a_nan_loss_stops_the_stage_naming_where_and_keeps_the_last_epoch(tmp_path, digits):
+    cfg = TrainConfig(epochs=3, batch_size=128, lr=0.05)
+    distiller, loader = _setup(digits)
+    checkpoint = tmp_path / "c.pt"
+    with pytest.raises(TrainingDiverged) as raised:
+        fit(distiller, _PoisonedLoader(loader, die_at=1), cfg, checkpoint, "teacher", False)
+    message = str(raised.value)
+    assert message.startswith("teacher: loss ce=nan at epoch 2/3, step 1: training diverged")
+    assert f"the checkpoint of epoch 1 ({checkpoint}) is kept" in message
+    assert "train.lr, now 0.05" in message and "grad_clip" in message
+    assert raised.value.checkpoint == checkpoint
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == 1
