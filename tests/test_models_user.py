@@ -1,5 +1,7 @@
 """User models (``package.module:factory``) and checkpoint loading."""
 
+import copy
+import pickle
 import sys
 import textwrap
 import uuid
@@ -7,8 +9,21 @@ import uuid
 import pytest
 import torch
 
+from qkd_deploy.calib.calibrate import calibrate
 from qkd_deploy.errors import UserError
 from qkd_deploy.models import build_model, load_checkpoint, load_user_model
+from qkd_deploy.models.features import (
+    attach_feature_layers,
+    forward_features,
+    logits_and_pooled,
+    pooled_width,
+    stage_channels,
+    stage_module,
+    student_role,
+    teacher_role,
+)
+from qkd_deploy.quant.convert import BitWidths, QuantizeOptions, quantize_model
+from qkd_deploy.quant.modules import QuantConv2d
 
 USER_MODULE = textwrap.dedent("""
     import torch
@@ -202,3 +217,119 @@ def test_a_module_in_the_working_directory_is_found_as_python_m_finds_it(tmp_pat
     model = load_user_model(f"{name}:build")
     assert isinstance(model, torch.nn.Module)
     assert str(tmp_path) not in sys.path  # the path is left as it was
+
+
+# ---- stage layers of a user model (feature_layers) --------------------------------------------
+
+STAGED_MODULE = textwrap.dedent("""
+    import torch
+    from torch import nn
+
+    def block(cin, cout, stride=1):
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout),
+                             nn.ReLU())
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = block(1, 4)
+            self.layer1 = block(4, 4)
+            self.layer2 = block(4, 8, stride=2)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x):
+            x = self.stem(x)
+            x = x + self.layer1(x)
+            x = self.layer2(x)
+            return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+    class Twice(Net):
+        def forward(self, x):
+            return super().forward(self.stem[2](x))
+
+    def build():
+        return Net()
+
+    def twice():
+        return Twice()
+""")
+
+STAGES = ["layer1", "layer2"]
+ROLE = student_role("feed")
+
+
+@pytest.fixture
+def staged(tmp_path, monkeypatch):
+    """Name of a fresh importable module holding STAGED_MODULE."""
+    name = f"stagednet_{uuid.uuid4().hex}"
+    (tmp_path / f"{name}.py").write_text(STAGED_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return name
+
+
+def _reference_stages(model, x):
+    """The stage outputs computed by hand, as the model's forward computes them."""
+    stem = model.stem(x)
+    first = model.layer1(stem)
+    return [first, model.layer2(stem + first)]
+
+
+def test_feature_layers_give_the_named_layers_outputs_and_their_widths(staged):
+    model = attach_feature_layers(load_user_model(f"{staged}:build"), STAGES, "opt", (1, 8, 8))
+    model.eval()
+    assert stage_channels(model, ROLE) == [4, 8]
+    x = torch.randn(3, 1, 8, 8)
+    logits, stages = forward_features(model, x, ROLE)
+    torch.testing.assert_close(logits, model(x))
+    for got, want in zip(stages, _reference_stages(model, x), strict=True):
+        torch.testing.assert_close(got, want)
+    assert all(not m._forward_hooks for m in model.modules())  # hooks only while reading
+    assert stage_module(model, 1, ROLE) is model.layer2
+
+
+def test_feature_layers_survive_deepcopy_quantization_and_pickling(staged):
+    model = attach_feature_layers(load_user_model(f"{staged}:build"), STAGES, "opt", (1, 8, 8))
+    quantized = quantize_model(model, QuantizeOptions(BitWidths(8, 8)))
+    calibrate(quantized, [torch.randn(8, 1, 8, 8)])
+    for copy_ in (copy.deepcopy(quantized), pickle.loads(pickle.dumps(quantized))):
+        copy_.eval()
+        x = torch.randn(2, 1, 8, 8)
+        logits, stages = forward_features(copy_, x, ROLE)
+        torch.testing.assert_close(logits, copy_(x))
+        assert [s.shape[1] for s in stages] == stage_channels(copy_, ROLE) == [4, 8]
+        assert isinstance(copy_.layer1[0], QuantConv2d)  # the quantized layers, by the same name
+
+
+def test_a_model_without_stages_names_the_option_and_some_of_its_modules(staged):
+    model = load_user_model(f"{staged}:build")
+    role = teacher_role("indistill", 1)
+    with pytest.raises(UserError, match=r"teachers\[1\]\.feature_layers") as info:
+        stage_channels(model, role)
+    assert "'layer1'" in str(info.value) and "no stage feature maps" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "factory, layers, message",
+    [
+        ("build", ["layer1", "layer9"], r"\['layer9'\] name no module of Net"),
+        ("build", [], "is empty"),
+        ("build", ["fc"], r"fc returns \(2, 3\), not an \(N, C, H, W\) feature map"),
+        ("twice", ["stem.2"], "stem.2 runs 2 times per forward pass"),
+    ],
+)
+def test_bad_feature_layers_are_refused_by_name(staged, factory, layers, message):
+    model = load_user_model(f"{staged}:{factory}")
+    with pytest.raises(UserError, match=message) as info:
+        attach_feature_layers(model, layers, "student.feature_layers", (1, 8, 8))
+    assert str(info.value).startswith("student.feature_layers")
+
+
+def test_penultimate_features_are_the_input_of_the_last_linear(staged):
+    model = load_user_model(f"{staged}:build").eval()
+    x = torch.randn(2, 1, 8, 8)
+    logits, pooled = logits_and_pooled(model, x, "dafl's teacher")
+    stages = _reference_stages(model, x)
+    torch.testing.assert_close(pooled, stages[-1].mean((2, 3)))
+    assert pooled_width(model, "x") == 8
+    with pytest.raises(UserError, match="dafl's teacher: Sequential has no nn.Linear"):
+        logits_and_pooled(torch.nn.Sequential(torch.nn.Flatten()), x, "dafl's teacher")

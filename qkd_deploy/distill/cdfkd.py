@@ -92,11 +92,22 @@ from qkd_deploy.distill.base import (
     register_method,
     trainable,
 )
-from qkd_deploy.distill.dafl import logits_and_features
 from qkd_deploy.distill.generators import BatchNormStatistics, ImageGenerator, calibrate_once
 from qkd_deploy.errors import UserError
+from qkd_deploy.models.features import (
+    forward_features,
+    has_stage_features,
+    logits_and_pooled,
+    module_names,
+    pooled_width,
+    stage_channels,
+    student_role,
+    teacher_role,
+)
 
 LR_DECAY = 0.1  # the reference's MultiStepLR gamma
+NAME = "cdfkd-mfs"
+STUDENT = student_role(NAME)
 
 
 @dataclasses.dataclass
@@ -255,18 +266,6 @@ class HeaderAttention(nn.Module):
         return (weights * stacked).sum(1)
 
 
-def feature_dim(model: nn.Module) -> int:
-    """The width of ``model``'s penultimate feature: the input of its last ``nn.Linear`` (what
-    ``dafl.logits_and_features`` returns)."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise UserError(
-            "cdfkd-mfs needs each teacher's penultimate features: give zoo teachers or ones whose "
-            "classifier head is an nn.Linear"
-        )
-    return linears[-1].in_features
-
-
 @contextlib.contextmanager
 def evaluating(*modules: nn.Module) -> Iterator[None]:
     """``modules`` in eval mode inside the block, their modes restored after it."""
@@ -290,7 +289,7 @@ class CDFKDMFS(Distiller):
     """Data-free KD from several teachers: a multi-header student against an adversarial generator
     with a BatchNorm-statistics prior; the main header (the student's ``fc``) is exported."""
 
-    name = "cdfkd-mfs"
+    name = NAME
     description = (
         "data-free KD from several teachers: multi-header student, asymmetric adversarial "
         "generator with BN-statistics prior (CDFKD-MFS)"
@@ -303,9 +302,11 @@ class CDFKDMFS(Distiller):
     def __init__(self, student, teachers, options, context=None):
         super().__init__(student, teachers, options, context)
         _check(student, options, context)
-        shared = student.stage_channels[options.first_shared_stage :]
+        classes = context.num_classes
+        shared = stage_channels(student, STUDENT)[options.first_shared_stage :]
         self.heads = nn.ModuleList(
-            FeatureSharingHead(shared, feature_dim(t), context.num_classes) for t in teachers
+            FeatureSharingHead(shared, pooled_width(t, teacher_role(NAME, i).what), classes)
+            for i, t in enumerate(teachers)
         )
         self.attention = HeaderAttention(context.num_classes)
         self.generator = ImageGenerator(context.input_shape, options.latent_dim)
@@ -331,7 +332,11 @@ class CDFKDMFS(Distiller):
         with torch.no_grad():
             generated = self.generator.sample(self.options.batch_size)
             teacher_logits, teacher_features = zip(
-                *(logits_and_features(t, generated) for t in self.teachers), strict=True
+                *(
+                    logits_and_pooled(t, generated, teacher_role(NAME, i).what)
+                    for i, t in enumerate(self.teachers)
+                ),
+                strict=True,
             )
         calibrate_once(self.student, generated, self.context)
         main, head_logits, head_features = self.headers(generated)
@@ -346,8 +351,8 @@ class CDFKDMFS(Distiller):
         self, images: torch.Tensor
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """The main header's logits, and each extra header's logits and pooled features."""
-        logits, extra = self.student.forward_features(images)
-        shared = extra["stages"][self.options.first_shared_stage :]
+        logits, stages = forward_features(self.student, images, STUDENT)
+        shared = stages[self.options.first_shared_stage :]
         outs = [head(shared) for head in self.heads]
         return logits, [z for z, _ in outs], [f for _, f in outs]
 
@@ -416,12 +421,13 @@ class CDFKDMFS(Distiller):
 def _check(student: nn.Module, options: CDFKDMFSOptions, context: MethodContext | None) -> None:
     if context is None:
         raise UserError("cdfkd-mfs needs the method context (input shape and class count)")
-    if not (hasattr(student, "forward_features") and hasattr(student, "stage_channels")):
+    if not has_stage_features(student):
         raise UserError(
-            "cdfkd-mfs branches its headers from the student's stages: use a zoo student "
-            "(a StagedClassifier with forward_features)"
+            "cdfkd-mfs branches its headers from the student's stages: use a zoo student, or "
+            f"name your student's stage layers with {STUDENT.option} (module names such as "
+            f"{module_names(student)})"
         )
-    stages = len(student.stage_channels)
+    stages = len(stage_channels(student, STUDENT))
     if not 0 <= options.first_shared_stage < stages:
         raise UserError(
             f"cdfkd-mfs first_shared_stage must be in 0..{stages - 1} (the student has {stages} "

@@ -62,6 +62,7 @@ from qkd_deploy.distill.base import Distiller, MethodOptions, register_method
 from qkd_deploy.distill.generators import BatchNormStatistics, ImageGenerator, calibrate_once
 from qkd_deploy.distill.losses import kd_kl
 from qkd_deploy.errors import UserError
+from qkd_deploy.models.features import logits_and_pooled
 
 
 @dataclasses.dataclass
@@ -118,24 +119,9 @@ def generator_losses(
 def logits_and_features(
     model: nn.Module, images: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's logits and penultimate features: ``forward_features``' "pooled" for zoo models,
+    """A teacher's logits and penultimate features: ``forward_features``' "pooled" for zoo models,
     otherwise the input of the model's last ``nn.Linear`` (a user's classifier)."""
-    if hasattr(model, "forward_features"):
-        logits, extra = model.forward_features(images)
-        return logits, extra["pooled"]
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise UserError(
-            "dafl needs the teacher's penultimate features: give a zoo teacher or one whose "
-            "classifier head is an nn.Linear"
-        )
-    captured: list[torch.Tensor] = []
-    handle = linears[-1].register_forward_pre_hook(lambda _, args: captured.append(args[0]))
-    try:
-        logits = model(images)
-    finally:
-        handle.remove()
-    return logits, torch.flatten(captured[-1], 1)
+    return logits_and_pooled(model, images, "dafl's teacher")
 
 
 @register_method

@@ -1,7 +1,8 @@
 """Feature-level distillation: FEED and InDistill (docs/methods/feed.md, indistill.md).
 
-Both read intermediate feature maps through the zoo models' ``forward_features`` (the student is a
-fake-quant copy of a zoo model and keeps that structure). Whatever a method adds for training
+Both read intermediate feature maps through ``models.features``: a zoo model's stages, or the
+layers a user model names in ``feature_layers`` (a fake-quant student keeps its float model's
+structure and module names). Whatever a method adds for training
 (FEED's translators, InDistill's kept-channel indices) lives in the distiller, never in the
 student, so the exported model is the plain quantized student.
 """
@@ -19,19 +20,15 @@ from torch import nn
 from qkd_deploy.distill.base import Distiller, MethodOptions, register_method, trainable
 from qkd_deploy.distill.losses import kd_kl
 from qkd_deploy.errors import UserError
+from qkd_deploy.models.features import (
+    Role,
+    forward_features,
+    stage_channels,
+    stage_module,
+    student_role,
+    teacher_role,
+)
 from qkd_deploy.quant.quantizer import LSQQuantizer
-
-
-def stage_channels(model: nn.Module, what: str) -> list[int]:
-    """The stage widths of a zoo-style model (one with ``forward_features`` and
-    ``stage_channels``); a clear error for any other model."""
-    if not (hasattr(model, "forward_features") and hasattr(model, "stage_channels")):
-        raise UserError(
-            f"{what} ({type(model).__name__}) exposes no stage feature maps; feature "
-            "distillation needs zoo models (StagedClassifier: forward_features, stage_channels). "
-            "Use zoo teachers (--teacher-arch) or a logit method for your own (kd, avg-teachers)"
-        )
-    return list(model.stage_channels)
 
 
 def check_spatial(student_map: torch.Tensor, teacher_map: torch.Tensor, what: str) -> None:
@@ -56,9 +53,9 @@ def on_zero_batch(model: nn.Module, input_shape: tuple[int, ...], compute: Calla
         model.train(was_training)
 
 
-def stage_maps(model: nn.Module, input_shape: tuple[int, ...]) -> list[torch.Tensor]:
-    """A zoo-style model's stage outputs (``forward_features``) on a zero batch."""
-    return on_zero_batch(model, input_shape, lambda m, x: m.forward_features(x)[1]["stages"])
+def stage_maps(model: nn.Module, input_shape: tuple[int, ...], role: Role) -> list[torch.Tensor]:
+    """A model's stage outputs on a zero batch."""
+    return on_zero_batch(model, input_shape, lambda m, x: forward_features(m, x, role)[1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,15 +172,18 @@ class FEED(Distiller):
 
     def __init__(self, student, teachers, options, context=None):
         super().__init__(student, teachers, options, context)
-        width = stage_channels(student, "feed student")[-1]
+        width = stage_channels(student, student_role("feed"))[-1]
         self.translators = nn.ModuleList(
-            Translator(width, stage_channels(t, f"feed teacher {i}")[-1], options.translator_kernel)
+            Translator(
+                width, stage_channels(t, teacher_role("feed", i))[-1], options.translator_kernel
+            )
             for i, t in enumerate(self.teachers)
         )
         if context is not None and options.resize == "none":
-            last = stage_maps(student, context.input_shape)[-1]
-            for teacher in self.teachers:
-                check_spatial(last, stage_maps(teacher, context.input_shape)[-1], "feed")
+            last = stage_maps(student, context.input_shape, student_role("feed"))[-1]
+            for i, teacher in enumerate(self.teachers):
+                maps = stage_maps(teacher, context.input_shape, teacher_role("feed", i))
+                check_spatial(last, maps[-1], "feed")
 
     def parameter_groups(self):
         return [
@@ -199,12 +199,12 @@ class FEED(Distiller):
         return [min(max(int(progress * n), 0), n - 1)]
 
     def forward_train(self, images, labels, progress):
-        logits, features = self.student.forward_features(images)
-        last = features["stages"][-1]
+        logits, stages = forward_features(self.student, images, student_role("feed"))
+        last = stages[-1]
         feature_loss = logits.new_zeros(())
         for i in self.active_teachers(progress):
             with torch.no_grad():
-                target = self.teachers[i].forward_features(images)[1]["stages"][-1]
+                target = forward_features(self.teachers[i], images, teacher_role("feed", i))[1][-1]
             translated = self.translators[i](last)
             if self.options.resize == "pool":
                 translated, target = pooled_to_common_size(translated, target)
@@ -230,14 +230,17 @@ def l1_keep(weight: torch.Tensor, keep: int) -> torch.Tensor:
     return largest(weight.detach().abs().flatten(1).sum(1), keep)
 
 
+SKIP_BRANCHES = {"shortcut", "downsample"}  # module names of a residual block's skip convs
+
+
 def producing_conv(stage: nn.Module) -> nn.Conv2d:
     """The conv whose filters make a stage's output channels: the last ``Conv2d`` registered in
-    the stage outside a ``shortcut`` branch (a ResNet block's ``conv2``, MobileNetV2's projection
-    or final 1x1 conv)."""
+    the stage outside a skip branch (``shortcut``, or torchvision's ``downsample``): a ResNet
+    block's ``conv2``, MobileNetV2's projection or final 1x1 conv."""
     convs = [
         m
         for name, m in stage.named_modules()
-        if isinstance(m, nn.Conv2d) and "shortcut" not in name.split(".")
+        if isinstance(m, nn.Conv2d) and not SKIP_BRANCHES & set(name.split("."))
     ]
     if not convs:
         raise UserError(
@@ -245,6 +248,10 @@ def producing_conv(stage: nn.Module) -> nn.Conv2d:
             "indistill option prune_by=activation"
         )
     return convs[-1]
+
+
+INDISTILL_STUDENT = student_role("indistill")
+INDISTILL_TEACHER = teacher_role("indistill", 0)
 
 
 @dataclasses.dataclass
@@ -324,8 +331,8 @@ class InDistill(Distiller):
 
     def __init__(self, student, teachers, options, context=None):
         super().__init__(student, teachers, options, context)
-        widths = stage_channels(student, "indistill student")
-        teacher_widths = stage_channels(self.teachers[0], "indistill teacher")
+        widths = stage_channels(student, INDISTILL_STUDENT)
+        teacher_widths = stage_channels(self.teachers[0], INDISTILL_TEACHER)
         if len(widths) != len(teacher_widths):
             raise UserError(
                 f"indistill: the student has {len(widths)} stages, the teacher "
@@ -340,8 +347,8 @@ class InDistill(Distiller):
                     f"the student's {widths[k]}; pruning can only narrow the teacher"
                 )
         if context is not None:
-            maps = stage_maps(student, context.input_shape)
-            teacher_maps = stage_maps(self.teachers[0], context.input_shape)
+            maps = stage_maps(student, context.input_shape, INDISTILL_STUDENT)
+            teacher_maps = stage_maps(self.teachers[0], context.input_shape, INDISTILL_TEACHER)
             for k in self.layer_order:
                 check_spatial(maps[k], teacher_maps[k], f"indistill stage {k}")
         ranking = self._channel_ranking()
@@ -378,15 +385,17 @@ class InDistill(Distiller):
         """``(stage, keep) -> kept indices`` for the configured pruning criterion."""
         teacher = self.teachers[0]
         if self.options.prune_by == "filter":
-            return lambda k, keep: l1_keep(producing_conv(teacher.stages[k]).weight, keep)
+            return lambda k, keep: l1_keep(
+                producing_conv(stage_module(teacher, k, INDISTILL_TEACHER)).weight, keep
+            )
         batches = self.context.calibration_batches if self.context else []
         if not batches:
             raise UserError("indistill prune_by=activation needs calibration images")
         teacher.eval()
-        sums = [torch.zeros(c) for c in teacher.stage_channels]
+        sums = [torch.zeros(c) for c in stage_channels(teacher, INDISTILL_TEACHER)]
         with torch.no_grad():
             for x in batches:
-                for k, s in enumerate(teacher.forward_features(x)[1]["stages"]):
+                for k, s in enumerate(forward_features(teacher, x, INDISTILL_TEACHER)[1]):
                     sums[k] += s.abs().sum((0, 2, 3))
         return lambda k, keep: largest(sums[k], keep)
 
@@ -397,8 +406,7 @@ class InDistill(Distiller):
     def pruned_teacher_stages(self, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """The teacher's logits and its pruned stage outputs ``{stage: kept channels}``."""
         with torch.no_grad():
-            logits, features = self.teachers[0].forward_features(images)
-        stages = features["stages"]
+            logits, stages = forward_features(self.teachers[0], images, INDISTILL_TEACHER)
         return logits, {k: stages[k].index_select(1, self.kept(k)) for k in self.layer_order}
 
     def curriculum_layer(self, progress: float) -> int | None:
@@ -414,12 +422,12 @@ class InDistill(Distiller):
         layer = self.curriculum_layer(progress)
         for step_size in self.step_sizes:  # before the forward pass, which records it
             step_size.requires_grad_(layer is None or not self.options.freeze_step_sizes)
-        logits, features = self.student.forward_features(images)
+        logits, stages = forward_features(self.student, images, INDISTILL_STUDENT)
         zero = logits.new_zeros(())
         terms = {"feature": zero, "ce": zero, "kd": zero}
         teacher_logits, pruned = self.pruned_teacher_stages(images)
         if layer is not None:
-            student_map = features["stages"][layer]
+            student_map = stages[layer]
             check_spatial(student_map, pruned[layer], f"indistill stage {layer}")
             terms["feature"] = self.options.feature_weight * F.mse_loss(student_map, pruned[layer])
         else:

@@ -22,14 +22,16 @@ from qkd_deploy.distill.base import (
     register_method,
     trainable,
 )
-from qkd_deploy.distill.feature import on_zero_batch
+from qkd_deploy.distill.feature import on_zero_batch, stage_maps
 from qkd_deploy.distill.losses import kd_kl
 from qkd_deploy.errors import UserError
+from qkd_deploy.models.features import forward_features, require_stage_features, student_role
 from qkd_deploy.quant.modules import quantizers
 from qkd_deploy.quant.quantizer import LSQQuantizer
 
 FULL_PRECISION = 32  # a teacher bit-width meaning "not quantized"
 STAGED_PARTS = ("stem", "stages", "pool", "fc")
+CMT_STUDENT = student_role("cmt-kd")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,8 +394,7 @@ class CMTKD(Distiller):
         self.collaborative.train(self.training)
 
     def forward_train(self, images, labels, progress):
-        student_stages = stage_outputs(self.student, images)
-        student_logits = classifier_head(self.student, student_stages[-1])
+        student_logits, student_stages = forward_features(self.student, images, CMT_STUDENT)
         teacher_logits, shared = self.collaborative(images)
         student_features = [student_stages[k] for k in self.collaborative.stages]
         terms = cmt_kd_losses(
@@ -431,9 +432,10 @@ def _check_shapes(
     stages: Sequence[int] | None,
     input_shape: tuple[int, ...],
 ) -> list[int]:
-    """The shared stages, after checking that the models are staged, that the teachers' outputs
-    agree there, and that the student's have the same spatial size."""
-    models = [("the student", student)] + [(f"teacher {i}", t) for i, t in enumerate(teachers)]
+    """The shared stages, after checking that the models are staged (the student may be a user
+    model with ``feature_layers``), that the teachers' outputs agree there, and that the
+    student's have the same spatial size."""
+    models = [(f"teacher {i}", t) for i, t in enumerate(teachers)]
     not_staged = [
         f"{what} ({type(m).__name__}) has no {', '.join(_missing_parts(m))}"
         for what, m in models
@@ -441,11 +443,15 @@ def _check_shapes(
     ]
     if not_staged:
         raise UserError(
-            f"cmt-kd runs the models stage by stage, so each needs {', '.join(STAGED_PARTS)} "
-            f"(a zoo model); {'; '.join(not_staged)}. Use zoo teachers (--teacher-arch) or give "
-            f"your models those parts"
+            f"cmt-kd runs its teachers stage by stage, each stage's input the teachers' mixed "
+            f"outputs, so each teacher needs {', '.join(STAGED_PARTS)} (a zoo model); "
+            f"{'; '.join(not_staged)}. Use zoo teachers (--teacher-arch) or give your models "
+            f"those parts"
         )
-    shapes = {what: _stage_shapes(m, input_shape) for what, m in models}
+    require_stage_features(student, CMT_STUDENT)
+    student_maps = stage_maps(student, input_shape, CMT_STUDENT)
+    shapes = {"the student": [tuple(m.shape[1:]) for m in student_maps]}
+    shapes.update((what, _stage_shapes(m, input_shape)) for what, m in models)
     count = min(len(s) for s in shapes.values())
     stages = list(range(count)) if stages is None else sorted(set(stages))
     if not stages or not all(0 <= k < count for k in stages):

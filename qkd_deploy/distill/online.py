@@ -53,6 +53,7 @@ from qkd_deploy.distill.base import (
 )
 from qkd_deploy.distill.losses import kd_kl
 from qkd_deploy.errors import UserError
+from qkd_deploy.models.features import logits_and_pooled, pooled_width
 
 # ---------------------------------------------------------------------------------------------
 # Loss terms and schedules (small functions, checked against hand-computed numbers in the tests)
@@ -301,6 +302,10 @@ class PCLOptions(MethodOptions):
         check_online_options("pcl", self)
 
 
+# the peers' pooled features feed the ensemble head (in its error message: the other choice)
+PCL_PEER = "pcl's peer-ensemble head (or student.method_options.ensemble_head=false)"
+
+
 @register_method
 class PCL(OnlineDistiller):
     """Peer Collaborative Learning for online KD (Wu & Gong, AAAI 2021, arXiv:2006.04147).
@@ -326,7 +331,7 @@ class PCL(OnlineDistiller):
     - Export: the peer mean teacher with the lowest running training CE (the reproduction
       likewise evaluates and saves the temporal-mean network, best of its branches).
       ``ensemble_head = False`` uses the peers' mean logits as the ensemble (no extra parameters,
-      no ``ensemble_ce``) for models without ``forward_features``.
+      no ``ensemble_ce``) for models whose classifier head is not an ``nn.Linear``.
 
     Reference code read: shaoeric/Peer-Collaborative-Learning-for-Online-Knowledge-Distillation
     (a reproduction by the DKEL authors; PCL's own code is not public): ensemble head on
@@ -344,12 +349,7 @@ class PCL(OnlineDistiller):
         self.head = self._ensemble_head(student) if options.ensemble_head else None
 
     def _ensemble_head(self, student: nn.Module) -> nn.Linear:
-        _require(
-            hasattr(student, "forward_features") and hasattr(student, "stage_channels"),
-            "pcl: the peer-ensemble head needs a zoo model (forward_features, stage_channels); "
-            "set student.method_options.ensemble_head=false to ensemble the peers' logits",
-        )
-        features = student.stage_channels[-1] * self.options.peers
+        features = pooled_width(student, PCL_PEER) * self.options.peers
         return nn.Linear(features, self.context.num_classes)
 
     def candidates(self) -> list[nn.Module]:
@@ -375,8 +375,8 @@ class PCL(OnlineDistiller):
             logits = [peer(view) for peer, view in zip(self.peers, views, strict=True)]
             return logits, torch.stack(logits).mean(0)
         pairs = zip(self.peers, views, strict=True)
-        outputs = [peer.forward_features(view) for peer, view in pairs]
-        pooled = torch.cat([features["pooled"] for _, features in outputs], dim=1)
+        outputs = [logits_and_pooled(peer, view, PCL_PEER) for peer, view in pairs]
+        pooled = torch.cat([features for _, features in outputs], dim=1)
         return [logits for logits, _ in outputs], self.head(pooled)
 
     def forward_train(self, images, labels, progress):
