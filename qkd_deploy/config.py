@@ -91,11 +91,22 @@ class TeacherConfig:
     arch: str = "resnet20"
     module: str | None = None  # "package.module:factory": the user's own teacher
     checkpoint: str | None = None  # its weights (weights_only torch.load)
+    # the user teacher's stage layers (module names, shallowest first), for the methods that
+    # distil stage feature maps (feed, indistill, ...); zoo teachers have their own stages
+    feature_layers: list[str] | None = None
 
 
 @dataclass
 class StudentConfig:
-    arch: str = "resnet8"
+    arch: str | None = "resnet8"  # zoo model; null when module is set
+    # "package.module:factory": the user's own student (it replaces arch)
+    module: str | None = None
+    # the user student's trained float weights: the float stage evaluates and exports them
+    # without training, and QAT starts from them
+    checkpoint: str | None = None
+    # the user student's stage layers (module names, shallowest first), for the methods that
+    # distil stage feature maps (feed, indistill, cmt-kd, cdfkd-mfs)
+    feature_layers: list[str] | None = None
     bits: list[str] = field(default_factory=lambda: ["w8a8", "w4a4"])
     method: str = "kd-decay"
     method_options: dict[str, Any] = field(default_factory=dict)
@@ -120,8 +131,30 @@ class StudentConfig:
 
         names = [BitWidths.parse(str(b)).name for b in self.bits]
         repeated = sorted({n for n in names if names.count(n) > 1})
+        if self.module:
+            self.arch = None  # the user's model replaces the zoo's
         _check_all(
             [
+                (
+                    bool(self.module or self.arch),
+                    "arch is null and module unset; name a zoo model or your own "
+                    "(module: 'package.module:factory')",
+                ),
+                (
+                    bool(self.module) or self.checkpoint is None,
+                    "checkpoint needs its model: set student.module too (--student "
+                    "MODULE:FACTORY --student-checkpoint PATH)",
+                ),
+                (
+                    bool(self.module) or self.feature_layers is None,
+                    "feature_layers names layers of your own student (student.module); a zoo "
+                    "student has its stages",
+                ),
+                (
+                    self.checkpoint is None or self.float_method == "none",
+                    f"float_method={self.float_method} trains the float student, and checkpoint "
+                    "gives it trained (the float stage does not train); set float_method to none",
+                ),
                 (bool(names), "bits names no student; give one or more, e.g. [w8a8, w4a4]"),
                 (not repeated, f"bits names {repeated} more than once; give each student once"),
                 (

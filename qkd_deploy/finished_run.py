@@ -47,8 +47,7 @@ class FinishedRun:
 
     def float_student(self) -> nn.Module:
         """The trained float student (the model QAT starts from), in eval mode."""
-        from qkd_deploy.models import build_model
-        from qkd_deploy.pipeline import load_state
+        from qkd_deploy.pipeline import load_state, student_model
 
         weights = self.root / "student_float" / "model.pt"
         if not weights.is_file():
@@ -57,8 +56,7 @@ class FinishedRun:
                 f"run (python -m qkd_deploy.train_and_export --resume {self.root}); a run with "
                 "student.float_reference=false has none"
             )
-        model = build_model(self.config.student.arch, self.data.in_channels, self.data.num_classes)
-        return load_state(model, weights).eval()
+        return load_state(student_model(self.config, self.data), weights).eval()
 
     def student_bits(self, name: str | None) -> BitWidths:
         """The bit-width of the student called ``name`` (``w4a4`` or ``resnet8_w4a4``), or the

@@ -29,7 +29,8 @@ from qkd_deploy.distill.base import Distiller, MethodContext, method_class
 from qkd_deploy.errors import UserError
 from qkd_deploy.export.onnx import export_onnx
 from qkd_deploy.fileio import atomic_write_bytes, sha256_file
-from qkd_deploy.models import build_model, load_user_model
+from qkd_deploy.models import build_model, load_checkpoint, load_user_model
+from qkd_deploy.models.features import attach_feature_layers
 from qkd_deploy.quant.convert import BitWidths, QuantizeOptions
 from qkd_deploy.quant.deploy import to_deploy
 from qkd_deploy.quant.fold import fold_batchnorm
@@ -161,7 +162,7 @@ def teacher_stage(i: int) -> str:
 def trained_model_files(config: Config, root: Path) -> list[Path]:
     """The weights that a finished run's training stages leave in ``root``."""
     stages = [teacher_stage(i) for i, t in enumerate(teacher_configs(config)) if not t.module]
-    if config.student.float_reference:
+    if config.student.float_reference or config.student.checkpoint:
         stages.append("student_float")
     stages += [BitWidths.parse(b).name for b in config.student.bits]
     return [root / stage / "model.pt" for stage in stages]
@@ -194,13 +195,23 @@ def teacher_model(ctx: Context, cfg: TeacherConfig, index: int) -> nn.Module:
     if cfg.module:
         teacher = load_user_model(cfg.module, cfg.checkpoint).eval()
         _check_classifier(teacher, ctx, f"teacher {cfg.module}")
+        if cfg.feature_layers is not None:
+            option = f"teachers[{index}].feature_layers"
+            attach_feature_layers(teacher, cfg.feature_layers, option, input_shape(ctx.data))
         return teacher
-    if cfg.checkpoint:
-        raise UserError(
-            f"teachers[{index}]: a checkpoint needs its module "
-            f"(--teacher MODULE:FACTORY --teacher-checkpoint PATH)"
-        )
+    for key in ("checkpoint", "feature_layers"):
+        if getattr(cfg, key) is not None:
+            raise UserError(
+                f"teachers[{index}].{key} belongs to your own teacher: set its module too "
+                f"(--teacher MODULE:FACTORY --teacher-checkpoint PATH); zoo teachers are trained "
+                "here and have their own stages"
+            )
     return build_model(cfg.arch, ctx.data.in_channels, ctx.data.num_classes)
+
+
+def input_shape(data: DatasetSplits) -> tuple[int, ...]:
+    """``(C, H, W)`` of the data's images."""
+    return (data.in_channels, *data.image_size)
 
 
 def evaluation_key(ctx: Context, weights: Path, **settings) -> dict:
@@ -247,20 +258,65 @@ def _check_classifier(model: nn.Module, ctx: Context, what: str) -> None:
     if not torch.isfinite(out).all():
         raise UserError(
             f"{what} returns NaN or infinite logits on test images of {ctx.data.name}; check "
-            "its weights (--teacher-checkpoint) and the --normalize preprocessing"
+            "its weights (its checkpoint) and the --normalize preprocessing"
         )
 
 
+def student_model(config: Config, data: DatasetSplits) -> nn.Module:
+    """The student architecture, freshly initialised by the caller's random state: the zoo's
+    ``student.arch``, or the user's ``student.module`` (its factory called again, without the
+    checkpoint) with its ``feature_layers``."""
+    cfg = config.student
+    if not cfg.module:
+        return build_model(cfg.arch, data.in_channels, data.num_classes)
+    model = load_user_model(cfg.module)
+    if cfg.feature_layers is not None:
+        option = "student.feature_layers"
+        attach_feature_layers(model, cfg.feature_layers, option, input_shape(data))
+    return model
+
+
+def student_label(cfg: StudentConfig) -> str:
+    """The student's name in the report: the zoo name, or the factory of the user's model."""
+    return cfg.module.rpartition(":")[2] if cfg.module else cfg.arch
+
+
 def untrained_student(ctx: Context) -> nn.Module:
-    """The student architecture, freshly initialised (the same weights for the same seed)."""
+    """The student architecture, freshly initialised (the same weights for the same seed); a
+    user's student is first checked on two test images, as a user's teacher is."""
     torch.manual_seed(ctx.config.seed + 1)
-    return build_model(ctx.config.student.arch, ctx.data.in_channels, ctx.data.num_classes)
+    model = student_model(ctx.config, ctx.data)
+    module = ctx.config.student.module
+    if module:
+        with torch.random.fork_rng(devices=[]):  # a user model may draw random numbers
+            model.eval()
+            _check_classifier(model, ctx, f"student {module}")
+            model.train()
+    return model
+
+
+def given_float_student(ctx: Context) -> nn.Module:
+    """The user's trained float student (``student.checkpoint``), checked on two test images and
+    kept in the run as ``student_float/model.pt``: a resumed run and ``qkd-deploy export`` read
+    that copy, not the checkpoint again."""
+    cfg = ctx.config.student
+    model = untrained_student(ctx)
+    final = ctx.run.stage("student_float") / "model.pt"
+    if final.exists():
+        return load_state(model, final).eval()
+    load_checkpoint(model, cfg.checkpoint).eval()
+    _check_classifier(model, ctx, f"student {cfg.module} with checkpoint {cfg.checkpoint}")
+    save_state(model, final)
+    return model
 
 
 def float_student_stage(ctx: Context, teachers: list[nn.Module], progress: bool) -> nn.Module:
-    """The float student QAT starts from, trained (``student.float_method``: on the labels, or
-    distilled from ``teachers``), or the untrained one when ``float_reference`` is off."""
+    """The float student QAT starts from: the user's trained one (``student.checkpoint``), not
+    trained further; else trained here (``student.float_method``: on the labels, or distilled
+    from ``teachers``), or the untrained one when ``float_reference`` is off."""
     cfg = ctx.config.student
+    if cfg.checkpoint:
+        return given_float_student(ctx)
     model = untrained_student(ctx)
     if not cfg.float_reference:
         return model
@@ -414,11 +470,11 @@ def _quantized_at(
 
 def _training_stages(config: Config) -> list[tuple[str, TrainConfig]]:
     """The config keys and settings of the training stages this run has (``ptq`` students do
-    not train)."""
+    not train, nor a float student given as ``student.checkpoint``)."""
     stages = []
     if any(not t.module for t in teacher_configs(config)):
         stages.append(("teacher_train", config.teacher_train))
-    if config.student.float_reference:
+    if config.student.float_reference and not config.student.checkpoint:
         stages.append(("student.float_train", config.student.float_train))
     if method_class(config.student.method).trains:
         stages.append(("student.train", config.student.train))

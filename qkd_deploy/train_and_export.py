@@ -26,6 +26,8 @@ FLAG_KEYS = {
     "data": ["data.spec"],
     "normalize": ["data.normalize"],
     "student_arch": ["student.arch"],
+    "student": ["student.module"],
+    "student_checkpoint": ["student.checkpoint"],
     "method": ["student.method"],
     "float_method": ["student.float_method"],
     "target": ["quant.target"],
@@ -71,6 +73,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="weights of the --teacher at the same position",
     )
     p.add_argument("--student-arch", help="zoo model for the students (default resnet8)")
+    p.add_argument(
+        "--student",
+        metavar="MODULE:FACTORY",
+        help="your own model for the students (instead of --student-arch)",
+    )
+    p.add_argument(
+        "--student-checkpoint",
+        metavar="PATH",
+        help="trained float weights of the --student: the float stage does not train, QAT "
+        "starts from them",
+    )
     p.add_argument("--bits", help="students to make: 8,4 (= w8a8,w4a4) or w4a8,...")
     p.add_argument("--method", help="distillation method (default kd-decay)")
     p.add_argument(
@@ -98,6 +111,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def build_config(args: argparse.Namespace) -> Config:
+    if args.student and args.student_arch:
+        raise UserError(
+            "--student and --student-arch both name the student; give your own model "
+            "(--student MODULE:FACTORY) or a zoo one (--student-arch), not both"
+        )
     overrides = []
     for flag, keys in FLAG_KEYS.items():
         value = getattr(args, flag)
@@ -107,6 +125,8 @@ def build_config(args: argparse.Namespace) -> Config:
     teachers = _teacher_entries(args)
     if teachers:
         overrides.append("teachers=" + json.dumps(teachers))
+    if args.student_arch:  # the flag wins over a config file's own student model
+        overrides.append("student.module=null")
     if args.bits:
         overrides.append("student.bits=[" + ",".join(_bit_names(args.bits)) + "]")
     if args.no_progress:
@@ -218,7 +238,8 @@ def check_method(config: Config) -> dict:
     from qkd_deploy.pipeline import teacher_configs
 
     method = config.student.method
-    if not method_class(method).trains and not config.student.float_reference:
+    given = config.student.checkpoint  # a user's trained float student needs no float stage
+    if not method_class(method).trains and not config.student.float_reference and not given:
         raise UserError(
             f"{method} quantizes the trained float student without training it further, and "
             "student.float_reference=false skips that student; set it to true"
@@ -318,14 +339,15 @@ def _run_stages(config: Config, root: Path) -> dict:
     with P.timed(timings, "student_float"):
         float_student = P.float_student_stage(ctx, teachers, progress)
     references = []
+    student_arch = config.student.module or config.student.arch
     if config.student.float_reference:
         with P.timed(timings, "export_student_float"):
             ref = P.export_stage(ctx, float_student, "student_float", quantized=False)
         references.append(
             {
                 "name": "student_float",
-                "arch": config.student.arch,
-                "method": config.student.float_method,
+                "arch": student_arch,
+                "method": float_row_method(config),
                 **ref,
             }
         )
@@ -345,8 +367,8 @@ def _run_stages(config: Config, root: Path) -> dict:
             warnings.append(collapse)
         students.append(
             {
-                "name": f"{config.student.arch}_{bits.name}",
-                "arch": config.student.arch,
+                "name": f"{P.student_label(config.student)}_{bits.name}",
+                "arch": student_arch,
                 "method": config.student.method,
                 "w_bits": bits.w,
                 "a_bits": bits.a,
@@ -389,6 +411,12 @@ def _run_stages(config: Config, root: Path) -> dict:
     return report
 
 
+def float_row_method(config: Config) -> str:
+    """How the float student came about: its float method, or ``checkpoint`` for a user's
+    trained weights (``student.checkpoint``), which the run evaluates and exports as given."""
+    return "checkpoint" if config.student.checkpoint else config.student.float_method
+
+
 def _data_free(config: Config) -> bool:
     """Whether the students never saw a training image (they are still measured on the real
     test split, and calibrated on generated images)."""
@@ -412,6 +440,7 @@ def _inputs(config: Config) -> dict:
     from qkd_deploy.fileio import sha256_file
 
     checkpoints = [t.checkpoint for t in config.teachers if t.checkpoint]
+    student = config.student.checkpoint
     return {
         "data": config.data.spec,
         "teacher_checkpoints": [
@@ -419,6 +448,11 @@ def _inputs(config: Config) -> dict:
             for path in checkpoints
             if os.path.isfile(path)
         ],
+        "student_checkpoint": (
+            {"path": student, "sha256": sha256_file(student)}
+            if student and os.path.isfile(student)
+            else None
+        ),
     }
 
 
@@ -434,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
         with distributed.session() as group:
             if group is not None and not group.leader:
+                _import_like_the_leader()
                 distributed.serve(group)
                 return 0
             config, root, new = plan_run(args)
@@ -461,6 +496,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     return 0
+
+
+def _import_like_the_leader() -> None:
+    """The jobs process 0 sends hold the user's models pickled; their modules are imported from
+    the working directory there (``models.user``), so they unpickle here from it too."""
+    here = os.getcwd()
+    if here not in sys.path and "" not in sys.path:
+        sys.path.insert(0, here)
 
 
 def accuracy_failures(report: dict, min_accuracy: float | None) -> list[str]:
