@@ -17,7 +17,8 @@ operators (``out += identity``, ``torch.cat``, ``x * gate``, ``F.relu``, ``torch
   alone reads it (ONNX Runtime drops it into the quantization) and a conv's BatchNorm (folded).
   A tensor is quantized once: its readers share one quantizer per bit-width, also through ops
   that only move values (reshape, transpose, flatten, chunk, max-pool, ...), which commute with
-  per-tensor quantization.
+  per-tensor quantization. Ops that export to nothing (Identity, Dropout, ``contiguous``) get no
+  quantizer of their own: the ops that read their output quantize it.
 """
 
 from __future__ import annotations
@@ -52,7 +53,6 @@ _MOVES = {
     torch.narrow,
     torch.channel_shuffle,
     operator.getitem,
-    F.dropout,
 }
 _MOVE_NAMES = {"max_pool2d", "_max_pool2d", "channel_shuffle", "native_channel_shuffle"}
 _MOVE_METHODS = {
@@ -61,7 +61,6 @@ _MOVE_METHODS = {
     "flatten",
     "transpose",
     "permute",
-    "contiguous",
     "squeeze",
     "unsqueeze",
     "chunk",
@@ -70,7 +69,8 @@ _MOVE_METHODS = {
     "view_as",
     "reshape_as",
 }
-_MOVE_MODULES = (nn.Identity, nn.Flatten, nn.Dropout, nn.MaxPool2d, nn.ChannelShuffle)
+_MOVE_MODULES = (nn.Flatten, nn.MaxPool2d, nn.ChannelShuffle)
+_IDENTITY_MODULES = (nn.Identity, nn.Dropout)  # nothing in the exported graph
 _NOT_VALUES = {"size", "dim", "numel"}  # methods returning shapes, not tensors
 
 # kinds of op that read quantized inputs on the onnxruntime target; all but "linear" also have
@@ -133,6 +133,8 @@ class Graph:
         if target is F.adaptive_avg_pool2d:
             size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
             return "pool" if size in (1, (1, 1), [1, 1]) else None
+        if target is F.dropout or target == "contiguous":
+            return "identity"
         if target in _MOVES or getattr(target, "__name__", None) in _MOVE_NAMES:
             return "move"
         if node.op == "call_method" and target in _MOVE_METHODS:
@@ -175,6 +177,8 @@ def _module_kind(module: nn.Module) -> str | None:
         return "relu"
     if isinstance(module, _MOVE_MODULES):
         return "move"
+    if isinstance(module, _IDENTITY_MODULES):
+        return "identity"
     return None
 
 
@@ -209,7 +213,7 @@ class _Classes:
     def __init__(self, g: Graph) -> None:
         self.parent: dict[fx.Node, fx.Node] = {}
         for node, kind in g.kinds.items():
-            if kind == "move" and node_inputs(node):
+            if kind in ("move", "identity") and node_inputs(node):
                 self.union(node, node_inputs(node)[0])
 
     def find(self, node: fx.Node) -> fx.Node:
@@ -244,7 +248,7 @@ def onnxruntime_sites(g: Graph, bits_of: BitsOf) -> list[Site]:
             site(node, OUTPUT, out, bits)
             continue
         for reader, index in g.readers(out):
-            if g.kinds[reader] not in INTEGER_KINDS:
+            if g.kinds[reader] not in (*INTEGER_KINDS, "identity"):
                 site(reader, index, out, bits)
     return sites
 
