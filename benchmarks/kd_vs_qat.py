@@ -74,6 +74,14 @@ def targets(summary: dict) -> list[tuple[str, bool, str]]:
     ]
 
 
+def _epochs(section: str) -> int:
+    """The default config's epochs of a training section (``student.train``)."""
+    node = load_config()
+    for part in section.split("."):
+        node = getattr(node, part)
+    return node.epochs
+
+
 def markdown(summary: dict, checks: list, seeds: list[int], seconds: float) -> str:
     lines = [
         "# KD vs plain QAT on digits (accuracy targets)",
@@ -81,8 +89,9 @@ def markdown(summary: dict, checks: list, seeds: list[int], seconds: float) -> s
         machine_line(),
         f"Seeds {seeds}; wall time {seconds / 60:.1f} min. Accuracy of the exported ONNX model in "
         "ONNX Runtime on the 360-image test split, mean ± std over seeds (%). Default config: "
-        "teacher resnet8x4, student resnet8, 30 epochs float, 30 epochs QAT from the float "
-        "student.",
+        f"teacher resnet8x4 ({_epochs('teacher_train')} epochs), student resnet8 "
+        f"({_epochs('student.float_train')} epochs float, {_epochs('student.train')} epochs QAT "
+        "from the float student).",
         "",
         "| model | accuracy % | per seed |",
         "| --- | --- | --- |",

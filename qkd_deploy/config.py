@@ -21,7 +21,7 @@ from qkd_deploy.errors import UserError
 
 @dataclass
 class TrainConfig:
-    epochs: int = 30
+    epochs: int = 10
     batch_size: int = 64
     optimizer: str = "sgd"  # "sgd" (momentum, Nesterov) or "adamw"
     lr: float = 0.05
@@ -117,7 +117,10 @@ class StudentConfig:
     float_method: str = "none"
     float_method_options: dict[str, Any] = field(default_factory=dict)
     float_train: TrainConfig = field(default_factory=TrainConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=0.01, warmup_epochs=0.0))
+    # QAT fine-tunes the trained float student: a few epochs at a low rate
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(epochs=5, lr=0.01, warmup_epochs=0.0)
+    )
     # after QAT, recompute the final student's BatchNorm statistics on one more (augmented)
     # epoch of training images; data-free students, which never see them, skip it (ptq has its
     # own method option, on by default)
@@ -271,6 +274,14 @@ def _parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_YamlLoader)
 
 
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line: the problem and where."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    mark = getattr(error, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"{problem}{where}"
+
+
 def _check_all(checks: list[tuple[bool, str]]) -> None:
     """Raise the message of the first failed check (``from_dict`` puts the section's key in
     front of it): a setting no run can use fails where the config is built, before any
@@ -320,10 +331,9 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
         try:
             value = _parse_yaml(text)
         except yaml.YAMLError as error:
-            problem = str(error).splitlines()[0]
             raise UserError(
-                f"override {item!r}: the value is not valid YAML ({problem}); quote a string "
-                "value, e.g. --set 'data.spec=\"folder:my dir\"'"
+                f"override {item!r}: the value is not valid YAML ({_yaml_problem(error)}); "
+                "quote a string value, e.g. --set 'data.spec=\"folder:my dir\"'"
             ) from None
         _set_dotted(values, key.strip(), value)
     merged = _merge(to_dict(Config()), values)
@@ -342,7 +352,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         values = _parse_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as error:
-        raise UserError(f"config file {path} is not valid YAML: {error}") from error
+        raise UserError(f"config file {path} is not valid YAML: {_yaml_problem(error)}") from None
     except UnicodeDecodeError:
         raise UserError(f"config file {path} is not UTF-8 text; save it as UTF-8 YAML") from None
     except OSError as error:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
-import pickle
 import sys
 import time
 from collections.abc import Iterable
@@ -38,6 +37,7 @@ from qkd_deploy.quant.precision import PrecisionOptions, quantize, split_layer_b
 from qkd_deploy.rundir import RunDir, library_versions, machine_description
 from qkd_deploy.runtime.base import run_in_batches
 from qkd_deploy.runtime.onnxruntime import OnnxRuntimeRunner, fused_kernel_inexactness
+from qkd_deploy.torch_files import load_weights_only, why
 from qkd_deploy.train import distributed
 from qkd_deploy.train.batchnorm import reestimate_batchnorm
 from qkd_deploy.train.device import resolve_device
@@ -96,22 +96,13 @@ def save_state(model: nn.Module, path: Path) -> None:
 def load_state(model: nn.Module, path: Path) -> nn.Module:
     """``model`` with the weights a finished stage saved in ``path``; a damaged or foreign file
     is one clear error (its stage trains again once the file is deleted)."""
-    fix = f"delete {path} to train that stage again (--resume {path.parent.parent})"
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as error:
-        raise UserError(f"{path} cannot be read ({_first_line(error)}); {fix}") from None
+    fix = f"delete it to train that stage again (--resume {path.parent.parent})"
+    state = load_weights_only(path, fix)
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as error:
-        raise UserError(
-            f"{path} does not hold this stage's model ({_first_line(error)}); {fix}"
-        ) from None
+        raise UserError(f"{path} does not hold this stage's model ({why(error)}); {fix}") from None
     return model
-
-
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def train_float(

@@ -226,8 +226,9 @@ def check_resume_flags(args: argparse.Namespace) -> None:
         if not _resumable(item):
             raise UserError(
                 f"--resume with --set {item!r}: a resumed run keeps the settings its models were "
-                "trained with; only export.*, bench.* and device can change (the models are then "
-                "exported and measured again). Start a new run for other settings"
+                "trained with; only export.*, bench.* and device can change, and threads and "
+                "student.min_accuracy (the models are then exported and measured again). Start a "
+                "new run for other settings"
             )
 
 
@@ -574,7 +575,8 @@ def export_main(argv: list[str]) -> int:
     for item in args.set:
         if not _resumable(item):
             raise UserError(
-                f"--set {item!r}: export changes only export.*, bench.* and device settings"
+                f"--set {item!r}: export changes only export.*, bench.* and device settings "
+                "(and threads, student.min_accuracy)"
             )
     config = load_config(str(stored))
     missing = [f for f in trained_model_files(config, root) if not f.is_file()]

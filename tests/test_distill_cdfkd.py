@@ -296,6 +296,7 @@ def test_main_command_end_to_end(tmp_path):
         "import sys; sys.exit(main(sys.argv[1:]))"
     )
     args = ["--method", "cdfkd-mfs", "--bits", "4", "--epochs", "1", "--no-progress"]
+    args += ["--allow-low-accuracy"]  # one epoch: the student may end near chance
     args += ["--out", str(out), "--set", "bench.iterations=2", "--set", "bench.batch_sizes=[1]"]
     args += ["--teacher-arch", "resnet8,resnet8"]
     # short: no float reference student; 11 student steps of 256 generated images, 2 generator

@@ -397,7 +397,8 @@ def test_main_command_with_dkel(tmp_path):
     )
     out = tmp_path / "run"
     args = (
-        "--method dkel --bits 4 --epochs 1 --no-progress --set bench.iterations=2 "
+        "--method dkel --bits 4 --epochs 1 --no-progress --allow-low-accuracy "
+        "--set bench.iterations=2 "
         "--set bench.batch_sizes=[1] --teacher-arch resnet8"
     ).split() + ["--out", str(out)]
     # speed only: no float pre-training of the student, bigger batches, fewer calibration images

@@ -143,6 +143,7 @@ def test_main_command_end_to_end(tmp_path):
         "import sys; sys.exit(main(sys.argv[1:]))"
     )
     args = ["--method", "speq", "--bits", "4", "--epochs", "1", "--no-progress", "--out", str(out)]
+    args += ["--allow-low-accuracy"]  # one epoch: the student may end near chance
     args += ["--set", "bench.iterations=2", "--set", "bench.batch_sizes=[1]"]
     args += ["--teacher-arch", "resnet8"]
     # short: no float reference student, 11 steps of 128 images

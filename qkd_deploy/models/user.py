@@ -10,13 +10,13 @@ import importlib
 import os
 import sys
 from collections.abc import Mapping
-from pathlib import Path
 from types import ModuleType
 
 import torch
 from torch import nn
 
 from qkd_deploy.errors import UserError
+from qkd_deploy.torch_files import load_weights_only
 
 # Keys under which training scripts commonly nest the state dict, tried in this order.
 NESTED_KEYS = ("state_dict", "model", "model_state")
@@ -110,19 +110,9 @@ def _call_factory(spec: str, factory: object) -> nn.Module:
 
 
 def _read(path: str) -> object:
-    if not Path(path).is_file():
-        raise UserError(f"checkpoint {path} does not exist; check the path")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # corrupt file, or pickled objects weights_only refuses
-        if "Weights only load failed" in str(error):
-            reason = "it holds pickled Python objects, not only tensors (e.g. a whole model)"
-        else:
-            reason = f"{type(error).__name__}: {error}"
-        raise UserError(
-            f"checkpoint {path} cannot be read with torch.load(weights_only=True) ({reason}); "
-            "save it with torch.save(model.state_dict(), path)"
-        ) from error
+    return load_weights_only(
+        path, "save it with torch.save(model.state_dict(), path) and check the path"
+    )
 
 
 def _state_dict(obj: object, path: str) -> dict[str, torch.Tensor]:

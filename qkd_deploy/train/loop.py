@@ -8,7 +8,6 @@ gives the same numbers as an uninterrupted one.
 from __future__ import annotations
 
 import io
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from qkd_deploy.config import TrainConfig
 from qkd_deploy.distill.base import Distiller
 from qkd_deploy.errors import TrainingDiverged, UserError
 from qkd_deploy.fileio import atomic_write_bytes
+from qkd_deploy.torch_files import load_weights_only
 from qkd_deploy.train import distributed
 from qkd_deploy.train.device import CPU
 from qkd_deploy.train.optim import build_optimizer, build_scheduler
@@ -230,13 +230,7 @@ def _write_checkpoint(path: Path, state: dict) -> None:
 
 
 def _read_checkpoint(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as error:
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise UserError(
-            f"checkpoint {path} cannot be read ({first_line}); delete it to train that stage again"
-        ) from error
+    return load_weights_only(path, "delete it to train that stage again")
 
 
 def _restore(job: TrainingJob, optimizer, scheduler, device: torch.device) -> tuple[int, list]:
