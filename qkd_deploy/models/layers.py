@@ -7,9 +7,11 @@ from torch import nn
 
 
 class Add(nn.Module):
-    """Residual addition as a module, so conversion can put quantizers on both of its inputs.
+    """Residual addition as a module, as the zoo's models write it.
 
-    TensorRT fuses Conv + Add in INT8 only when both inputs of the Add are quantized.
+    Quantizer placement treats it exactly as a functional ``a + b`` or ``out += identity``
+    (``quant.placement``); quantized, it becomes a ``QuantAdd`` holding the quantizers of its
+    inputs, so the zoo's quantized checkpoints keep their names (``add.quantizer_b``).
     """
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -96,19 +96,15 @@ class Graph:
     def __init__(self, graph: fx.Graph, modules: dict[str, nn.Module]) -> None:
         self.graph = graph
         self.modules = modules
+        self.values = set()
+        for node in graph.nodes:  # in topological order
+            if _computes_value(node, self.values):
+                self.values.add(node)
         self.kinds = {node: self._kind(node) for node in graph.nodes}
 
     def is_value(self, node: object) -> bool:
         """Whether ``node`` is a tensor computed from the input (not a shape, not a weight)."""
-        if not isinstance(node, fx.Node) or node.op == "get_attr":
-            return False
-        if node.op == "placeholder" or node.op == "call_module":
-            return True
-        if node.op == "call_method" and node.target in _NOT_VALUES:
-            return False
-        if node.op == "call_function" and node.target is getattr:
-            return False
-        return any(self.is_value(n) for n in node_inputs(node))
+        return isinstance(node, fx.Node) and node in self.values
 
     def _kind(self, node: fx.Node) -> str | None:
         module = module_of(node, self.modules)
@@ -160,6 +156,16 @@ class Graph:
             source = node.args[0]
             return self.kinds.get(source) == "conv" and len(source.users) == 1
         return isinstance(module, nn.Conv2d)
+
+
+def _computes_value(node: fx.Node, values: set[fx.Node]) -> bool:
+    if node.op in ("placeholder", "call_module"):
+        return True
+    if node.op not in ("call_function", "call_method"):
+        return False
+    if node.target in _NOT_VALUES or node.target is getattr:
+        return False
+    return any(n in values for n in node_inputs(node))
 
 
 def _module_kind(module: nn.Module) -> str | None:
