@@ -230,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
             }
     checks = targets(results)
     text = markdown(results, checks, args)
-    write_results(args.out, "user_arch_speed", {"results": results}, checks, text)
+    payload = {"date": datetime.date.today().isoformat(), "results": results}
+    write_results(args.out, "user_arch_speed", payload, checks, text)
     return 0
 
 
