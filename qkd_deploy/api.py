@@ -142,10 +142,11 @@ def _check_parity(model: nn.Module, path: Path, sample: torch.Tensor) -> None:
         )
 
 
-def lint(path: str | os.PathLike) -> list[Finding]:
+def lint(path: str | os.PathLike, tensorrt: str | None = None) -> list[Finding]:
     """The linter's findings for a Q/DQ ONNX file (TensorRT's rules, ONNX's checker):
-    ``Finding.severity`` is "error", "warning" or "info"."""
-    return lint_file(str(path))
+    ``Finding.severity`` is "error", "warning" or "info". ``tensorrt="10"`` skips the checks
+    that hold for TensorRT 8.6 only."""
+    return lint_file(str(path), tensorrt)
 
 
 def _inputs(batch: Any) -> torch.Tensor:

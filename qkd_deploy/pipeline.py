@@ -328,6 +328,7 @@ def quantize_options(qcfg: QuantConfig, bits: BitWidths) -> PrecisionOptions:
         widths,
         qcfg.learn_scales,
         qcfg.residual_add_inputs,
+        trace=qcfg.trace,
         float_layers=float_layers,
     )
 

@@ -681,3 +681,16 @@ def test_imports_without_torch() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_model_for_tensorrt_10_skips_the_checks_that_hold_for_8_6_only(tmp_path, capsys):
+    path = tmp_path / "opset18.onnx"
+    onnx.save(clean_model(opset=18), path)
+    assert "OPSET-TRT86" in {f.rule for f in lint_file(str(path))}
+    assert "OPSET-TRT86" in {f.rule for f in lint_file(str(path), "8.6")}
+    assert "OPSET-TRT86" not in {f.rule for f in lint_file(str(path), "10")}
+    assert main([str(path), "--strict"]) == 1
+    assert main([str(path), "--strict", "--tensorrt", "10"]) == 0
+    capsys.readouterr()
+    with pytest.raises(UserError, match="TensorRT version '9'"):
+        lint_file(str(path), "9")

@@ -817,3 +817,11 @@ def test_a_full_disk_mid_run_is_one_error_and_the_run_resumes(
     assert (run_dir / "w8a8" / "model.pt").is_file()
     assert main(["--resume", str(run_dir)]) == 0
     assert (run_dir / "w8a8" / "model.onnx").is_file()
+
+
+def test_quant_trace_false_reaches_the_quantizer():
+    """``quant.trace=false`` quantizes layers only (the fallback for an untraceable model)."""
+    cfg = load_config(overrides=["quant.trace=false"])
+    options = quantize_options(cfg.quant, BitWidths(8, 8))
+    assert options.trace is False
+    assert quantize_options(load_config().quant, BitWidths(8, 8)).trace is True

@@ -1246,9 +1246,15 @@ def _findings(rule_id: str, rule: _Rule, g: _Graph) -> list[Finding]:
     ]
 
 
-def lint_file(path: str) -> list[Finding]:
-    """Lint an .onnx file (external weight data is not read). A file over protobuf's 2 GiB
-    limit is refused before it is read: no valid .onnx is that large."""
+# rules that hold for TensorRT 8.6 only: a model meant for TensorRT >= 10 skips them
+TRT86_ONLY_RULES = ("OPSET-TRT86",)
+TENSORRT_VERSIONS = ("8.6", "10")
+
+
+def lint_file(path: str, tensorrt: str | None = None) -> list[Finding]:
+    """Lint an .onnx file (external weight data is not read) for TensorRT ``tensorrt`` ("8.6",
+    "10", or None for both). A file over protobuf's 2 GiB limit is refused before it is read:
+    no valid .onnx is that large."""
     size = Path(path).stat().st_size if Path(path).is_file() else 0
     if size > MAX_ONNX_BYTES:
         raise UserError(
@@ -1256,8 +1262,13 @@ def lint_file(path: str) -> list[Finding]:
             "not a valid model; save a large model with its weights as external data "
             "(onnx.save(model, path, save_as_external_data=True))"
         )
+    if tensorrt not in (None, *TENSORRT_VERSIONS):
+        raise UserError(f"TensorRT version {tensorrt!r}: use one of {', '.join(TENSORRT_VERSIONS)}")
     model = load_onnx_graph(path)
-    return _lint(_Graph(model, Path(path)))
+    findings = _lint(_Graph(model, Path(path)))
+    if tensorrt == "10":
+        findings = [f for f in findings if f.rule not in TRT86_ONLY_RULES]
+    return findings
 
 
 def format_findings(findings: list[Finding]) -> str:
@@ -1278,13 +1289,19 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("model", help="path of the .onnx model")
     parser.add_argument("--json", action="store_true", help="print the findings as JSON")
     parser.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
+    parser.add_argument(
+        "--tensorrt",
+        choices=TENSORRT_VERSIONS,
+        help="the TensorRT the model is for: 10 skips the checks that hold for 8.6 only "
+        "(opset > 17); default: both",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str]) -> int:
     """`qkd-deploy lint`: print the findings; 1 on any error (or warning with --strict), else 0."""
     args = _parse_args(argv)
-    findings = lint_file(args.model)
+    findings = lint_file(args.model, args.tensorrt)
     if args.json:
         counts = {s: sum(f.severity == s for f in findings) for s in SEVERITIES}
         report = {"model": args.model, "counts": counts, "findings": [asdict(f) for f in findings]}
