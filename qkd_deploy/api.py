@@ -26,13 +26,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from qkd_deploy.bits import BitWidths
 from qkd_deploy.calib.calibrate import calibrate
 from qkd_deploy.distill.base import Distiller, build_distiller
 from qkd_deploy.errors import UserError
 from qkd_deploy.export.lint import Finding, lint_file
 from qkd_deploy.export.onnx import MIN_OPSET
 from qkd_deploy.export.onnx import export_onnx as export_deploy_model
-from qkd_deploy.quant.convert import BitWidths
 from qkd_deploy.quant.deploy import to_deploy
 from qkd_deploy.quant.fold import fold_batchnorm
 from qkd_deploy.quant.modules import quantizers

@@ -7,6 +7,7 @@ of the wrong type is one clear error naming the key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -16,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from qkd_deploy.bits import BitWidths
 from qkd_deploy.errors import UserError
 
 
@@ -130,8 +132,6 @@ class StudentConfig:
     min_accuracy: float | None = None
 
     def __post_init__(self) -> None:
-        from qkd_deploy.quant.convert import BitWidths
-
         names = [BitWidths.parse(str(b)).name for b in self.bits]
         repeated = sorted({n for n in names if names.count(n) > 1})
         if self.module:
@@ -169,6 +169,35 @@ class StudentConfig:
         self.bits = names
 
 
+BUDGET_KINDS = {
+    "drop": "accuracy points lost against the float student, at most",
+    "size_kb": "kilobytes of weights, at most",
+    "share": "fraction of the layers kept at higher precision, at most",
+}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """``quant.budget`` parsed: ``drop:POINTS``, ``size_kb:KB`` or ``share:FRACTION``
+    (``quant.budget`` chooses the layers within it)."""
+
+    kind: str
+    value: float
+
+    @classmethod
+    def parse(cls, text: str) -> Budget:
+        kind, _, number = str(text).partition(":")
+        kind = kind.strip().lower()
+        try:
+            value = float(number)
+        except ValueError:
+            value = math.nan
+        if kind not in BUDGET_KINDS or not value >= 0 or (kind == "share" and value > 1):
+            kinds = "; ".join(f"{k}:N ({v})" for k, v in BUDGET_KINDS.items())
+            raise UserError(f"budget {text!r} not understood; write one of {kinds}, e.g. share:0.1")
+        return cls(kind, value)
+
+
 @dataclass
 class QuantConfig:
     target: str = "tensorrt"  # "tensorrt" (signed INT8 Q/DQ) or "onnxruntime" (UINT8 post-ReLU)
@@ -191,8 +220,6 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         if self.budget is not None:
-            from qkd_deploy.quant.budget import Budget
-
             Budget.parse(self.budget)  # a typo fails where the config is built
 
 
@@ -221,6 +248,17 @@ class ExportConfig:
         )
 
 
+def check_latency_settings(batch_sizes: list[int], warmup: int, iterations: int) -> None:
+    """Batch sizes >= 1, warm-up >= 0 and iterations >= 1: anything else measures nothing."""
+    bad = [b for b in batch_sizes if not isinstance(b, int) or b < 1]
+    if not batch_sizes or bad:
+        raise UserError(f"batch_sizes {bad or batch_sizes}: give whole numbers >= 1, e.g. 1,32")
+    if warmup < 0:
+        raise UserError(f"warmup must be >= 0, got {warmup}")
+    if iterations < 1:
+        raise UserError(f"iterations must be >= 1, got {iterations}")
+
+
 @dataclass
 class BenchConfig:
     batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
@@ -229,8 +267,6 @@ class BenchConfig:
     threads: int = 0  # ONNX Runtime intra-op threads, 0 = ONNX Runtime's default
 
     def __post_init__(self) -> None:
-        from qkd_deploy.bench.latency import check_latency_settings
-
         check_latency_settings(self.batch_sizes, self.warmup, self.iterations)
         if self.threads < 0:
             raise UserError(f"threads must be >= 0 (0: ONNX Runtime's default), got {self.threads}")

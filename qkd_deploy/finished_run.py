@@ -8,10 +8,10 @@ from pathlib import Path
 
 from torch import nn
 
+from qkd_deploy.bits import BitWidths
 from qkd_deploy.config import Config, load_config
 from qkd_deploy.data import DatasetSplits, Preprocess
 from qkd_deploy.errors import UserError
-from qkd_deploy.quant.convert import BitWidths
 
 
 @dataclass

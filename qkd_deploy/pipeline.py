@@ -20,6 +20,7 @@ from torch import nn
 
 from qkd_deploy.bench.accuracy import accuracy, parity
 from qkd_deploy.bench.latency import measure_latency
+from qkd_deploy.bits import BitWidths
 from qkd_deploy.calib.calibrate import calibrate
 from qkd_deploy.config import Config, QuantConfig, StudentConfig, TeacherConfig, TrainConfig
 from qkd_deploy.data import BatchLoader, DatasetSplits, Preprocess, stratified_subset
@@ -30,7 +31,7 @@ from qkd_deploy.export.onnx import export_onnx
 from qkd_deploy.fileio import atomic_write_bytes, sha256_file
 from qkd_deploy.models import build_model, load_checkpoint, load_user_model
 from qkd_deploy.models.features import attach_feature_layers
-from qkd_deploy.quant.convert import BitWidths, QuantizeOptions
+from qkd_deploy.quant.convert import QuantizeOptions
 from qkd_deploy.quant.deploy import to_deploy
 from qkd_deploy.quant.fold import fold_batchnorm
 from qkd_deploy.quant.precision import PrecisionOptions, quantize, split_layer_bits

@@ -152,7 +152,7 @@ def _teacher_entries(args: argparse.Namespace) -> list[dict]:
 
 
 def _bit_names(text: str) -> list[str]:
-    from qkd_deploy.quant.convert import BitWidths
+    from qkd_deploy.bits import BitWidths
 
     names = [BitWidths.parse(part).name for part in text.split(",") if part.strip()]
     if not names:
@@ -299,6 +299,7 @@ def _run_stages(config: Config, root: Path) -> dict:
     import torch
 
     from qkd_deploy import pipeline as P
+    from qkd_deploy.bits import BitWidths
     from qkd_deploy.data import (
         load_dataset,
         parse_normalize,
@@ -308,7 +309,6 @@ def _run_stages(config: Config, root: Path) -> dict:
     from qkd_deploy.distill.base import method_class
     from qkd_deploy.export.bundle import remove_stale_bundles
     from qkd_deploy.quant.budget import choose_layer_precision
-    from qkd_deploy.quant.convert import BitWidths
     from qkd_deploy.rundir import RunDir, library_versions, machine_description, write_manifest
     from qkd_deploy.train import distributed
     from qkd_deploy.train.device import describe

@@ -6,19 +6,8 @@ import time
 
 import numpy as np
 
-from qkd_deploy.errors import UserError
+from qkd_deploy.config import check_latency_settings
 from qkd_deploy.runtime.base import Runner
-
-
-def check_latency_settings(batch_sizes: list[int], warmup: int, iterations: int) -> None:
-    """Batch sizes >= 1, warm-up >= 0 and iterations >= 1: anything else measures nothing."""
-    bad = [b for b in batch_sizes if not isinstance(b, int) or b < 1]
-    if not batch_sizes or bad:
-        raise UserError(f"batch_sizes {bad or batch_sizes}: give whole numbers >= 1, e.g. 1,32")
-    if warmup < 0:
-        raise UserError(f"warmup must be >= 0, got {warmup}")
-    if iterations < 1:
-        raise UserError(f"iterations must be >= 1, got {iterations}")
 
 
 def measure_latency(

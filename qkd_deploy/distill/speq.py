@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qkd_deploy.bits import check_bits
 from qkd_deploy.distill.base import Distiller, MethodOptions, register_method
 from qkd_deploy.errors import UserError
-from qkd_deploy.quant.grid import check_bits
 from qkd_deploy.quant.modules import quantizers
 from qkd_deploy.quant.quantizer import LSQQuantizer
 

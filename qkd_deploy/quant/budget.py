@@ -24,38 +24,13 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # the chooser works on torch models; Budget itself is torch-free (config)
+from qkd_deploy.config import Budget
+
+if TYPE_CHECKING:  # the chooser works on torch models
     from torch import nn
 
     from qkd_deploy.pipeline import Context
     from qkd_deploy.quant.sensitivity import Evaluator, MixedPrecisionModel, Sensitivity
-
-KINDS = {
-    "drop": "accuracy points lost against the float student, at most",
-    "size_kb": "kilobytes of weights, at most",
-    "share": "fraction of the layers kept at higher precision, at most",
-}
-
-
-@dataclass(frozen=True)
-class Budget:
-    kind: str
-    value: float
-
-    @classmethod
-    def parse(cls, text: str) -> Budget:
-        from qkd_deploy.errors import UserError
-
-        kind, _, number = str(text).partition(":")
-        kind = kind.strip().lower()
-        try:
-            value = float(number)
-        except ValueError:
-            value = math.nan
-        if kind not in KINDS or not value >= 0 or (kind == "share" and value > 1):
-            kinds = "; ".join(f"{k}:N ({v})" for k, v in KINDS.items())
-            raise UserError(f"budget {text!r} not understood; write one of {kinds}, e.g. share:0.1")
-        return cls(kind, value)
 
 
 @dataclass
@@ -72,7 +47,7 @@ FLOAT_WEIGHT_BITS = {"tensorrt": 16, "onnxruntime": 32}
 
 
 def _max_bits(precision: str) -> int:
-    from qkd_deploy.quant.convert import BitWidths
+    from qkd_deploy.bits import BitWidths
 
     return 32 if precision == "float" else max(vars(BitWidths.parse(precision)).values())
 
@@ -107,7 +82,7 @@ def weight_kb(mixed: MixedPrecisionModel, precisions: dict[str, str], target: st
         if precision == "float":
             bits = FLOAT_WEIGHT_BITS[target]
         elif precision is not None:
-            from qkd_deploy.quant.convert import BitWidths
+            from qkd_deploy.bits import BitWidths
 
             bits = BitWidths.parse(precision).w
         else:

@@ -10,10 +10,11 @@ from dataclasses import dataclass, field
 
 from torch import fx, nn
 
+from qkd_deploy.bits import BitWidths
 from qkd_deploy.errors import UserError
 from qkd_deploy.models.layers import Add
 from qkd_deploy.quant.graph import module_of, trace
-from qkd_deploy.quant.grid import check_bits, check_target
+from qkd_deploy.quant.grid import check_target
 from qkd_deploy.quant.modules import (
     QuantAdd,
     QuantAvgPool,
@@ -30,38 +31,6 @@ from qkd_deploy.quant.placement import (
 )
 from qkd_deploy.quant.quantizer import LSQQuantizer
 from qkd_deploy.quant.rewrite import Edit, rewrite_owners
-
-
-@dataclass(frozen=True)
-class BitWidths:
-    """Weight and activation bit-widths, written ``wXaY`` (e.g. ``w4a8``)."""
-
-    w: int
-    a: int
-
-    def __post_init__(self) -> None:
-        check_bits(self.w, f"w{self.w}a{self.a} weights")
-        check_bits(self.a, f"w{self.w}a{self.a} activations")
-
-    @property
-    def name(self) -> str:
-        return f"w{self.w}a{self.a}"
-
-    @classmethod
-    def parse(cls, text: str) -> BitWidths:
-        """``"4"`` -> w4a4, ``"w4a8"`` -> w4a8."""
-        t = text.strip().lower()
-        try:
-            if t.isdigit():
-                return cls(int(t), int(t))
-            if t.startswith("w") and "a" in t:
-                w, a = t[1:].split("a", 1)
-                return cls(int(w), int(a))
-        except ValueError:
-            pass
-        raise UserError(
-            f"bit-width {text!r} not understood; write a number (4 = w4a4) or wXaY (w4a8)"
-        )
 
 
 @dataclass

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from qkd_deploy.bits import check_bits
+
 TARGETS = ("tensorrt", "onnxruntime")
 
 
@@ -29,13 +31,6 @@ class Grid:
     def fills_container(self) -> bool:
         full = (-128, 127) if self.container == "int8" else (0, 255)
         return (self.qmin + self.zero_point, self.qmax + self.zero_point) == full
-
-
-def check_bits(bits: int, what: str) -> None:
-    from qkd_deploy.errors import UserError
-
-    if not isinstance(bits, int) or not 2 <= bits <= 8:
-        raise UserError(f"{what}: bit-width {bits!r} is not supported; use an integer from 2 to 8")
 
 
 def weight_grid(bits: int) -> Grid:

@@ -12,7 +12,8 @@ import math
 import torch
 from torch import nn
 
-from qkd_deploy.quant.grid import Grid, activation_grid, check_bits, weight_grid
+from qkd_deploy.bits import check_bits
+from qkd_deploy.quant.grid import Grid, activation_grid, weight_grid
 
 
 def _scale_gradient(t: torch.Tensor, factor: float) -> torch.Tensor:

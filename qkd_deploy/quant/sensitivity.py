@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qkd_deploy.bits import BitWidths
 from qkd_deploy.errors import UserError
-from qkd_deploy.quant.convert import BitWidths, QuantizeOptions
+from qkd_deploy.quant.convert import QuantizeOptions
 from qkd_deploy.quant.precision import quantize, replaced_layers
 from qkd_deploy.quant.quantizer import LSQQuantizer
 

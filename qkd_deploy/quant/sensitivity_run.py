@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qkd_deploy.bits import BitWidths
 from qkd_deploy.config import Config
 from qkd_deploy.data import DatasetSplits, Preprocess
 from qkd_deploy.fileio import atomic_write_json, atomic_write_text
-from qkd_deploy.quant.convert import BitWidths
 from qkd_deploy.quant.sensitivity import (
     Evaluator,
     MixedPrecisionModel,
