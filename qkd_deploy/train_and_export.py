@@ -463,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
 
     prefer_passive_waiting()  # before torch loads its OpenMP runtime
     from qkd_deploy.train import distributed
+    from qkd_deploy.train.loop import serve
 
     root = None
     try:
@@ -470,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         with distributed.session() as group:
             if group is not None and not group.leader:
                 _import_like_the_leader()
-                distributed.serve(group)
+                serve(group)
                 return 0
             config, root, new = plan_run(args)
             report = run(config, root, new)

@@ -87,7 +87,7 @@ def lead(out: Path) -> None:
 
 
 def follow(group: distributed.Group, out: Path) -> None:
-    """``distributed.serve``, keeping each trained student for the test to compare."""
+    """``loop.serve``, keeping each trained student for the test to compare."""
     while (job := group.receive_job()) is not None:
         train_job(group, **job)
         trained = job["job"]

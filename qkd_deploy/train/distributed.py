@@ -171,11 +171,3 @@ def _shut_down(group: Group) -> None:
     dist.destroy_process_group()
     group.control = None
     gc.collect()
-
-
-def serve(group: Group) -> None:
-    """Processes 1..N-1: train every job process 0 sends, until it says stop."""
-    from qkd_deploy.train.loop import train_job
-
-    while (job := group.receive_job()) is not None:
-        train_job(group, **job)

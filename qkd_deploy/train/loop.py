@@ -94,6 +94,12 @@ def train_job(group: distributed.Group, job: TrainingJob, device_type: str, rng:
     _train(job, write=False, progress=False, device=device, group=group)
 
 
+def serve(group: distributed.Group) -> None:
+    """Processes 1..N-1: train every job process 0 sends, until it says stop."""
+    while (job := group.receive_job()) is not None:
+        train_job(group, **job)
+
+
 def _train(
     job: TrainingJob,
     *,
