@@ -32,11 +32,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bundle": ("qkd_deploy.export.bundle:main_bundle", "pack one student for the device"),
     "verify": ("qkd_deploy.export.bundle:main_verify", "check a deploy bundle on the device"),
     "sensitivity": (
-        "qkd_deploy.quant.sensitivity_run:main",
+        "qkd_deploy.sensitivity_run:main",
         "per-layer quantization sensitivity of a run's float student (no training)",
     ),
     "diff": (
-        "qkd_deploy.bench.diff:main",
+        "qkd_deploy.diff_command:main",
         "run an ONNX model as written and on fused kernels; name the first tensor that differs",
     ),
     "build-engine": (

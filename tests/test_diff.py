@@ -7,12 +7,13 @@ import torch
 from onnx import numpy_helper
 from toy import ToyResNet, randomize_batchnorm
 
+from qkd_deploy import diff_command
 from qkd_deploy.bench import diff
 from qkd_deploy.calib.calibrate import calibrate
+from qkd_deploy.diff_reference import levels_of
 from qkd_deploy.export.onnx import export_onnx
 from qkd_deploy.quant.convert import BitWidths, QuantizeOptions, quantize_model
 from qkd_deploy.quant.deploy import to_deploy
-from qkd_deploy.quant.diff_reference import levels_of
 
 
 def _export(tmp_path, target="tensorrt"):
@@ -53,7 +54,7 @@ def test_a_planted_scale_change_is_named_at_its_node(tmp_path):
 
 def test_fused_kernels_are_compared_at_every_quantized_tensor(tmp_path, capsys):
     _, _, path = _export(tmp_path, target="onnxruntime")
-    code = diff.main([str(path), "--json", "--count", "16"])
+    code = diff_command.main([str(path), "--json", "--count", "16"])
     out = capsys.readouterr().out
     import json
 

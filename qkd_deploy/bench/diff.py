@@ -1,4 +1,4 @@
-"""`qkd-deploy diff MODEL.onnx`: where two executions of a Q/DQ model part ways.
+"""Where two executions of a Q/DQ model part ways (the comparison of ``qkd-deploy diff``).
 
 The same images go through the ONNX graph as written (ONNX Runtime with its graph rewrites off)
 and through ONNX Runtime's fused integer kernels; with ``--run RUN_DIR`` also through that run's
@@ -10,16 +10,13 @@ fusing DQ -> Conv -> Q into QLinearConv, so the "fused" run would not be). The f
 where more than ``share`` of the elements differ by more than ``steps`` levels is named, with its
 Q node and the op that feeds it.
 
-Torch-free unless ``--run`` is given (then torch is imported to rebuild the student), so it also
-runs on the device from a bundle's ONNX file. TensorRT engines are not compared.
+Torch-free, so the command also runs on the device from a bundle's ONNX file; the torch side
+(``--run``) is ``qkd_deploy.diff_reference``. TensorRT engines are not compared.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -169,69 +166,3 @@ def describe(title: str, rows: list[Difference], share: float, steps: int) -> st
         f"{100 * first.share_off:.2f} % of levels more than {steps} apart, up to "
         f"{first.max_steps} levels ({first.max_abs:.4g} in real units)"
     )
-
-
-def _images(args: argparse.Namespace, model: onnx.ModelProto) -> np.ndarray:
-    if args.images:
-        with np.load(args.images) as data:
-            if "images" not in data:
-                raise UserError(f"{args.images} holds no 'images' array")
-            return np.asarray(data["images"], dtype=np.float32)[: args.count]
-    dims = model.graph.input[0].type.tensor_type.shape.dim[1:]
-    shape = [d.dim_value for d in dims]
-    if not all(shape):
-        raise UserError("the model's input has symbolic non-batch dims; give --images FILE.npz")
-    return np.random.default_rng(0).standard_normal((args.count, *shape)).astype(np.float32)
-
-
-def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="qkd-deploy diff",
-        description="Run a Q/DQ ONNX model as written and on ONNX Runtime's fused kernels "
-        "(and a run's fake-quant torch student with --run); name the first quantized tensor "
-        "where they part ways.",
-    )
-    p.add_argument("model", help="the .onnx file")
-    p.add_argument("--run", help="run directory: compare its fake-quant torch student too")
-    p.add_argument("--student", help="with --run: the student (w4a4, ...); default the model's")
-    p.add_argument(
-        "--images",
-        help=".npz with preprocessed 'images' (default: the run's test "
-        "images with --run, else seeded standard-normal inputs)",
-    )
-    p.add_argument("--count", type=int, default=64, help="images to run (default 64)")
-    p.add_argument("--steps", type=int, default=STEPS, help="levels of rounding tolerated")
-    p.add_argument("--share", type=float, default=SHARE, help="share of elements tolerated off")
-    p.add_argument("--json", action="store_true", help="print the comparison as JSON")
-    args = p.parse_args(argv)
-    model = load(args.model)
-    points = checkpoints(model)
-    student = None
-    if args.run:
-        from qkd_deploy.quant.diff_reference import run_student
-
-        student, images = run_student(args.run, args.student, args.model, args.count)
-        images = _images(args, model) if args.images else images
-    else:
-        images = _images(args, model)
-    names = [p.tensor for p in points]
-    written = run_onnxruntime(model, images, names, fused=False)
-    fused = run_onnxruntime(model, images, names, fused=True)
-    comparisons = {"fused ORT kernels vs graph as written": (written, fused)}
-    if student is not None:
-        comparisons["graph as written vs torch fake-quant"] = (student(images, points), written)
-    report = {}
-    for title, (a, b) in comparisons.items():
-        rows = compare(levels(a, points), levels(b, points), points, args.steps)
-        report[title] = rows
-        if not args.json:
-            print(describe(title, rows, args.share, args.steps))
-    if args.json:
-        out = {t: [asdict(r) for r in rows] for t, rows in report.items()}
-        print(json.dumps(out, indent=2))
-    diverged = any(first_divergence(rows, args.share) for rows in report.values())
-    return 1 if diverged else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

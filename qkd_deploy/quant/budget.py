@@ -18,18 +18,15 @@ float model's outputs (finer than accuracy on a few hundred images).
 
 from __future__ import annotations
 
-import json
 import math
-import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from qkd_deploy.bits import BitWidths
 from qkd_deploy.config import Budget
+from qkd_deploy.errors import UserError
 
 if TYPE_CHECKING:  # the chooser works on torch models
-    from torch import nn
-
-    from qkd_deploy.pipeline import Context
     from qkd_deploy.quant.sensitivity import Evaluator, MixedPrecisionModel, Sensitivity
 
 
@@ -47,8 +44,6 @@ FLOAT_WEIGHT_BITS = {"tensorrt": 16, "onnxruntime": 32}
 
 
 def _max_bits(precision: str) -> int:
-    from qkd_deploy.bits import BitWidths
-
     return 32 if precision == "float" else max(vars(BitWidths.parse(precision)).values())
 
 
@@ -82,8 +77,6 @@ def weight_kb(mixed: MixedPrecisionModel, precisions: dict[str, str], target: st
         if precision == "float":
             bits = FLOAT_WEIGHT_BITS[target]
         elif precision is not None:
-            from qkd_deploy.bits import BitWidths
-
             bits = BitWidths.parse(precision).w
         else:
             bits = weights[0].bits
@@ -150,8 +143,6 @@ def _within_size(
     kb: float, options: dict[str, dict[str, float]], mixed: MixedPrecisionModel, target: str
 ) -> dict[str, str]:
     """Raise layers by gain per extra byte while the weights fit in ``kb``."""
-    from qkd_deploy.errors import UserError
-
     base = weight_kb(mixed, {}, target)
     if base > kb + 1e-9:
         raise UserError(
@@ -169,52 +160,3 @@ def _within_size(
         if layer not in chosen and weight_kb(mixed, {**chosen, layer: precision}, target) <= kb:
             chosen[layer] = precision
     return chosen
-
-
-def choose_layer_precision(ctx: Context, float_student: nn.Module) -> None:
-    """The pipeline's step before QAT: with ``quant.budget`` set, measure the float student's
-    sensitivity at the run's lowest bit-width, choose within the budget and put the choice in
-    front of ``quant.layer_bits``, in the run's ``config.yaml`` too. ``budget.json`` records the
-    choice: a resumed run takes it from there and measures nothing again."""
-    import time
-
-    from qkd_deploy.config import save_config
-    from qkd_deploy.distill.base import method_class
-    from qkd_deploy.errors import UserError
-    from qkd_deploy.fileio import atomic_write_json
-    from qkd_deploy.finished_run import FinishedRun
-    from qkd_deploy.quant.sensitivity_run import measure_for_run, write_tables
-
-    config = ctx.config
-    if config.quant.budget is None:
-        return
-    if not config.student.float_reference or method_class(config.student.method).data_free:
-        raise UserError(
-            "quant.budget measures the trained float student on training images: it needs "
-            "student.float_reference=true and a method that sees the data"
-        )
-    record_path = ctx.run.root / "budget.json"
-    record = json.loads(record_path.read_text()) if record_path.is_file() else None
-    if record is None or record.get("budget") != config.quant.budget:
-        start = time.perf_counter()
-        run = FinishedRun(ctx.run.root, config, ctx.data, ctx.preprocess)
-        bits = run.student_bits(None)
-        table, mixed, evaluator = measure_for_run(
-            config, ctx.data, ctx.preprocess, float_student, bits
-        )
-        write_tables(ctx.run.root, table, time.perf_counter() - start)
-        budget = Budget.parse(config.quant.budget)
-        choice = choose(budget, table, mixed, evaluator, config.quant.target)
-        record = {"budget": config.quant.budget, "bits": bits.name, **choice.to_dict()}
-        atomic_write_json(record_path, record)
-        if not choice.met:
-            print(
-                f"warning: quant.budget {config.quant.budget}: even with every candidate layer "
-                "raised the calibrated model misses it (QAT may still recover)",
-                file=sys.stderr,
-            )
-    chosen = record["layer_bits"]
-    merged = {**chosen, **{p: v for p, v in config.quant.layer_bits.items() if p not in chosen}}
-    if merged != config.quant.layer_bits:
-        config.quant.layer_bits = merged
-        save_config(config, ctx.run.config)
