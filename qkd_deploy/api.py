@@ -28,9 +28,9 @@ from torch import nn
 
 from qkd_deploy.bits import BitWidths
 from qkd_deploy.calib.calibrate import calibrate
+from qkd_deploy.deploy.lint import Finding, lint_file
 from qkd_deploy.distill.base import Distiller, build_distiller
 from qkd_deploy.errors import UserError
-from qkd_deploy.export.lint import Finding, lint_file
 from qkd_deploy.export.onnx import MIN_OPSET
 from qkd_deploy.export.onnx import export_onnx as export_deploy_model
 from qkd_deploy.quant.deploy import to_deploy

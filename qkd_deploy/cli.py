@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "qkd_deploy.train_and_export:export_main",
         "export a finished run's models again (e.g. --opset 17) and measure them; never trains",
     ),
-    "lint": ("qkd_deploy.export.lint:main", "check a Q/DQ ONNX model against TensorRT's rules"),
+    "lint": ("qkd_deploy.deploy.lint:main", "check a Q/DQ ONNX model against TensorRT's rules"),
     "bench": ("qkd_deploy.bench.commands:bench_main", "ONNX Runtime latency of an ONNX model"),
     "report": ("qkd_deploy.bench.commands:report_main", "re-render and print a run's report"),
     "compare": (
@@ -29,8 +29,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "compare two runs; exit 1 on an accuracy or latency regression",
     ),
     "methods": ("qkd_deploy.distill.catalog:main", "list the distillation methods and options"),
-    "bundle": ("qkd_deploy.export.bundle:main_bundle", "pack one student for the device"),
-    "verify": ("qkd_deploy.export.bundle:main_verify", "check a deploy bundle on the device"),
+    "bundle": ("qkd_deploy.deploy.bundle:main_bundle", "pack one student for the device"),
+    "verify": ("qkd_deploy.deploy.bundle:main_verify", "check a deploy bundle on the device"),
     "sensitivity": (
         "qkd_deploy.sensitivity_run:main",
         "per-layer quantization sensitivity of a run's float student (no training)",
@@ -40,7 +40,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "run an ONNX model as written and on fused kernels; name the first tensor that differs",
     ),
     "build-engine": (
-        "qkd_deploy.export.tensorrt:main",
+        "qkd_deploy.deploy.engine:main",
         "build a TensorRT engine (+ sidecar, trtexec line) from ONNX",
     ),
 }

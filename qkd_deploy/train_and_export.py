@@ -306,8 +306,8 @@ def _run_stages(config: Config, root: Path) -> dict:
         split_statistics,
         stratified_subset,
     )
+    from qkd_deploy.deploy.bundle import remove_stale_bundles
     from qkd_deploy.distill.base import method_class
-    from qkd_deploy.export.bundle import remove_stale_bundles
     from qkd_deploy.precision_budget import choose_layer_precision
     from qkd_deploy.rundir import RunDir, library_versions, machine_description, write_manifest
     from qkd_deploy.train import distributed

@@ -26,8 +26,8 @@ from pathlib import Path
 import onnx
 from onnx import AttributeProto
 
+from qkd_deploy.deploy.lint import INTERNAL_RULE, format_findings, lint_file
 from qkd_deploy.errors import UserError
-from qkd_deploy.export.lint import INTERNAL_RULE, format_findings, lint_file
 
 OPS = ["Conv", "Relu", "Add", "Gemm", "MatMul", "QuantizeLinear", "DequantizeLinear", "Flatten"]
 OPS += ["GlobalAveragePool", "Reshape", "Transpose", "Identity", "Constant", "NoSuchOp"]

@@ -11,8 +11,8 @@ from trained_toy import trained_toy
 
 from qkd_deploy.calib.calibrate import calibrate
 from qkd_deploy.config import load_config
+from qkd_deploy.deploy.lint import lint_file
 from qkd_deploy.errors import UserError
-from qkd_deploy.export.lint import lint_file
 from qkd_deploy.export.onnx import export_onnx
 from qkd_deploy.quant.budget import Budget, candidates, choose, weight_kb
 from qkd_deploy.quant.convert import BitWidths

@@ -15,8 +15,7 @@ import pytest
 from bundle_run import STUDENT, tiny_run
 
 from qkd_deploy.data.preprocess import Preprocess
-from qkd_deploy.errors import UserError
-from qkd_deploy.export.bundle import (
+from qkd_deploy.deploy.bundle import (
     CONTENTS,
     MANIFEST,
     TENSORRT_MIN_AGREEMENT,
@@ -27,6 +26,7 @@ from qkd_deploy.export.bundle import (
     select_student,
     verify_bundle,
 )
+from qkd_deploy.errors import UserError
 from qkd_deploy.fileio import sha256_file
 from qkd_deploy.runtime.engine_info import write_sidecar
 from qkd_deploy.runtime.onnxruntime import OnnxRuntimeRunner
@@ -344,7 +344,7 @@ def test_an_existing_out_is_refused_and_left_untouched_an_empty_one_is_used(
 TORCH_FREE = """
 import sys
 sys.modules["torch"] = None  # any import of torch now fails
-from qkd_deploy.export.bundle import main_bundle, main_verify
+from qkd_deploy.deploy.bundle import main_bundle, main_verify
 assert main_bundle([sys.argv[1], "--out", sys.argv[2]]) == 0
 assert main_verify([sys.argv[2]]) == 0
 assert main_verify([sys.argv[2] + ".tar.gz", "--json"]) == 0
@@ -412,7 +412,7 @@ ENGINE_SKIP_REASON = _engine_skip_reason()
 
 @pytest.mark.skipif(ENGINE_SKIP_REASON is not None, reason=str(ENGINE_SKIP_REASON))
 def test_verify_with_a_tensorrt_engine_built_on_this_device(copy, capsys):
-    from qkd_deploy.export.tensorrt import EngineBuildOptions, build_engine
+    from qkd_deploy.deploy.engine import EngineBuildOptions, build_engine
 
     engine = copy / "model.int8.engine"
     build_engine(copy / "model.onnx", engine, EngineBuildOptions(precision="int8"))

@@ -11,8 +11,7 @@ import pytest
 from bundle_run import tiny_run
 
 from qkd_deploy.cli import main
-from qkd_deploy.errors import UserError
-from qkd_deploy.export.bundle import (
+from qkd_deploy.deploy.bundle import (
     CONTENTS,
     MANIFEST,
     SIGNATURE,
@@ -20,6 +19,7 @@ from qkd_deploy.export.bundle import (
     read_sign_key,
     verify_bundle,
 )
+from qkd_deploy.errors import UserError
 from qkd_deploy.fileio import sha256_file
 
 

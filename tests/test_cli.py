@@ -35,7 +35,7 @@ sys.modules["torch"] = None  # any import of torch now fails
 import qkd_deploy.cli, qkd_deploy.runtime.onnxruntime, qkd_deploy.bench.latency
 import qkd_deploy.bench.report, qkd_deploy.bench.accuracy, qkd_deploy.bench.commands
 import qkd_deploy.bench.compare, qkd_deploy.bench.plots
-import qkd_deploy.export.lint, qkd_deploy.data.preprocess, qkd_deploy.rundir
+import qkd_deploy.deploy.lint, qkd_deploy.data.preprocess, qkd_deploy.rundir
 sys.exit(qkd_deploy.cli.main(["bench", sys.argv[1], "--batch-sizes", "1,3", "--iterations", "2",
                               "--json"]))
 """

@@ -16,11 +16,11 @@ import pytest
 from bundle_run import tiny_run
 from onnx import TensorProto, helper
 
-import qkd_deploy.export.bundle as bundle_module
+import qkd_deploy.deploy.bundle as bundle_module
 from qkd_deploy.bench.report import BUNDLED, RENDERED, load_report
 from qkd_deploy.cli import main
+from qkd_deploy.deploy.bundle import MANIFEST, extract_bundle, make_bundle, verify_bundle
 from qkd_deploy.errors import UserError
-from qkd_deploy.export.bundle import MANIFEST, extract_bundle, make_bundle, verify_bundle
 from qkd_deploy.fileio import sha256_file
 
 
@@ -233,7 +233,7 @@ def test_a_sample_larger_than_any_sample_is_refused(folder, monkeypatch, capsys)
 
 
 def test_a_foreign_folder_beside_a_run_is_not_taken_for_a_stale_bundle(run_dir, tmp_path):
-    from qkd_deploy.export.bundle import remove_stale_bundles
+    from qkd_deploy.deploy.bundle import remove_stale_bundles
 
     run = shutil.copytree(run_dir, tmp_path / "run")
     foreign = run / "bundle_mine"

@@ -232,7 +232,7 @@ def test_int8_file_is_small_and_carries_no_debug_info(tmp_path):
 
 @pytest.mark.parametrize("arch", ["resnet8", "mobilenetv2"])
 def test_tensorrt_export_passes_the_linter_with_conv_add_fusion(tmp_path, arch):
-    from qkd_deploy.export.lint import lint_model
+    from qkd_deploy.deploy.lint import lint_model
     from qkd_deploy.models import build_model
 
     torch.manual_seed(0)

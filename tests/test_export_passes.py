@@ -6,8 +6,8 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from qkd_deploy.calib.calibrate import calibrate
+from qkd_deploy.deploy.lint import lint_model
 from qkd_deploy.errors import UserError
-from qkd_deploy.export.lint import lint_model
 from qkd_deploy.export.onnx import export_onnx
 from qkd_deploy.export.passes import pack_int4_weights, to_opset17
 from qkd_deploy.models import build_model

@@ -13,8 +13,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from qkd_deploy.deploy.lint import RULES, Finding, format_findings, lint_file, lint_model, main
 from qkd_deploy.errors import UserError
-from qkd_deploy.export.lint import RULES, Finding, format_findings, lint_file, lint_model, main
 
 RNG = np.random.default_rng(0)
 Q, DQ = "QuantizeLinear", "DequantizeLinear"
@@ -675,7 +675,7 @@ def test_unreadable_files_are_user_errors(tmp_path) -> None:
 def test_imports_without_torch() -> None:
     code = (
         "import sys; sys.modules['torch'] = None\n"
-        "import qkd_deploy.export.lint as lint\n"
+        "import qkd_deploy.deploy.lint as lint\n"
         "assert 'torch' not in [m.split('.')[0] for m, v in sys.modules.items() if v]\n"
         "print(len(lint.RULES))"
     )

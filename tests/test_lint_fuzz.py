@@ -7,8 +7,8 @@ import os
 import pytest
 from lint_mutants import outcome, seed_models, write_mutants
 
+from qkd_deploy.deploy.lint import MAX_ONNX_BYTES, lint_file
 from qkd_deploy.errors import UserError
-from qkd_deploy.export.lint import MAX_ONNX_BYTES, lint_file
 
 MUTANTS = 300
 

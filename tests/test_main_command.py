@@ -17,9 +17,9 @@ import torch
 from qkd_deploy import cli
 from qkd_deploy.config import load_config, save_config
 from qkd_deploy.data import BatchLoader, Preprocess, load_dataset, stratified_subset
+from qkd_deploy.deploy.bundle import make_bundle
 from qkd_deploy.distill.logit import KDDecayOptions
 from qkd_deploy.errors import UserError
-from qkd_deploy.export.bundle import make_bundle
 from qkd_deploy.fileio import sha256_file
 from qkd_deploy.models.registry import build_model
 from qkd_deploy.pipeline import quantize_options

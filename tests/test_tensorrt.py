@@ -14,8 +14,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from qkd_deploy.errors import UserError
-from qkd_deploy.export.tensorrt import (
+from qkd_deploy.deploy.engine import (
     EngineBuildOptions,
     build_engine,
     main,
@@ -24,6 +23,7 @@ from qkd_deploy.export.tensorrt import (
     trtexec_command,
     trtexec_path,
 )
+from qkd_deploy.errors import UserError
 from qkd_deploy.runtime.engine_info import (
     check_compatible,
     read_sidecar,
@@ -426,7 +426,7 @@ def test_device_memory_without_cuda_python_or_torch_names_both(monkeypatch):
 TORCH_FREE = """
 import sys
 sys.modules["torch"] = None  # any import of torch now fails
-import qkd_deploy.export.tensorrt, qkd_deploy.runtime.tensorrt, qkd_deploy.runtime.engine_info
+import qkd_deploy.deploy.engine, qkd_deploy.runtime.tensorrt, qkd_deploy.runtime.engine_info
 assert not [m for m, v in sys.modules.items() if v is not None and m.split(".")[0] == "torch"]
 assert "tensorrt" not in sys.modules  # imported only when an engine is built or run
 """

@@ -16,8 +16,8 @@ from torchvision_style import BLOCK_NETS, BasicBlock, basic_block_net
 
 from qkd_deploy.bench.accuracy import parity
 from qkd_deploy.calib.calibrate import calibrate
+from qkd_deploy.deploy import lint
 from qkd_deploy.errors import UserError
-from qkd_deploy.export import lint
 from qkd_deploy.export.onnx import export_onnx
 from qkd_deploy.quant.convert import BitWidths, QuantizeOptions, quantize_model
 from qkd_deploy.quant.deploy import to_deploy

@@ -1,1 +1,1 @@
-"""Export: torch -> Q/DQ ONNX, graph passes, TensorRT lint and engines, deploy bundles."""
+"""Export: torch -> Q/DQ ONNX and the graph passes on the exported model."""

@@ -6,7 +6,7 @@ layer keeps the same integers (negated where ``g < 0``, which the symmetric weig
 and only its step size changes.
 
 The folded bias stays float for the ``tensorrt`` target: TensorRT adds a Conv's bias in float
-(a Q/DQ graph for TensorRT has no INT32 bias; ``export.lint`` refuses one), so the folded model
+(a Q/DQ graph for TensorRT has no INT32 bias; ``deploy.lint`` refuses one), so the folded model
 computes what the trained one computes. For the ``onnxruntime`` target the bias is put on the
 INT32 accumulator grid (input step x weight step) its QLinearConv and QGemm add it on. Either
 way the folded fake-quant model is the deployed arithmetic. At 2 bits that grid is coarse:

@@ -47,14 +47,14 @@ import onnx
 from qkd_deploy.bench.accuracy import accuracy, parity
 from qkd_deploy.bench.report import BUNDLED, load_report
 from qkd_deploy.data.preprocess import Preprocess
-from qkd_deploy.errors import UserError
-from qkd_deploy.export.tensorrt import (
+from qkd_deploy.deploy.engine import (
     TRT8_MAX_OPSET,
     EngineBuildOptions,
     ModelInput,
     read_model_input,
     trtexec_command,
 )
+from qkd_deploy.errors import UserError
 from qkd_deploy.fileio import (
     atomic_write,
     atomic_write_bytes,
