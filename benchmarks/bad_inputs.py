@@ -90,8 +90,9 @@ def make_files(root: Path) -> dict[str, Path]:
     one_class.mkdir(parents=True)
     f["one-class"] = root / "one-class"
     bundle = root / "bundle"
-    subprocess.run([*CLI, "bundle", str(f["run"]), "--out", str(bundle)], check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [*CLI, "bundle", str(f["run"]), "--out", str(bundle)], check=True, stdout=subprocess.DEVNULL
+    )
     f["bundle"] = bundle
     f["bundle-damaged"] = _damaged_bundle(bundle, root / "bundle-damaged")
     f["bundle-truncated.tar.gz"] = root / "bundle-truncated.tar.gz"
@@ -145,27 +146,50 @@ def cases(f: dict[str, Path], root: Path) -> list[Case]:
         *(
             main(*a)
             for a in [
-                ["--bits", ","], ["--bits", "8,w8a8"], ["--bits", "w1a8"], ["--bits", "abc"],
-                ["--set", "seed=["], ["--set", 'seed=!!python/object/apply:os.system ["true"]'],
-                ["--set", "seed=abc"], ["--set", "nosuch=1"], ["--set", "student.train.lr=-1"],
-                ["--set", "student.train.epochs=0"], ["--set", "data.calibration_size=0"],
-                ["--set", "export.opset=5"], ["--set", "export.opset=99"],
-                ["--set", "export.min_agreement=2"], ["--set", "bench.batch_sizes=[0]"],
-                ["--set", "bench.iterations=0"], ["--set", "quant.target=gpu"],
-                ["--set", "quant.layer_bits={nosuch: w4a4}"], ["--method", "nosuch"],
+                ["--bits", ","],
+                ["--bits", "8,w8a8"],
+                ["--bits", "w1a8"],
+                ["--bits", "abc"],
+                ["--set", "seed=["],
+                ["--set", 'seed=!!python/object/apply:os.system ["true"]'],
+                ["--set", "seed=abc"],
+                ["--set", "nosuch=1"],
+                ["--set", "student.train.lr=-1"],
+                ["--set", "student.train.epochs=0"],
+                ["--set", "data.calibration_size=0"],
+                ["--set", "export.opset=5"],
+                ["--set", "export.opset=99"],
+                ["--set", "export.min_agreement=2"],
+                ["--set", "bench.batch_sizes=[0]"],
+                ["--set", "bench.iterations=0"],
+                ["--set", "quant.target=gpu"],
+                ["--set", "quant.layer_bits={nosuch: w4a4}"],
+                ["--method", "nosuch"],
                 ["--method", "feed", "--set", "student.method_options={nosuch: 1}"],
-                ["--data", "nosuch"], ["--data", "cifar10:/nonexistent"],
-                ["--data", "folder:/nonexistent"], ["--data", f"folder:{f['empty']}"],
-                ["--data", f"folder:{f['one-class']}"], ["--normalize", "abc"],
-                ["--normalize", "0.5,0"], ["--teacher", "nosuchmodule:build"],
-                ["--teacher", "teachers:build"], ["--teacher-checkpoint", "x.pt"],
+                ["--data", "nosuch"],
+                ["--data", "cifar10:/nonexistent"],
+                ["--data", "folder:/nonexistent"],
+                ["--data", f"folder:{f['empty']}"],
+                ["--data", f"folder:{f['one-class']}"],
+                ["--normalize", "abc"],
+                ["--normalize", "0.5,0"],
+                ["--teacher", "nosuchmodule:build"],
+                ["--teacher", "teachers:build"],
+                ["--teacher-checkpoint", "x.pt"],
                 ["--teacher", "teachers:nosuch"],
-                ["--student-arch", "nosuch"], ["--config", "/nonexistent.yaml"],
-                ["--config", str(f["latin1.yaml"])], ["--config", str(f["list.yaml"])],
-                ["--config", str(f["broken.yaml"])], ["--config", str(f["unknown.yaml"])],
-                ["--epochs", "0"], ["--epochs", "abc"], ["--set", "threads=-1"],
-                ["--set", "device=tpu"], ["--set", "student.min_accuracy=3"],
-                ["--target", "nosuch"], ["--set", "student.float_method=ptq"],
+                ["--student-arch", "nosuch"],
+                ["--config", "/nonexistent.yaml"],
+                ["--config", str(f["latin1.yaml"])],
+                ["--config", str(f["list.yaml"])],
+                ["--config", str(f["broken.yaml"])],
+                ["--config", str(f["unknown.yaml"])],
+                ["--epochs", "0"],
+                ["--epochs", "abc"],
+                ["--set", "threads=-1"],
+                ["--set", "device=tpu"],
+                ["--set", "student.min_accuracy=3"],
+                ["--target", "nosuch"],
+                ["--set", "student.float_method=ptq"],
             ]
         ),
         Case("--out FILE", [*MAIN, "--out", str(f["notes.txt"])]),
@@ -225,13 +249,14 @@ def attempt(case: Case, cwd: Path, timeout: float) -> Outcome:
     if left:
         shutil.rmtree(case.new_run)
     lines = [line for line in err.splitlines() if line.strip()]
+    tmp = str(cwd)  # the temporary folder's name means nothing to a reader
     return Outcome(
-        case.name,
+        case.name.replace(tmp, "$TMP"),
         code,
         round(time.perf_counter() - start, 1),
         "Traceback (most recent call last)" in err,
         left,
-        (lines[-1] if lines else "")[:200],
+        (lines[-1] if lines else "").replace(tmp, "$TMP")[:200],
     )
 
 

@@ -120,7 +120,8 @@ def main() -> int:
         "",
         *targets_table(checks),
     ]
-    payload = {"settings": vars(args), "accuracy": rows, "minutes": round(minutes, 1)}
+    settings = {k: v for k, v in vars(args).items() if k not in ("work", "out")}  # no paths
+    payload = {"settings": settings, "accuracy": rows, "minutes": round(minutes, 1)}
     write_results(args.out, "user_student", payload, checks, "\n".join(lines) + "\n")
     return 0
 

@@ -163,3 +163,17 @@ def test_readme_is_short_and_keeps_the_ci_command():
     assert lines[at + 1].startswith("```"), "a fenced block must follow the CI marker"
     command = lines[at + 2]
     assert "pytest" in command and not command.startswith("```"), command
+
+
+def test_every_relative_link_in_the_documentation_resolves():
+    """README, docs/ and the results page link to files that exist (anchors not checked)."""
+    pages = [ROOT / "README.md", ROOT / "benchmarks" / "results" / "README.md"]
+    pages += sorted((ROOT / "docs").rglob("*.md"))
+    broken = [
+        f"{page.relative_to(ROOT)} -> {target}"
+        for page in pages
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text())
+        if not target.startswith(("http://", "https://", "mailto:"))
+        and not (page.parent / target).exists()
+    ]
+    assert not broken, broken
