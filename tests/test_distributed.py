@@ -20,11 +20,11 @@ from qkd_deploy.train.loop import fit
 JOBS = Path(__file__).with_name("distributed_jobs.py")
 
 
-def torchrun(*args: str, processes: int = 2) -> subprocess.CompletedProcess:
+def torchrun(*args: str, processes: int = 2, cwd=None) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     command += [f"--nproc-per-node={processes}", *args]
     return subprocess.run(
-        command, capture_output=True, text=True, timeout=300
+        command, capture_output=True, text=True, timeout=300, cwd=cwd
     )  # a process left waiting in a collective hangs
 
 
@@ -134,6 +134,48 @@ def test_main_command_under_torchrun(tmp_path):
     assert "cpu x 2 processes" in (out / "report.md").read_text()
     (student,) = report["students"]
     assert student["onnx_agreement"] >= 0.99 and student["accuracy_onnx"] > 0.5
+
+
+USER_NET = """
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Net(nn.Module):  # written the ordinary way: an in-place residual add, functional ops
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(x))
+        out += x
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(F.relu(out), 1), 1))
+
+
+def build():
+    return Net()
+"""
+
+
+def test_your_own_student_under_torchrun(tmp_path):
+    """A user student (imported from the working directory by every process) trains on two
+    processes, and its graph-placed quantizers export exactly."""
+    (tmp_path / "mynet.py").write_text(USER_NET)
+    out = tmp_path / "run"
+    main = ["-m", "qkd_deploy.train_and_export", "--no-progress", "--bits", "8", "--epochs", "1"]
+    main += ["--student", "mynet:build", "--teacher-arch", "resnet8", "--allow-low-accuracy"]
+    bench = ["--set", "bench.batch_sizes=[1]", "--set", "bench.iterations=5"]
+    _check(torchrun(*main, *bench, "--out", str(out), cwd=tmp_path))
+    report = json.loads((out / "report.json").read_text())
+    assert report["environment"]["training_processes"] == 2
+    (student,) = report["students"]
+    assert student["name"] == "build_w8a8" and student["onnx_agreement"] >= 0.99
 
 
 @pytest.mark.parametrize(
