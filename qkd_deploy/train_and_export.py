@@ -20,6 +20,7 @@ import numpy as np
 
 from qkd_deploy.config import Config, load_config, save_config, to_dict
 from qkd_deploy.errors import TrainingDiverged, UserError, expected_failure
+from qkd_deploy.rundir import RunDir
 
 # CLI flag -> the config keys it sets (``--epochs`` sets every training stage's epochs)
 FLAG_KEYS = {
@@ -189,7 +190,11 @@ def _claim(root: Path, config: Config) -> None:
             f"run directory {root} is not empty; use --resume {root} to continue it "
             f"or --out to choose a new one"
         )
-    save_config(config, root / "config.yaml")
+    try:
+        save_config(config, root / "config.yaml")
+    except BaseException:  # e.g. a full disk: the directory stays as empty as it was
+        RunDir(root).remove_if_unstarted()
+        raise
 
 
 # every flag that sets the run's settings (what --resume cannot change)
@@ -277,12 +282,10 @@ def run(config: Config, root: Path, new: bool = False) -> dict:
     The lock is taken before anything is checked or written, so a second run never touches a
     directory it does not hold. A new run that stops, for any reason, before a stage wrote a
     file leaves no run directory behind: the same command runs again once the input is fixed."""
-    from qkd_deploy.rundir import RunDir
-
     run_dir = RunDir(root)
     with run_dir.exclusive():
         if new:
-            _claim(root, config)
+            _claim(root, config)  # refuses a directory holding anything: nothing to undo then
         else:  # a resume with --set export.*/bench.* changed the config: the record follows
             stored = root / "config.yaml"
             if stored.is_file() and to_dict(load_config(str(stored))) != to_dict(config):
@@ -309,7 +312,7 @@ def _run_stages(config: Config, root: Path) -> dict:
     from qkd_deploy.deploy.bundle import remove_stale_bundles
     from qkd_deploy.distill.base import method_class
     from qkd_deploy.precision_budget import choose_layer_precision
-    from qkd_deploy.rundir import RunDir, library_versions, machine_description, write_manifest
+    from qkd_deploy.rundir import library_versions, machine_description, write_manifest
     from qkd_deploy.train import distributed
     from qkd_deploy.train.device import describe
     from qkd_deploy.train.threads import set_training_threads

@@ -115,3 +115,15 @@ def test_a_student_near_chance_fails_the_run_unless_allowed():
     assert accuracy_failures(report, 0.0) == []
     assert len(accuracy_failures(report, 0.965)) == 2  # a settable floor
     assert accuracy_failures(report_with({"f": 0.56, "s": 0.56}, num_classes=2), None) == []
+
+
+def test_a_full_disk_as_the_run_starts_leaves_no_directory(tmp_path, monkeypatch, capsys):
+    import qkd_deploy.train_and_export as entry
+
+    def disk_full(config, path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(entry, "save_config", disk_full)
+    out = tmp_path / "run"
+    refused(capsys, ["--out", str(out)], "No space left on device", str(out / "config.yaml"))
+    assert not out.exists()
