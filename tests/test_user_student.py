@@ -50,6 +50,7 @@ NETS_SOURCE = textwrap.dedent("""
         return Net(16)
 """)
 STAGES = "[layer1, layer2]"
+STAGE_SECTIONS = ("teacher_train", "student.float_train", "student.train")
 QUICK = [  # one epoch everywhere, small calibration and latency runs
     *("--epochs 1 --bits 8 --no-progress".split()),
     *("--set data.calibration_size=128 --set bench.batch_sizes=[1]".split()),
@@ -254,3 +255,36 @@ def test_every_feature_method_steps_on_a_user_student(method, overrides, nets):
     logits, terms = distiller.forward_train(images, labels, 0.0)
     assert logits.shape[1] == 10 and all(torch.isfinite(t) for t in terms.values())
     assert distiller.student.feature_layers == ["layer1", "layer2"]  # quantized, names kept
+
+
+def test_your_student_and_weights_on_a_folder_of_images_written_here(nets, tmp_path):
+    """The main command end to end with --student and --student-checkpoint on a small image
+    folder (10 classes of grey PNGs, streamed), as a user with their own data would run it."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 6), ("test", 2)):
+        for label in range(10):
+            folder = tmp_path / "images" / split / f"class{label}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(rng.normal(25 * label, 12, (8, 8)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels, "L").save(folder / f"{i}.png")
+    out = tmp_path / "run"
+    small = [f"--set={stage}.batch_size=16" for stage in STAGE_SECTIONS]
+    args = [*GIVEN, "--teacher-arch", "resnet8", "--method", "none", "--allow-low-accuracy"]
+    args += ["--data", f"folder:{tmp_path / 'images'}", "--set", "data.image_size=8"]
+    args += ["--epochs", "1", "--bits", "8", "--no-progress", "--set", "data.calibration_size=32"]
+    args += ["--set", "bench.batch_sizes=[1]", "--set", "bench.iterations=2", *small]
+    assert main([*args, "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["input_shape"] == [1, 8, 8] and report["num_classes"] == 10
+    (float_row,) = report["float_references"]
+    assert float_row["method"] == "checkpoint"
+    given = torch.load(nets / "student.pt")
+    kept = torch.load(out / "student_float" / "model.pt")
+    assert all(torch.equal(given[k], kept[k]) for k in given)
+    (w8a8,) = report["students"]
+    assert w8a8["onnx_agreement"] >= 0.99 and (out / w8a8["onnx_path"]).is_file()
+
