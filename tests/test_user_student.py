@@ -287,4 +287,3 @@ def test_your_student_and_weights_on_a_folder_of_images_written_here(nets, tmp_p
     assert all(torch.equal(given[k], kept[k]) for k in given)
     (w8a8,) = report["students"]
     assert w8a8["onnx_agreement"] >= 0.99 and (out / w8a8["onnx_path"]).is_file()
-
