@@ -1,7 +1,7 @@
 """Data-reader fuzz: seeded mutants of CIFAR pickles, IDX files and images, each read by the
 reader qkd-deploy uses, counted by outcome.
 
-The mutants come from ``tests/data_mutants.py`` (the fuzz test uses a few hundred per reader
+The mutants come from ``tests/support/data_mutants.py`` (the fuzz test uses a few hundred per reader
 with other seeds): ``batches.meta`` (half mutants of a real one, half random opcode streams of
 at most 64 bytes), a CIFAR data batch (protocol 2), IDX files (plain and gzip) and images in
 seven formats (each put in a small folder that is loaded, its statistics computed and an epoch
@@ -26,12 +26,12 @@ from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests package
 
-import data_mutants as M  # noqa: E402
 from results_io import machine_line, targets_table, write_results  # noqa: E402
 
 from qkd_deploy.data import BatchLoader, Preprocess, load_dataset, read_idx  # noqa: E402
+from tests.support import data_mutants as M  # noqa: E402
 
 RSS_TARGET_MB = 1024
 # address space allowed to this process: a reader that tried to reserve what a corrupt length
@@ -191,9 +191,9 @@ def markdown(corpora: dict, checks: list, args, start_rss: float, peak: float) -
         "",
         f"{machine_line()}; {date.today().isoformat()}; seed {args.seed}.",
         "",
-        "`python benchmarks/data_fuzz.py` (mutants from `tests/data_mutants.py`). An escape is "
-        "any exception other than one `UserError` naming the file, or one reporting a failed "
-        "allocation (8 GiB address-space limit). Peak RSS is the whole "
+        "`python benchmarks/data_fuzz.py` (mutants from `tests/support/data_mutants.py`). "
+        "An escape is any exception other than one `UserError` naming the file, or one "
+        "reporting a failed allocation (8 GiB address-space limit). Peak RSS is the whole "
         f"process's (torch and numpy loaded: {start_rss:.0f} MB before the first input).",
         "",
         "| corpus | inputs | escapes | seconds | slowest input s | peak RSS MB after |",

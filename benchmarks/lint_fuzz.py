@@ -1,15 +1,15 @@
 """Linter fuzz: 1000 seeded mutants of real exported Q/DQ models, linted and judged.
 
-The mutants come from ``tests/lint_mutants.py`` (the fuzz test's 300 use seed 0; this uses seed 1
-by default, so they are other mutants): three freshly initialised, calibrated resnet8 students
-exported as the pipeline does (W8A8 and W4A4 for TensorRT, W8A8 for ONNX Runtime), each edited
-one to three times (types, dims, raw data, attributes, inputs, node order, cycles, op types,
-graph inputs and outputs, opset, flipped or truncated bytes). Counted: crashes (an exception
-other than UserError, or a rule that raised), hangs (over 30 s), and invalid models passed
-(rejected by ONNX's full checker or by ONNX Runtime, yet 0 lint errors). Targets: 0, 0, 0.
+The mutants come from ``tests/support/lint_mutants.py`` (the fuzz test's 300 use seed 0; this
+uses seed 1 by default, so they are other mutants): three freshly initialised, calibrated
+resnet8 students exported as the pipeline does (W8A8 and W4A4 for TensorRT, W8A8 for ONNX
+Runtime), each edited one to three times (types, dims, raw data, attributes, inputs, node order,
+cycles, op types, graph inputs and outputs, opset, flipped or truncated bytes). Counted: crashes
+(an exception other than UserError, or a rule that raised), hangs (over 30 s), and invalid
+models passed (rejected by ONNX's full checker or by ONNX Runtime, yet 0 lint errors). Targets:
+0, 0, 0.
 
-    python benchmarks/lint_fuzz.py [--mutants 1000] [--seed 1] [--out benchmarks/results]
-"""
+python benchmarks/lint_fuzz.py [--mutants 1000] [--seed 1] [--out benchmarks/results]"""
 
 from __future__ import annotations
 
@@ -21,10 +21,11 @@ from collections import Counter
 from datetime import date
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests package
 
-from lint_mutants import Outcome, outcome, seed_models, write_mutants  # noqa: E402
 from results_io import machine_line, targets_table, write_results  # noqa: E402
+
+from tests.support.lint_mutants import Outcome, outcome, seed_models, write_mutants  # noqa: E402
 
 
 def summarize(outcomes: list[Outcome]) -> dict:

@@ -3,7 +3,7 @@ ONNX Runtime CPU speed of the `onnxruntime` export and the TensorRT lint of the 
 
 ResNet-18 and MobileNetV2 exactly as torchvision lays them out (`out += identity`,
 `x + self.conv(x)`, in-place ReLUs, functional pooling, `torch.flatten`; the code is in
-`tests/torchvision_style.py`), freshly initialised (speed does not depend on the weights),
+`tests/support/torchvision_style.py`), freshly initialised (speed does not depend on the weights),
 3x224x224, 1000 classes. For each: the float ONNX, our W8A8 `onnxruntime` export and ONNX
 Runtime's own `quantize_static` of the same float model (QDQ, UINT8 activations, per-channel
 INT8 weights, MinMax on the same random calibration images), timed at batch 8 in interleaved
@@ -33,9 +33,7 @@ from ort_baseline import ort_quantize_static
 from results_io import machine_line, targets_table, write_results
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from torchvision_style import mobilenet_v2, resnet18  # noqa: E402
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests package
 from qkd_deploy.bench.latency import measure_latency  # noqa: E402
 from qkd_deploy.calib.calibrate import calibrate  # noqa: E402
 from qkd_deploy.deploy import lint  # noqa: E402
@@ -43,6 +41,7 @@ from qkd_deploy.export.onnx import INPUT_NAME, export_onnx  # noqa: E402
 from qkd_deploy.quant.convert import BitWidths, QuantizeOptions, quantize_model  # noqa: E402
 from qkd_deploy.quant.deploy import to_deploy  # noqa: E402
 from qkd_deploy.runtime.onnxruntime import OnnxRuntimeRunner  # noqa: E402
+from tests.support.torchvision_style import mobilenet_v2, resnet18  # noqa: E402
 
 NETWORKS = {"ResNet-18": resnet18, "MobileNetV2": mobilenet_v2}
 SHAPE = (3, 224, 224)

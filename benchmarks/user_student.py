@@ -27,14 +27,15 @@ from results_io import machine_line, targets_table, write_results
 from qkd_deploy.train_and_export import main as run_main
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))  # the torchvision-style networks
+sys.path.insert(0, str(HERE.parent))  # the tests package: the torchvision-style networks
 
 
 def fashion_resnet18():
     """torchvision's ResNet-18 layout at a quarter of its width, its stem made for 28x28
     grey images (3x3 conv, no max-pool), as users adapt it to small images."""
     from torch import nn
-    from torchvision_style import resnet18
+
+    from tests.support.torchvision_style import resnet18
 
     net = resnet18(num_classes=10, widths=(16, 32, 64, 128))
     net.conv1 = nn.Conv2d(1, 16, kernel_size=3, stride=1, padding=1, bias=False)

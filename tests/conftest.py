@@ -1,8 +1,4 @@
 import os
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).parent))
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Under ``pytest -n N`` the N workers share the machine's cores: one thread each (and in the
