@@ -11,9 +11,17 @@ A budget (``quant.budget``) is one of
 
 What "higher precision" is depends on the bits: a low-bit (research) model raises layers on the
 2/4/8-bit grid (``w4a4``, ``w8a8``); a W8A8 model leaves them in ``float`` (no Q/DQ), for both
-targets. Linear layers of a ``tensorrt`` W8A8 model under a size budget may also drop to INT4
-weights (``w4a8``) when that saves what the budget needs. Gains are KL reductions against the
-float model's outputs (finer than accuracy on a few hundred images).
+targets. The budgets that count layers (``share``, ``drop``) raise each chosen layer to the
+highest precision on offer; a size budget weighs each precision's gain against its bytes. Linear
+layers of a ``tensorrt`` W8A8 model under a size budget may also drop to INT4 weights (``w4a8``)
+when that saves what the budget needs.
+
+A layer's gain is the damage it does alone that raising it removes: the KL divergence from the
+float model's outputs with only this layer quantized at its own bits, minus the same with only
+this layer at the higher precision (zero for float). It is measured on an intact model: at low
+bits the model with every layer quantized and not yet trained is near chance, where raising any
+one layer changes the outputs by noise, so the damage of each layer within it ranks nothing;
+QAT recovers damage spread over many layers but not what one layer destroys on its own.
 """
 
 from __future__ import annotations
@@ -49,21 +57,26 @@ def _max_bits(precision: str) -> int:
 
 def candidates(table: Sensitivity, mixed: MixedPrecisionModel) -> dict[str, dict[str, float]]:
     """Selectable layer -> {higher precision: gain}: the twins' precisions above the layer's own
-    bits (a low-bit model), else float; gain = the quantized model's KL minus the KL with this
-    layer raised, every other layer quantized."""
+    bits (a low-bit model), else float; gain = the damage the layer does alone at its own bits
+    minus the damage alone at the higher precision (KL against the float model's outputs)."""
     layers = mixed.layers
     options: dict[str, dict[str, float]] = {}
     for row in table.layers:
         if not row.selectable:
             continue
         own = max(q.bits for _, q in layers[row.layer])
-        raised = {p: s for p, s in row.raised.items() if _max_bits(p) > own}
-        if not row.raised:
-            raised = {"float": row.float}
-        if not raised:  # already at the highest precision of the grid
-            continue
-        options[row.layer] = {p: table.quantized.kl - s.kl for p, s in raised.items()}
+        if row.alone_raised:
+            left = {p: s.kl for p, s in row.alone_raised.items() if _max_bits(p) > own}
+        else:
+            left = {"float": 0.0}  # only this layer quantized, it left in float: the float model
+        if left:  # else already at the highest precision of the grid
+            options[row.layer] = {p: row.alone.kl - kl for p, kl in left.items()}
     return options
+
+
+def top_precision(gains: dict[str, float]) -> str:
+    """The highest of a layer's higher precisions."""
+    return max(gains, key=_max_bits)
 
 
 def weight_kb(mixed: MixedPrecisionModel, precisions: dict[str, str], target: str) -> float:
@@ -93,18 +106,17 @@ def choose(
 ) -> Choice:
     """The layers to raise, and to which precision, within ``budget``."""
     options = candidates(table, mixed)
-    best = {
-        layer: max(gains.items(), key=lambda item: item[1])
-        for layer, gains in options.items()
-        if max(gains.values()) > 0
-    }
-    ranked = sorted(best, key=lambda layer: -best[layer][1])
+    top = {layer: top_precision(gains) for layer, gains in options.items()}
+    ranked = sorted(
+        (layer for layer in options if options[layer][top[layer]] > 0),
+        key=lambda layer: -options[layer][top[layer]],
+    )
     met = True
     if budget.kind == "share":
         count = math.floor(budget.value * len(options) + 1e-9)
-        chosen = {layer: best[layer][0] for layer in ranked[:count]}
+        chosen = {layer: top[layer] for layer in ranked[:count]}
     elif budget.kind == "drop":
-        chosen, met = _within_drop(budget.value, ranked, best, mixed, evaluator, table)
+        chosen, met = _within_drop(budget.value, ranked, top, mixed, evaluator, table)
     else:
         chosen = _within_size(budget.value, options, mixed, target)
     with mixed.variant(chosen):
@@ -122,7 +134,7 @@ def choose(
 def _within_drop(
     points: float,
     ranked: list[str],
-    best: dict[str, tuple[str, float]],
+    top: dict[str, str],
     mixed: MixedPrecisionModel,
     evaluator: Evaluator,
     table: Sensitivity,
@@ -132,7 +144,7 @@ def _within_drop(
     chosen: dict[str, str] = {}
     for layer in [None, *ranked]:
         if layer is not None:
-            chosen[layer] = best[layer][0]
+            chosen[layer] = top[layer]
         with mixed.variant(chosen):
             if evaluator.score(mixed.model).accuracy >= floor - 1e-9:
                 return dict(chosen), True

@@ -8,7 +8,8 @@ images the float model's outputs are the reference; for every layer:
 - ``alone``: only this layer quantized, every other quantizer off: the damage it does;
 - ``float``: every layer quantized but this one: what leaving it unquantized gains;
 - ``raised[p]``: every layer quantized, this one at precision ``p`` (e.g. ``w8a8``, its
-  quantizers calibrated in a copy of the model quantized at ``p``): what raising it gains.
+  quantizers calibrated in a copy of the model quantized at ``p``): what raising it gains;
+- ``alone_raised[p]``: only this layer quantized, at ``p``: the damage left when it is raised.
 
 Each is the accuracy and the mean KL divergence of the model's softmax from the float model's.
 A quantizer is switched off through its ``calibrated`` flag (an uncalibrated quantizer passes
@@ -53,6 +54,7 @@ class LayerSensitivity:
     alone: Score
     float: Score
     raised: dict[str, Score] = field(default_factory=dict)
+    alone_raised: dict[str, Score] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
@@ -62,6 +64,7 @@ class LayerSensitivity:
             "alone": self.alone.to_dict(),
             "float": self.float.to_dict(),
             "raised": {p: s.to_dict() for p, s in self.raised.items()},
+            "alone_raised": {p: s.to_dict() for p, s in self.alone_raised.items()},
         }
 
 
@@ -202,17 +205,20 @@ class MixedPrecisionModel:
 def measure(
     mixed: MixedPrecisionModel, evaluator: Evaluator, bits: str, float_model: nn.Module
 ) -> Sensitivity:
-    """Every layer alone, in float, and at each twin's precision; most damaging first."""
+    """Every layer alone, in float, and at each twin's precision (with the others quantized and
+    alone); most damaging first."""
     rows = []
     for name, quantizers in mixed.layers.items():
         with mixed.variant({}, only={name}):
             alone = evaluator.score(mixed.model)
         with mixed.variant({name: "float"}):
             left_float = evaluator.score(mixed.model)
-        raised = {}
+        raised, alone_raised = {}, {}
         for precision in mixed.twins:
             with mixed.variant({name: precision}):
                 raised[precision] = evaluator.score(mixed.model)
+            with mixed.variant({name: precision}, only={name}):
+                alone_raised[precision] = evaluator.score(mixed.model)
         rows.append(
             LayerSensitivity(
                 name,
@@ -221,6 +227,7 @@ def measure(
                 alone,
                 left_float,
                 raised,
+                alone_raised,
             )
         )
     rows.sort(key=lambda r: (-r.alone.kl, r.alone.accuracy))
@@ -237,15 +244,15 @@ def markdown(table: Sensitivity) -> str:
     """The table as Markdown: accuracy in %, KL in nats."""
     twins = sorted({p for row in table.layers for p in row.raised})
     head = ["layer", "alone acc %", "alone KL", "float: acc %", "float: KL"]
-    head += [f"{p}: acc %" for p in twins]
+    head += [f"{p}: acc %" for p in twins] + [f"alone {p} KL" for p in twins]
     lines = [
         f"Sensitivity at {table.bits} on {table.images} held-out training images (no training). "
         f"Float model {100 * table.float_model.accuracy:.2f} %, every layer quantized "
         f"{100 * table.quantized.accuracy:.2f} % (KL {table.quantized.kl:.4f}).",
         "",
         "`alone`: only this layer quantized; `float`: every layer but this one quantized; "
-        "`wXaY`: every layer quantized, this one at wXaY. Most damaging first; * = not "
-        "selectable by quant.layer_bits.",
+        "`wXaY`: every layer quantized, this one at wXaY; `alone wXaY`: only this layer "
+        "quantized, at wXaY. Most damaging first; * = not selectable by quant.layer_bits.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + " --- |" * len(head),
@@ -259,6 +266,7 @@ def markdown(table: Sensitivity) -> str:
             f"{row.float.kl:.4f}",
         ]
         cells += [f"{100 * row.raised[p].accuracy:.2f}" if p in row.raised else "-" for p in twins]
+        cells += [f"{row.alone_raised[p].kl:.4f}" if p in row.alone_raised else "-" for p in twins]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -54,4 +54,5 @@ def test_a_layer_with_wrongly_scaled_weights_ranks_first():
     assert table.layers[0].alone.kl > 2 * table.layers[1].alone.kl
     broken = table.layers[0]
     assert broken.float.kl < table.quantized.kl  # leaving it float recovers most
+    assert broken.alone_raised["w8a8"].kl < broken.alone.kl / 10  # at 8 bits it does little
     assert "| conv2 |" in markdown(table)
