@@ -1,16 +1,21 @@
 """Mixed precision under a share budget on Fashion-MNIST: sensitivity-chosen layers vs the same
 number of randomly chosen layers vs uniform bits.
 
-Per (student architecture, bit-width, seed): one float student (plain, on the labels), then
-three plain-QAT students (``--method none``) from it: uniform bits; ``quant.budget=share:S``
-(the pipeline measures the float student's sensitivity and raises the chosen layers, on the
-2/4/8 grid); and the same number of layers, drawn at random among those the budget could
-raise, at W8A8 (``quant.layer_bits``). Reported: ONNX accuracy on the full test split, and the
-share of the uniform student's gap to the float student that each mixed student recovers.
+Per (student architecture, seed): one float student (plain, on the labels), shared by every
+student below. Per bit-width and baseline, three plain-QAT students (``--method none``) from it:
+``uniform``, the baseline; ``sensitivity``, ``quant.budget=share:S`` (the pipeline measures the
+float student's per-layer sensitivity and raises the chosen layers to W8A8); ``random``, the same
+number of layers drawn at random among those the budget could raise, at W8A8
+(``quant.layer_bits``). Two baselines (``--first-last``): ``off``, one bit-width for every layer
+(``quant.first_last_bits=null``), and ``8``, the pipeline's default with the first conv and the
+last linear at 8 bits (then the budget raises among the other layers). Reported: ONNX accuracy on
+the full test split, and the share of the uniform student's gap to the float student that each
+mixed student recovers.
 
     python benchmarks/mixed_precision.py [--archs resnet8 mobilenetv2] [--bits w4a4 w2a2]
-        [--seeds 0 1] [--train-limit 2000] [--float-epochs 10] [--epochs 3] [--share 0.1]
-        [--work DIR] [--out benchmarks/results] [--name mixed_precision]
+        [--seeds 0 1] [--first-last off 8] [--train-limit 2000] [--float-epochs 10]
+        [--epochs 3] [--share 0.1] [--work DIR] [--out benchmarks/results]
+        [--name mixed_precision]
 
 Needs Debian's `dataset-fashion-mnist` (`apt-get install -y dataset-fashion-mnist`).
 """
@@ -21,14 +26,18 @@ import argparse
 import json
 import random
 import shutil
+import statistics
 import time
 from pathlib import Path
 
-from results_io import machine_line
+from results_io import machine_line, targets_table, write_results
 
 from qkd_deploy.config import load_config, save_config
 from qkd_deploy.models import build_model
 from qkd_deploy.train_and_export import run
+
+SHARED_STAGES = ("teacher", "student_float")
+TARGET_RECOVERED = 0.5
 
 
 def _config(args, arch: str, bits: str, seed: int, out: Path, extra: list[str]):
@@ -54,46 +63,65 @@ def _config(args, arch: str, bits: str, seed: int, out: Path, extra: list[str]):
     return load_config(overrides=overrides)
 
 
-def _run(args, arch, bits, seed, name, pool: Path | None, extra: list[str]) -> dict:
-    out = Path(args.work) / f"{arch}-{bits}-s{seed}" / name
+def _run(args, arch: str, bits: str, seed: int, folder: str, extra: list[str]) -> dict:
+    """One pipeline run in ``work/ARCH-sSEED/FOLDER``, starting from the shared float student
+    (trained by the first run of this architecture and seed); a finished run is read back."""
+    root = Path(args.work) / f"{arch}-s{seed}"
+    out, pool = root / folder, root / "float"
     if (out / "report.json").is_file():
         return json.loads((out / "report.json").read_text())
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    if pool is not None:
-        for stage in ("teacher", "student_float"):
+    if (pool / "student_float" / "model.pt").is_file():
+        for stage in SHARED_STAGES:
             shutil.copytree(pool / stage, out / stage)
     config = _config(args, arch, bits, seed, out, extra)
     save_config(config, out / "config.yaml")
-    return run(config, out)
+    report = run(config, out)
+    if not pool.exists():
+        pool.mkdir(parents=True)
+        for stage in SHARED_STAGES:
+            shutil.copytree(out / stage, pool / stage)
+    return report
 
 
-def _raisable(arch: str, record: dict) -> list[str]:
-    """Layers the budget could raise: quantizable modules, without the first conv and the last
-    linear (already 8 bits)."""
+def _raisable(arch: str, first_last: str) -> list[str]:
+    """Layers the budget could raise: every quantizable module, less the first conv and the last
+    linear when those are at 8 bits already."""
     from torch import nn
 
     from qkd_deploy.models.layers import Add
 
     model = build_model(arch, 1, 10)
     names = [n for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear, Add)]
+    if first_last == "off":
+        return names
     convs = [n for n, m in model.named_modules() if type(m) is nn.Conv2d]
     linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]
     return [n for n in names if n not in (convs[:1] + linears[-1:])]
 
 
-def one(args, arch: str, bits: str, seed: int) -> dict:
+def one(args, arch: str, bits: str, seed: int, first_last: str) -> dict:
     start = time.perf_counter()
-    uniform = _run(args, arch, bits, seed, "uniform", None, [])
-    pool = Path(args.work) / f"{arch}-{bits}-s{seed}" / "uniform"
-    chosen = _run(args, arch, bits, seed, "sensitivity", pool, [f"quant.budget=share:{args.share}"])
-    record = json.loads((pool.parent / "sensitivity" / "budget.json").read_text())
+    base = [
+        "quant.first_last_bits=null"
+        if first_last == "off"
+        else f"quant.first_last_bits={first_last}"
+    ]
+    prefix = f"{bits}-fl{first_last}"
+    uniform = _run(args, arch, bits, seed, f"{prefix}-uniform", base)
+    budget = [*base, f"quant.budget=share:{args.share}"]
+    chosen = _run(args, arch, bits, seed, f"{prefix}-sensitivity", budget)
+    folder = Path(args.work) / f"{arch}-s{seed}" / f"{prefix}-sensitivity"
+    record = json.loads((folder / "budget.json").read_text())
+    seconds = json.loads((folder / "sensitivity.json").read_text())["seconds"]
     count = len(record["layer_bits"])
-    rng = random.Random(1000 + seed)
-    layers = rng.sample(_raisable(arch, record), count)
+    layers = random.Random(1000 + seed).sample(_raisable(arch, first_last), count)
     random_bits = "{" + ", ".join(f"{name}: w8a8" for name in layers) + "}"
-    randomly = _run(args, arch, bits, seed, "random", pool, [f"quant.layer_bits={random_bits}"])
+    randomly = _run(
+        args, arch, bits, seed, f"{prefix}-random", [*base, f"quant.layer_bits={random_bits}"]
+    )
     float_acc = uniform["float_references"][0]["accuracy_onnx"]
     acc = {
         name: report["students"][0]["accuracy_onnx"]
@@ -103,48 +131,95 @@ def one(args, arch: str, bits: str, seed: int) -> dict:
     return {
         "arch": arch,
         "bits": bits,
+        "first_last_bits": first_last,
         "seed": seed,
         "float": float_acc,
         **acc,
         "raised": record["layer_bits"],
         "random_layers": layers,
         "selectable_layers": record["predicted"]["selectable_layers"],
-        "recovered_sensitivity": (acc["sensitivity"] - acc["uniform"]) / gap if gap else None,
-        "recovered_random": (acc["random"] - acc["uniform"]) / gap if gap else None,
+        "sensitivity_seconds": seconds,
+        "recovered_sensitivity": (acc["sensitivity"] - acc["uniform"]) / gap if gap > 0 else None,
+        "recovered_random": (acc["random"] - acc["uniform"]) / gap if gap > 0 else None,
         "seconds": round(time.perf_counter() - start, 1),
     }
 
 
-def markdown(rows: list[dict], args, machine: str) -> str:
+def checks(rows: list[dict]) -> list[tuple[str, bool, str]]:
+    """Per (arch, bits, baseline): the mean recovered share over seeds >= 50 %, and the
+    sensitivity-chosen student above the random one on every seed."""
+    out = []
+    groups = sorted({(r["arch"], r["bits"], r["first_last_bits"]) for r in rows})
+    for arch, bits, first_last in groups:
+        group = [
+            r
+            for r in rows
+            if (r["arch"], r["bits"], r["first_last_bits"]) == (arch, bits, first_last)
+        ]
+        label = f"{arch} {bits}, first/last {first_last}"
+        recovered = [r["recovered_sensitivity"] for r in group]
+        if None in recovered:
+            out.append((f"{label}: recovers >= 50 % of the gap", False, "no gap on some seed"))
+        else:
+            mean = statistics.mean(recovered)
+            values = ", ".join(f"{100 * x:.1f}" for x in recovered)
+            out.append(
+                (
+                    f"{label}: recovers >= 50 % of the gap (mean of seeds)",
+                    mean >= TARGET_RECOVERED,
+                    f"{100 * mean:.1f} % (seeds: {values} %)",
+                )
+            )
+        margins = [100 * (r["sensitivity"] - r["random"]) for r in group]
+        out.append(
+            (
+                f"{label}: beats random layers on every seed",
+                all(m > 0 for m in margins),
+                "by " + ", ".join(f"{m:+.2f}" for m in margins) + " points",
+            )
+        )
+    return out
+
+
+def markdown(rows: list[dict], args, machine: str, done: bool) -> str:
     lines = [
         "# Mixed precision under a share budget (Fashion-MNIST)",
         "",
-        f"{machine}. {time.strftime('%Y-%m-%d')}. Command: `python "
+        f"{machine}. {time.strftime('%Y-%m-%d')}. Command: `OMP_NUM_THREADS=1 python "
         f"benchmarks/mixed_precision.py --archs {' '.join(args.archs)} --bits "
-        f"{' '.join(args.bits)} --seeds {' '.join(map(str, args.seeds))} --train-limit "
-        f"{args.train_limit} --float-epochs {args.float_epochs} --epochs {args.epochs} "
-        f"--share {args.share}`",
+        f"{' '.join(args.bits)} --seeds {' '.join(map(str, args.seeds))} --first-last "
+        f"{' '.join(args.first_last)} --train-limit {args.train_limit} --float-epochs "
+        f"{args.float_epochs} --epochs {args.epochs} --share {args.share}`",
         "",
-        "Plain QAT (`none`), ONNX accuracy % on the 10 000 test images. `recovered`: share of the "
-        "uniform student's gap to the float student that the mixed student closes.",
+        "Plain QAT (`none`), ONNX accuracy % on the 10 000 test images. `first/last`: `off` = one "
+        "bit-width for every layer; `8` = first conv and last linear at 8 bits in all three "
+        "students. `raised`: the layers `quant.budget=share` chose (of the selectable layers); "
+        "`random` raises as many layers drawn at random to W8A8. `recovered`: share of the "
+        "uniform student's gap to the float student that the mixed student closes. `sens. s`: "
+        "the sensitivity measurement and choice inside the run.",
         "",
-        "| arch | bits | seed | float | uniform | sensitivity | random | raised | "
-        "recovered (sens.) | recovered (random) | s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    if not done:
+        lines += ["**Partial: the run is still going or was stopped.**", ""]
+    lines += [
+        "| arch | bits | first/last | seed | float | uniform | sensitivity | random | raised | "
+        "recovered (sens.) | recovered (random) | sens. s | s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.1f}"
+
     for r in rows:
-
-        def pct(x):
-            return "-" if x is None else f"{100 * x:.1f}"
-
         raised = ", ".join(f"{k}:{v}" for k, v in r["raised"].items())
         lines.append(
-            f"| {r['arch']} | {r['bits']} | {r['seed']} | {100 * r['float']:.2f} | "
-            f"{100 * r['uniform']:.2f} | {100 * r['sensitivity']:.2f} | {100 * r['random']:.2f} | "
-            f"{raised} ({len(r['raised'])}/{r['selectable_layers']}) | "
+            f"| {r['arch']} | {r['bits']} | {r['first_last_bits']} | {r['seed']} | "
+            f"{100 * r['float']:.2f} | {100 * r['uniform']:.2f} | {100 * r['sensitivity']:.2f} | "
+            f"{100 * r['random']:.2f} | {raised} ({len(r['raised'])}/{r['selectable_layers']}) | "
             f"{pct(r['recovered_sensitivity'])} % | {pct(r['recovered_random'])} % | "
-            f"{r['seconds']} |"
+            f"{r['sensitivity_seconds']} | {r['seconds']} |"
         )
+    lines += ["", "## Targets", "", *targets_table(checks(rows))]
     return "\n".join(lines) + "\n"
 
 
@@ -153,6 +228,7 @@ def main() -> None:
     p.add_argument("--archs", nargs="+", default=["resnet8", "mobilenetv2"])
     p.add_argument("--bits", nargs="+", default=["w4a4", "w2a2"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--first-last", nargs="+", default=["off", "8"], choices=["off", "8"])
     p.add_argument("--train-limit", type=int, default=2000)
     p.add_argument("--float-epochs", type=int, default=10)
     p.add_argument("--epochs", type=int, default=3)
@@ -161,17 +237,22 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--name", default="mixed_precision")
     args = p.parse_args()
-    rows = [
-        one(args, arch, bits, seed)
-        for arch in args.archs
-        for bits in args.bits
-        for seed in args.seeds
-    ]
-    out = Path(args.out)
     machine = machine_line()
-    (out / f"{args.name}.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
-    (out / f"{args.name}.md").write_text(markdown(rows, args, machine))
-    print(markdown(rows, args, machine))
+    jobs = [
+        (arch, bits, seed, first_last)
+        for arch in args.archs
+        for seed in args.seeds
+        for bits in args.bits
+        for first_last in args.first_last
+    ]
+    rows: list[dict] = []
+    for job in jobs:  # the results are rewritten after every row: a stopped run leaves them
+        rows.append(one(args, *job))
+        done = len(rows) == len(jobs)
+        payload = {"rows": rows, "complete": done}
+        write_results(
+            args.out, args.name, payload, checks(rows), markdown(rows, args, machine, done)
+        )
 
 
 if __name__ == "__main__":
