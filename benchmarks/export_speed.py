@@ -31,7 +31,7 @@ from qkd_deploy.calib.calibrate import calibrate
 from qkd_deploy.export.onnx import INPUT_NAME, export_onnx
 from qkd_deploy.models import build_model
 from qkd_deploy.quant.convert import BitWidths, QuantizeOptions, quantize_model
-from qkd_deploy.quant.deploy import to_deploy
+from qkd_deploy.quant.integer import to_deploy
 from qkd_deploy.runtime.onnxruntime import OnnxRuntimeRunner
 
 NETWORKS = {  # name -> (zoo arch, input C, H, W, timed runs per round and batch)

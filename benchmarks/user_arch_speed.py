@@ -39,7 +39,7 @@ from qkd_deploy.calib.calibrate import calibrate  # noqa: E402
 from qkd_deploy.deploy import lint  # noqa: E402
 from qkd_deploy.export.onnx import INPUT_NAME, export_onnx  # noqa: E402
 from qkd_deploy.quant.convert import BitWidths, QuantizeOptions, quantize_model  # noqa: E402
-from qkd_deploy.quant.deploy import to_deploy  # noqa: E402
+from qkd_deploy.quant.integer import to_deploy  # noqa: E402
 from qkd_deploy.runtime.onnxruntime import OnnxRuntimeRunner  # noqa: E402
 from tests.support.torchvision_style import mobilenet_v2, resnet18  # noqa: E402
 

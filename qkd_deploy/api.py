@@ -33,8 +33,8 @@ from qkd_deploy.distill.base import Distiller, build_distiller
 from qkd_deploy.errors import UserError
 from qkd_deploy.export.onnx import MIN_OPSET
 from qkd_deploy.export.onnx import export_onnx as export_deploy_model
-from qkd_deploy.quant.deploy import to_deploy
 from qkd_deploy.quant.fold import fold_batchnorm
+from qkd_deploy.quant.integer import to_deploy
 from qkd_deploy.quant.modules import quantizers
 from qkd_deploy.quant.precision import PrecisionOptions, split_layer_bits
 from qkd_deploy.quant.precision import quantize as quantize_with_precision

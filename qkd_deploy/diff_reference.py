@@ -13,7 +13,7 @@ from torch import nn
 
 from qkd_deploy.bench.diff import Checkpoint
 from qkd_deploy.errors import UserError
-from qkd_deploy.quant.deploy import FrozenQuantizer, to_deploy
+from qkd_deploy.quant.integer import FrozenQuantizer, to_deploy
 
 Levels = Callable[[np.ndarray, list[Checkpoint]], dict[str, np.ndarray]]
 

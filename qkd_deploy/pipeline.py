@@ -32,8 +32,8 @@ from qkd_deploy.fileio import atomic_write_bytes, sha256_file
 from qkd_deploy.models import build_model, load_checkpoint, load_user_model
 from qkd_deploy.models.features import attach_feature_layers
 from qkd_deploy.quant.convert import QuantizeOptions
-from qkd_deploy.quant.deploy import to_deploy
 from qkd_deploy.quant.fold import fold_batchnorm
+from qkd_deploy.quant.integer import to_deploy
 from qkd_deploy.quant.precision import PrecisionOptions, quantize, split_layer_bits
 from qkd_deploy.rundir import RunDir, library_versions, machine_description
 from qkd_deploy.runtime.base import run_in_batches

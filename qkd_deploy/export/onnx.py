@@ -1,6 +1,6 @@
 """torch -> ONNX with QuantizeLinear/DequantizeLinear, through the torch.export-based exporter.
 
-The deploy model (``quant.deploy.to_deploy``) marks quantization with ``qkd::`` custom ops; this
+The deploy model (``quant.integer.to_deploy``) marks quantization with ``qkd::`` custom ops; this
 module translates them: an activation becomes ``[Clip ->] QuantizeLinear -> DequantizeLinear``
 (the Clip only when the integer grid is narrower than its INT8/UINT8 container, which ONNX Q
 would otherwise not enforce), and integer weights become an INT8 initializer feeding a
@@ -27,7 +27,7 @@ from qkd_deploy.errors import UserError
 from qkd_deploy.export.passes import INT4_OPSET, pack_int4_weights, to_opset17
 from qkd_deploy.export.passes import opset as model_opset
 from qkd_deploy.fileio import atomic_write_bytes
-from qkd_deploy.quant.deploy import DeployLinear
+from qkd_deploy.quant.integer import DeployLinear
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"

@@ -12,7 +12,7 @@ from qkd_deploy.calib.calibrate import calibrate
 from qkd_deploy.diff_reference import levels_of
 from qkd_deploy.export.onnx import export_onnx
 from qkd_deploy.quant.convert import BitWidths, QuantizeOptions, quantize_model
-from qkd_deploy.quant.deploy import to_deploy
+from qkd_deploy.quant.integer import to_deploy
 from tests.support.toy import ToyResNet, randomize_batchnorm
 
 

@@ -11,8 +11,8 @@ from qkd_deploy.calib.calibrate import calibrate
 from qkd_deploy.errors import UserError
 from qkd_deploy.export.onnx import export_onnx
 from qkd_deploy.quant.convert import BitWidths, QuantizeOptions, quantize_model
-from qkd_deploy.quant.deploy import to_deploy
 from qkd_deploy.quant.fold import fold_batchnorm
+from qkd_deploy.quant.integer import to_deploy
 from qkd_deploy.runtime import onnxruntime as ort_runtime
 from qkd_deploy.runtime.onnxruntime import (
     OnnxRuntimeRunner,

@@ -18,8 +18,8 @@ from qkd_deploy.calib.calibrate import calibrate
 from qkd_deploy.export.onnx import export_onnx
 from qkd_deploy.models import available_models, build_model
 from qkd_deploy.quant.convert import BitWidths, QuantizeOptions, quantize_model
-from qkd_deploy.quant.deploy import to_deploy
 from qkd_deploy.quant.fold import fold_batchnorm
+from qkd_deploy.quant.integer import to_deploy
 from qkd_deploy.runtime.onnxruntime import OnnxRuntimeRunner
 from tests.support.torchvision_style import BLOCK_NETS
 

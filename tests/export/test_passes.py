@@ -12,8 +12,8 @@ from qkd_deploy.export.onnx import export_onnx
 from qkd_deploy.export.passes import pack_int4_weights, to_opset17
 from qkd_deploy.models import build_model
 from qkd_deploy.quant.convert import BitWidths, QuantizeOptions, quantize_model
-from qkd_deploy.quant.deploy import to_deploy
 from qkd_deploy.quant.fold import fold_batchnorm
+from qkd_deploy.quant.integer import to_deploy
 from qkd_deploy.runtime.onnxruntime import OnnxRuntimeRunner
 
 

@@ -15,7 +15,7 @@ from qkd_deploy.errors import UserError
 from qkd_deploy.export.onnx import export_onnx
 from qkd_deploy.quant.budget import Budget, candidates, choose, weight_kb
 from qkd_deploy.quant.convert import BitWidths
-from qkd_deploy.quant.deploy import to_deploy
+from qkd_deploy.quant.integer import to_deploy
 from qkd_deploy.quant.precision import PrecisionOptions, quantize
 from qkd_deploy.quant.sensitivity import Evaluator, MixedPrecisionModel, measure
 from qkd_deploy.train_and_export import main

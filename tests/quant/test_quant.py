@@ -17,9 +17,9 @@ from qkd_deploy.calib.calibrators import (
 from qkd_deploy.errors import UserError
 from qkd_deploy.models import build_model
 from qkd_deploy.quant.convert import BitWidths, QuantizeOptions, quantize_model
-from qkd_deploy.quant.deploy import DeployConv2d, to_deploy
 from qkd_deploy.quant.fold import fold_batchnorm
 from qkd_deploy.quant.grid import Grid, activation_grid, weight_grid
+from qkd_deploy.quant.integer import DeployConv2d, to_deploy
 from qkd_deploy.quant.modules import QuantAdd, QuantAvgPool, QuantConv2d, QuantLinear, quantizers
 from qkd_deploy.quant.quantizer import LSQQuantizer, fake_quantize
 from tests.support.toy import ToyResNet, randomize_batchnorm

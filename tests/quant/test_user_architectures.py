@@ -19,8 +19,8 @@ from qkd_deploy.deploy import lint
 from qkd_deploy.errors import UserError
 from qkd_deploy.export.onnx import export_onnx
 from qkd_deploy.quant.convert import BitWidths, QuantizeOptions, quantize_model
-from qkd_deploy.quant.deploy import to_deploy
 from qkd_deploy.quant.fold import fold_batchnorm
+from qkd_deploy.quant.integer import to_deploy
 from qkd_deploy.quant.modules import QuantConv2d
 from qkd_deploy.runtime.onnxruntime import OnnxRuntimeRunner
 from tests.support.torchvision_style import BLOCK_NETS, BasicBlock, basic_block_net

@@ -41,7 +41,7 @@ def seed_models(folder: Path) -> list[Path]:
     from qkd_deploy.export.onnx import export_onnx
     from qkd_deploy.models import build_model
     from qkd_deploy.quant.convert import BitWidths, QuantizeOptions, quantize_model
-    from qkd_deploy.quant.deploy import to_deploy
+    from qkd_deploy.quant.integer import to_deploy
 
     torch.manual_seed(0)
     model = build_model("resnet8", 1, 10).eval()

@@ -17,7 +17,7 @@ from qkd_deploy.distill.base import Distiller, MethodContext
 from qkd_deploy.export.onnx import export_onnx
 from qkd_deploy.models import build_model
 from qkd_deploy.quant.convert import BitWidths, QuantizeOptions, quantize_model
-from qkd_deploy.quant.deploy import to_deploy
+from qkd_deploy.quant.integer import to_deploy
 from qkd_deploy.train.loop import StepsOnly, fit
 
 

@@ -1,4 +1,4 @@
-"""The deploy form of a fake-quant model: what ``export/onnx.py`` exports.
+"""The integer (deploy) form of a fake-quant model: what ``export/onnx.py`` exports.
 
 The model is BN-folded first (``quant.fold``, which for the ``onnxruntime`` target also puts
 every bias on the INT32 grid of its layer's accumulator), then weights become integer buffers
