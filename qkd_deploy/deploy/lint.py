@@ -30,6 +30,7 @@ rule instead of a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -43,7 +44,9 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, TensorProto, numpy_helper
 
+from qkd_deploy.bench.layer_precision import LayerPrecision, format_table, layer_precision
 from qkd_deploy.errors import UserError
+from qkd_deploy.export import layer_record
 from qkd_deploy.fileio import load_onnx_graph
 
 SEVERITIES = ("error", "warning", "info")
@@ -172,6 +175,7 @@ class _Graph:
             for name in node.inputs:
                 self.consumers.setdefault(name, []).append(node)
         self._values: dict[str, np.ndarray | None] = {}
+        self.record = layer_record.read(model)  # the exporter's: node -> torch module
 
     @property
     def name(self) -> str:
@@ -289,6 +293,14 @@ class _Graph:
 
     def is_quantized(self, name: str) -> bool:
         return self.behind(name, DQ_OP) is not None
+
+    def module(self, node: _Node) -> str | None:
+        """The torch module the exporter recorded for ``node``."""
+        return self.record.get(node.proto.name, {}).get("module")
+
+    def float_on_purpose(self, node_label: str) -> bool:
+        """Whether the exporter recorded this node as a layer left in float on purpose."""
+        return self.record.get(node_label, {}).get("float") is True
 
 
 # ---- Q/DQ node helpers -------------------------------------------------------------------------
@@ -1086,13 +1098,14 @@ def _input_not_quantized(g: _Graph) -> Iterator[_Hit]:
 @_rule(
     "FUSE-FLOAT-OP-BETWEEN",
     "warning",
-    "a float op between a DQ and the weighted op (DQ -> Relu -> Conv) gives the op a float input",
+    "a float op between a DQ and the weighted op (DQ -> Relu -> Conv) gives the op with a "
+    "quantized weight a float input",
     "TRT-EQ: Q/DQ Layer-Placement Recommendations; TensorRT Processing of Q/DQ Networks",
     "quantize after the float op: Relu -> Q -> DQ -> Conv",
 )
 def _float_between(g: _Graph) -> Iterator[_Hit]:
-    for node, data_q, _ in _weighted(g):
-        between = None if data_q else _float_op_between(g, node)
+    for node, data_q, weight_q in _weighted(g):
+        between = None if data_q or not weight_q else _float_op_between(g, node)
         if between is not None:
             yield _Hit(
                 node.label,
@@ -1104,14 +1117,16 @@ def _float_between(g: _Graph) -> Iterator[_Hit]:
 @_rule(
     "FUSE-FLOAT-LAYER",
     "info",
-    "a Conv/Gemm/MatMul with no quantized input runs in FP32/FP16",
+    "a Conv/Gemm/MatMul with neither input nor weight quantized runs in FP32/FP16",
     "TRT-EQ: Explicit Quantization (precision follows the Q/DQ placement)",
     "quantize its input and weight if it should run in INT8",
 )
 def _float_layer(g: _Graph) -> Iterator[_Hit]:
     for node, data_q, weight_q in _weighted(g):
-        if not data_q and not weight_q and _float_op_between(g, node) is None:
-            yield _Hit(node.label, f"{node.op} is not quantized: it runs in float")
+        if not data_q and not weight_q:
+            module = g.module(node)
+            named = f"{node.op} {module!r}" if module else node.op
+            yield _Hit(node.label, f"{named} is not quantized: it runs in float")
 
 
 def _add_input_kind(g: _Graph, name: str) -> str:
@@ -1224,7 +1239,20 @@ def lint_model(model: onnx.ModelProto) -> list[Finding]:
 
 def _lint(g: _Graph) -> list[Finding]:
     findings = [f for rule_id, rule in _REGISTRY.items() for f in _findings(rule_id, rule, g)]
+    findings = [_chosen_float(g, f) for f in findings]
     return sorted(findings, key=lambda f: SEVERITIES.index(f.severity))
+
+
+def _chosen_float(g: _Graph, finding: Finding) -> Finding:
+    """A fusion finding at a layer the exporter recorded as left in float on purpose
+    (``quant.layer_bits: float``) is information, not a missing Q/DQ."""
+    if not finding.rule.startswith("FUSE-") or not g.float_on_purpose(finding.node):
+        return finding
+    return dataclasses.replace(
+        finding,
+        severity="info",
+        message=f"{finding.message} (left in float on purpose, as the exporter recorded)",
+    )
 
 
 def _findings(rule_id: str, rule: _Rule, g: _Graph) -> list[Finding]:
@@ -1255,6 +1283,10 @@ def lint_file(path: str, tensorrt: str | None = None) -> list[Finding]:
     """Lint an .onnx file (external weight data is not read) for TensorRT ``tensorrt`` ("8.6",
     "10", or None for both). A file over protobuf's 2 GiB limit is refused before it is read:
     no valid .onnx is that large."""
+    return lint_with_layers(path, tensorrt)[0]
+
+
+def _check_file(path: str, tensorrt: str | None) -> None:
     size = Path(path).stat().st_size if Path(path).is_file() else 0
     if size > MAX_ONNX_BYTES:
         raise UserError(
@@ -1264,11 +1296,19 @@ def lint_file(path: str, tensorrt: str | None = None) -> list[Finding]:
         )
     if tensorrt not in (None, *TENSORRT_VERSIONS):
         raise UserError(f"TensorRT version {tensorrt!r}: use one of {', '.join(TENSORRT_VERSIONS)}")
+
+
+def lint_with_layers(
+    path: str, tensorrt: str | None = None
+) -> tuple[list[Finding], list[LayerPrecision]]:
+    """``lint_file``'s findings and the model's layers with their precision
+    (``bench.layer_precision``), from one read of the file."""
+    _check_file(path, tensorrt)
     model = load_onnx_graph(path)
     findings = _lint(_Graph(model, Path(path)))
     if tensorrt == "10":
         findings = [f for f in findings if f.rule not in TRT86_ONLY_RULES]
-    return findings
+    return findings, layer_precision(model)
 
 
 def format_findings(findings: list[Finding]) -> str:
@@ -1299,15 +1339,23 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> int:
-    """`qkd-deploy lint`: print the findings; 1 on any error (or warning with --strict), else 0."""
+    """`qkd-deploy lint`: print the findings and the layers' precision; 1 on any error (or
+    warning with --strict), else 0."""
     args = _parse_args(argv)
-    findings = lint_file(args.model, args.tensorrt)
+    findings, layers = lint_with_layers(args.model, args.tensorrt)
     if args.json:
         counts = {s: sum(f.severity == s for f in findings) for s in SEVERITIES}
-        report = {"model": args.model, "counts": counts, "findings": [asdict(f) for f in findings]}
+        report = {
+            "model": args.model,
+            "counts": counts,
+            "findings": [asdict(f) for f in findings],
+            "layers": [layer.to_dict() for layer in layers],
+        }
         print(json.dumps(report, indent=2))
     else:
         print(format_findings(findings))
+        if any(layer.precision != "float" for layer in layers):
+            print(f"\nlayers and their precision:\n{format_table(layers)}")
     failing = ("error", "warning") if args.strict else ("error",)
     return int(any(f.severity in failing for f in findings))
 

@@ -24,6 +24,7 @@ from torch import nn
 
 import qkd_deploy.quant.ops  # noqa: F401  (registers torch.ops.qkd.*)
 from qkd_deploy.errors import UserError
+from qkd_deploy.export import layer_names, layer_record
 from qkd_deploy.export.passes import INT4_OPSET, pack_int4_weights, to_opset17
 from qkd_deploy.export.passes import opset as model_opset
 from qkd_deploy.fileio import atomic_write_bytes
@@ -72,7 +73,8 @@ def export_onnx(
     The exporter writes opset 18; ``opset=17`` down-converts for TensorRT 8.6 (JetPack 6.0), a
     higher one up-converts. With ``int4_gemm_weights``, Linear weights of <= 4 bits that feed a
     MatMul/Gemm are stored as INT4 (which needs opset >= 21, TensorRT >= 10; the default opset 18
-    then becomes 21); others stay INT8 (``passes.pack_int4_weights``).
+    then becomes 21); others stay INT8 (``passes.pack_int4_weights``). The model's metadata
+    records the torch module of each layer (``layer_record``).
     """
     if model.training:
         raise UserError("refusing to export a model in train mode; call model.eval() first")
@@ -103,6 +105,7 @@ def export_onnx(
             verbose=verbose,
         )
     program.optimize()
+    node_scopes = layer_names.scopes(program.model)
     proto = program.model_proto
     if not verbose:
         _strip_debug_info(proto)
@@ -112,6 +115,7 @@ def export_onnx(
         proto = to_opset17(proto)
     elif opset > model_opset(proto):
         proto = version_converter.convert_version(proto, opset)
+    layer_record.write(proto, layer_names.layers(proto, node_scopes, model))
     onnx.checker.check_model(proto)
     return atomic_write_bytes(path, proto.SerializeToString())
 
