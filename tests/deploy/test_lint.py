@@ -312,6 +312,7 @@ def _sigmoid_between() -> onnx.ModelProto:
     model = insert_before(
         clean_model(), "conv2", helper.make_node("Sigmoid", ["r1_dq_out"], ["sig_out"], name="sig")
     )
+    model = add_const(model, "w2_float", RNG.standard_normal((4, 4, 3, 3)), np.float32)
     return set_input(model, "conv2", 0, "sig_out")
 
 
@@ -435,6 +436,12 @@ CASES = [
         lambda: set_input(clean_model(), "conv2", 0, "relu1_out"),
     ),
     Case("FUSE-FLOAT-OP-BETWEEN", "warning", "conv2", _sigmoid_between),
+    Case(
+        "FUSE-FLOAT-LAYER",
+        "info",
+        "conv2",
+        lambda: set_input(_sigmoid_between(), "conv2", 1, "w2_float"),
+    ),
     Case(
         "FUSE-FLOAT-LAYER",
         "info",
