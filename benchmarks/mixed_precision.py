@@ -37,6 +37,8 @@ from qkd_deploy.models import build_model
 from qkd_deploy.train_and_export import run
 
 SHARED_STAGES = ("teacher", "student_float")
+# QAT learning rate per student: at 0.05 a 2-bit MobileNetV2 collapses to chance here
+LEARNING_RATES = {"resnet8": 0.05, "mobilenetv2": 0.01}
 TARGET_RECOVERED = 0.5
 
 
@@ -51,7 +53,7 @@ def _config(args, arch: str, bits: str, seed: int, out: Path, extra: list[str]):
         "teacher_train.epochs=1",
         f"student.float_train.epochs={args.float_epochs}",
         f"student.train.epochs={args.epochs}",
-        "student.train.lr=0.05",
+        f"student.train.lr={args.lr[arch]}",
         f"seed={seed}",
         "progress=false",
         "bench.batch_sizes=[1]",
@@ -189,14 +191,15 @@ def markdown(rows: list[dict], args, machine: str, done: bool) -> str:
         f"benchmarks/mixed_precision.py --archs {' '.join(args.archs)} --bits "
         f"{' '.join(args.bits)} --seeds {' '.join(map(str, args.seeds))} --first-last "
         f"{' '.join(args.first_last)} --train-limit {args.train_limit} --float-epochs "
-        f"{args.float_epochs} --epochs {args.epochs} --share {args.share}`",
+        f"{args.float_epochs} --epochs {args.epochs} --share {args.share} --lr "
+        f"{' '.join(f'{a}={lr}' for a, lr in args.lr.items() if a in args.archs)}`",
         "",
-        "Plain QAT (`none`), ONNX accuracy % on the 10 000 test images. `first/last`: `off` = one "
-        "bit-width for every layer; `8` = first conv and last linear at 8 bits in all three "
-        "students. `raised`: the layers `quant.budget=share` chose (of the selectable layers); "
-        "`random` raises as many layers drawn at random to W8A8. `recovered`: share of the "
-        "uniform student's gap to the float student that the mixed student closes. `sens. s`: "
-        "the sensitivity measurement and choice inside the run.",
+        "Plain QAT (`none`, learning rate `--lr`), ONNX accuracy % on the 10 000 test images. "
+        "`first/last`: `off` = one bit-width for every layer; `8` = first conv and last linear "
+        "at 8 bits in all three students. `raised`: the layers `quant.budget=share` chose (of "
+        "the selectable layers); `random` raises as many layers drawn at random to W8A8. "
+        "`recovered`: share of the uniform student's gap to the float student that the mixed "
+        "student closes. `sens. s`: the sensitivity measurement and choice inside the run.",
         "",
     ]
     if not done:
@@ -223,6 +226,11 @@ def markdown(rows: list[dict], args, machine: str, done: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _pair(item: str) -> tuple[str, float]:
+    arch, _, lr = item.partition("=")
+    return arch, float(lr)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--archs", nargs="+", default=["resnet8", "mobilenetv2"])
@@ -233,10 +241,14 @@ def main() -> None:
     p.add_argument("--float-epochs", type=int, default=10)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--share", type=float, default=0.1)
+    p.add_argument(
+        "--lr", nargs="+", default=[], metavar="ARCH=LR", help="QAT learning rate of a student"
+    )
     p.add_argument("--work", default="/tmp/qkd-mixed-precision")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--name", default="mixed_precision")
     args = p.parse_args()
+    args.lr = {**LEARNING_RATES, **dict(_pair(item) for item in args.lr)}
     machine = machine_line()
     jobs = [
         (arch, bits, seed, first_last)
