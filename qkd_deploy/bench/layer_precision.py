@@ -154,8 +154,10 @@ def layer_precision(model: onnx.ModelProto) -> list[LayerPrecision]:
 
 
 def is_mixed(rows: list[LayerPrecision]) -> bool:
-    """Whether the layers run in more than one precision."""
-    return len({row.precision for row in rows}) > 1
+    """Whether the weights, or the inputs, of the layers come in more than one precision."""
+    weights = {(row.weight, row.weight_bits) for row in rows if row.weight is not None}
+    inputs = {(row.activation, row.activation_bits) for row in rows}
+    return len(weights) > 1 or len(inputs) > 1
 
 
 def format_table(rows: list[LayerPrecision]) -> str:
@@ -178,13 +180,13 @@ def format_table(rows: list[LayerPrecision]) -> str:
     )
 
 
-def summary(rows: list[LayerPrecision]) -> str:
-    """One line: each precision with its layers, most common first (``w4a4: 9 layers;
-    w8a8: stem.0, fc; float: stages.1.0.conv2``)."""
-    counts = Counter(row.precision for row in rows)
+def summary(layers: list[tuple[str, str]]) -> str:
+    """One line from (layer, precision) pairs: each precision with its layers, most common
+    first (``w4a4: 9 layers; w8a8: stem.0, fc; float: stages.1.0.conv2``)."""
+    counts = Counter(precision for _, precision in layers)
     parts = []
     for precision, count in counts.most_common():
-        names = [row.name for row in rows if row.precision == precision]
+        names = [name for name, p in layers if p == precision]
         listed = ", ".join(names) if count <= 4 else f"{count} layers"
         parts.append(f"{precision}: {listed}")
     return "; ".join(parts)

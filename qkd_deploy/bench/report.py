@@ -3,7 +3,8 @@
 ``load_report`` checks the keys its reader uses before anything reads them: every key present
 must have its type, and the keys a reader needs must be there (``COMPARED`` for compare,
 ``RENDERED`` for the report command, ``BUNDLED`` for bundle). Keys a later version added are
-never required, so the reports of older versions still load.
+never required, so the reports of older versions still load (``layer_precision``, the layers of
+a mixed-precision student, is one).
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qkd_deploy.bench.layer_precision import is_mixed, layer_precision, summary
 from qkd_deploy.errors import UserError
-from qkd_deploy.fileio import atomic_write_json, atomic_write_text
+from qkd_deploy.fileio import atomic_write_json, atomic_write_text, load_onnx_graph
 
 MAX_REPORT_BYTES = 64 * 2**20  # a run's report.json is a few KB
 NUMBER = (int, float)
@@ -52,6 +54,7 @@ MODEL_TYPES = {
     "engine": (dict, type(None)),
     "warnings": list,
     "warning": str,
+    "layer_precision": list,  # a student whose layers run in more than one precision
 }
 TEACHER_TYPES = {"arch": str, "accuracy": NUMBER}
 ENVIRONMENT_TYPES = {
@@ -289,9 +292,36 @@ def render_markdown(report: dict) -> str:
             f"- `{s['name']}`: max |logit| error ONNX vs torch {s['onnx_max_abs_error']:.4g}, "
             f"file `{s['onnx_path']}`"
         )
+        if s.get("layer_precision"):
+            lines.append(f"  - per-layer precision: {_precision_summary(s['layer_precision'])}")
         for warning in student_warnings(s):
             lines.append(f"- **warning**: {warning}")
     return "\n".join(lines) + "\n"
+
+
+def _precision_summary(layers: list) -> str:
+    """``layer_precision`` in one line; entries that are not layers (an edited file) are left
+    out."""
+    pairs = [
+        (str(layer.get("module") or layer.get("node")), str(layer.get("precision")))
+        for layer in layers
+        if isinstance(layer, dict)
+    ]
+    return summary(pairs)
+
+
+def add_layer_precision(run_dir: Path, report: dict) -> None:
+    """Give each student whose layers run in more than one precision ``layer_precision``: its
+    layers (``bench.layer_precision``), read from its ONNX file; a student whose file is gone
+    keeps what the report had."""
+    for student in report["students"]:
+        path = run_dir / student.get("onnx_path", "")
+        if not path.is_file():
+            continue
+        rows = layer_precision(load_onnx_graph(path))
+        student.pop("layer_precision", None)
+        if is_mixed(rows):
+            student["layer_precision"] = [row.to_dict() for row in rows]
 
 
 def student_warnings(student: dict) -> list[str]:
@@ -300,6 +330,8 @@ def student_warnings(student: dict) -> list[str]:
 
 
 def write_report(run_dir: Path, report: dict) -> None:
+    """``report.json`` and ``report.md``, with the students' per-layer precision."""
+    add_layer_precision(run_dir, report)
     atomic_write_json(run_dir / "report.json", report)
     atomic_write_text(run_dir / "report.md", render_markdown(report))
 
