@@ -10,12 +10,20 @@ fusing DQ -> Conv -> Q into QLinearConv, so the "fused" run would not be). The f
 where more than ``share`` of the elements differ by more than ``steps`` levels is named, with its
 Q node and the op that feeds it.
 
-Torch-free, so the command also runs on the device from a bundle's ONNX file; the torch side
-(``--run``) is ``qkd_deploy.diff_reference``. TensorRT engines are not compared.
+Where TensorRT, NVIDIA's Polygraphy and a GPU exist, a TensorRT engine built from the model runs
+the same images too (``run_tensorrt``). A QuantizeLinear's INT8 output is not a tensor TensorRT
+hands back (it fuses Q/DQ pairs into its INT8 kernels), so the engine is asked for the output of
+the DequantizeLinear that reads each checkpoint, and its levels are that value over the scale
+(``levels_from_dequantized``). Marking a tensor as an engine output keeps it in memory and can
+change which layers TensorRT fuses around it, as Polygraphy's ``--mark all`` does.
+
+Torch-free, so the command also runs on the device from a bundle; the torch side (``--run``) is
+``qkd_deploy.diff_reference``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,3 +174,85 @@ def describe(title: str, rows: list[Difference], share: float, steps: int) -> st
         f"{100 * first.share_off:.2f} % of levels more than {steps} apart, up to "
         f"{first.max_steps} levels ({first.max_abs:.4g} in real units)"
     )
+
+
+# ---- TensorRT (through Polygraphy) ---------------------------------------------------------------
+
+
+def dequantized_outputs(model: onnx.ModelProto, points: list[Checkpoint]) -> dict[str, str]:
+    """Checkpoint tensor -> the output of the DequantizeLinear that reads it (checkpoints no
+    DequantizeLinear reads are left out: there is nothing TensorRT could return for them)."""
+    readers = {}
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] not in readers:
+            readers[node.input[0]] = node.output[0]
+    return {p.tensor: readers[p.tensor] for p in points if p.tensor in readers}
+
+
+def levels_from_dequantized(
+    values: dict[str, np.ndarray], points: list[Checkpoint], dequantized: dict[str, str]
+) -> dict[str, np.ndarray]:
+    """``{checkpoint tensor: quantized value}`` (as ``levels`` reads them) from the dequantized
+    tensors ``values`` (by DequantizeLinear output name): value / scale + zero point, rounded."""
+    return {
+        p.tensor: np.rint(values[dequantized[p.tensor]] / p.scale).astype(np.int64) + p.zero_point
+        for p in points
+        if p.tensor in dequantized
+    }
+
+
+def tensorrt_missing() -> str | None:
+    """Why the engine cannot be compared here (a package missing), or None."""
+    packages = ("tensorrt", "polygraphy")
+    missing = [name for name in packages if importlib.util.find_spec(name) is None]
+    if not missing:
+        return None
+    return (
+        f"{' and '.join(missing)} not installed (TensorRT with its Python package, "
+        "'pip install polygraphy', and a GPU)"
+    )
+
+
+def run_tensorrt(
+    model: onnx.ModelProto, images: np.ndarray, points: list[Checkpoint]
+) -> dict[str, np.ndarray]:
+    """The checkpoints' quantized values (as ``levels`` reads them) from a TensorRT engine built
+    from ``model``, with the DequantizeLinear output of each marked as an engine output.
+
+    Built as ``qkd-deploy build-engine`` builds a Q/DQ model: strongly typed on TensorRT >= 10,
+    INT8 and FP16 allowed before. Polygraphy API (TensorRT 10 Polygraphy docs, "Loaders",
+    "Config", "Optimization Profile", "Runners"): ``NetworkFromOnnxBytes``,
+    ``ModifyNetworkOutputs(network, outputs=...)``, ``CreateConfig``, ``Profile.add``,
+    ``EngineFromNetwork``, ``TrtRunner.infer``.
+    """
+    reason = tensorrt_missing()
+    if reason:
+        raise UserError(f"cannot run a TensorRT engine: {reason}")
+    import tensorrt
+    from polygraphy.backend.trt import (
+        CreateConfig,
+        EngineFromNetwork,
+        ModifyNetworkOutputs,
+        NetworkFromOnnxBytes,
+        Profile,
+        TrtRunner,
+    )
+
+    dequantized = dequantized_outputs(model, points)
+    strongly_typed = int(tensorrt.__version__.split(".")[0]) >= 10
+    network = NetworkFromOnnxBytes(model.SerializeToString(), strongly_typed=strongly_typed)
+    marked = ModifyNetworkOutputs(network, outputs=sorted(set(dequantized.values())))
+    name, shape = model.graph.input[0].name, tuple(images.shape)
+    profile = Profile().add(name, min=(1, *shape[1:]), opt=shape, max=shape)
+    weak = {} if strongly_typed else {"int8": True, "fp16": True}
+    config = CreateConfig(profiles=[profile], **weak)
+    try:
+        with TrtRunner(EngineFromNetwork(marked, config=config)) as runner:
+            outputs = runner.infer({name: images.astype(np.float32)})
+    except Exception as error:  # Polygraphy's and TensorRT's: no GPU, a parser or build failure
+        raise UserError(
+            f"TensorRT could not build or run the engine ({type(error).__name__}: {error}); "
+            "check the model with 'qkd-deploy lint', or run diff without TensorRT"
+        ) from error
+    values = {key: np.asarray(value) for key, value in outputs.items()}
+    return levels_from_dequantized(values, points, dequantized)

@@ -2,9 +2,7 @@
 written and the fused kernels are compared tensor by tensor."""
 
 import numpy as np
-import onnx
 import torch
-from onnx import numpy_helper
 
 from qkd_deploy import diff_command
 from qkd_deploy.bench import diff
@@ -13,6 +11,7 @@ from qkd_deploy.diff_reference import levels_of
 from qkd_deploy.export.onnx import export_onnx
 from qkd_deploy.quant.convert import BitWidths, QuantizeOptions, quantize_model
 from qkd_deploy.quant.integer import to_deploy
+from tests.support.planted import plant_scale_change
 from tests.support.toy import ToyResNet, randomize_batchnorm
 
 
@@ -26,20 +25,9 @@ def _export(tmp_path, target="tensorrt"):
     return deploy, x.numpy(), export_onnx(deploy, x, tmp_path / "m.onnx")
 
 
-def _plant(path, out, index):
-    """Triple the scale of activation checkpoint ``index``'s Q (and its DQ, which shares it)."""
-    model = onnx.load(str(path))
-    point = diff.checkpoints(model)[index]
-    q = next(n for n in model.graph.node if n.name == point.node)
-    scale = next(t for t in model.graph.initializer if t.name == q.input[1])
-    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * 3, scale.name))
-    onnx.save(model, str(out))
-    return point.node
-
-
 def test_a_planted_scale_change_is_named_at_its_node(tmp_path):
     deploy, images, path = _export(tmp_path)
-    planted = _plant(path, tmp_path / "planted.onnx", 2)
+    planted = plant_scale_change(path, tmp_path / "planted.onnx", 2)
     for model_path, expected in ((path, None), (tmp_path / "planted.onnx", planted)):
         model = diff.load(model_path)
         points = diff.checkpoints(model)
