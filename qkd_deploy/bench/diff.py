@@ -239,6 +239,12 @@ def run_tensorrt(
     )
 
     dequantized = dequantized_outputs(model, points)
+    unread = [p.node for p in points if p.tensor not in dequantized]
+    if unread:
+        raise UserError(
+            f"no DequantizeLinear reads the output of {unread[:3]}: TensorRT cannot return it; "
+            "check the model with 'qkd-deploy lint'"
+        )
     strongly_typed = int(tensorrt.__version__.split(".")[0]) >= 10
     network = NetworkFromOnnxBytes(model.SerializeToString(), strongly_typed=strongly_typed)
     marked = ModifyNetworkOutputs(network, outputs=sorted(set(dequantized.values())))

@@ -19,6 +19,9 @@ larger than listed, is refused before anything is written, as is an archive over
 ``MAX_BUNDLE_BYTES``; a damaged ``manifest.json``, ``expected.json``, ``preprocess.json`` or
 ``sample.npz`` is one UserError naming the file.
 
+``qkd-deploy diff BUNDLE`` runs on the device from what a bundle holds (``diff_inputs``): the
+model, and the sample images preprocessed as ``verify`` does them.
+
 Imports stdlib, numpy, onnx and onnxruntime only; TensorRT is imported when an engine is run.
 """
 
@@ -817,6 +820,22 @@ def _verify_folder(
             "with --set quant.target=tensorrt"
         )
     return {**result, **_compare(folder, expected, runtime, engine, checks)}
+
+
+def diff_inputs(folder: str | os.PathLike) -> tuple[Path, np.ndarray]:
+    """What ``qkd-deploy diff BUNDLE`` runs on the device: the bundle's model and its sample
+    images, preprocessed as ``verify`` does, once every file matches the manifest."""
+    folder = Path(folder)
+    manifest_path = folder / MANIFEST
+    hint = "give a bundle folder made by qkd-deploy bundle"
+    manifest = _check_manifest(_read_json(manifest_path, hint), manifest_path)
+    problems = _integrity_problems(folder, manifest["files"])
+    if problems:
+        raise UserError(f"{folder}: {'; '.join(problems)}; {DAMAGED}")
+    images, _, _ = _read_bundle_sample(folder / "sample.npz")
+    spec_path = folder / "preprocess.json"
+    preprocess = _preprocess(_read_json(spec_path, DAMAGED), spec_path, DAMAGED)
+    return folder / "model.onnx", _apply(preprocess, images, spec_path)
 
 
 def _check_manifest(manifest: dict[str, Any], where: Path) -> dict[str, Any]:
