@@ -26,7 +26,7 @@ KEY = "qkd.layers"
 def write(model: onnx.ModelProto, layers: dict[str, dict]) -> None:
     """Put ``layers`` (node name -> entry) into ``model``'s metadata, replacing any record."""
     props = {p.key: p.value for p in model.metadata_props}
-    props[KEY] = json.dumps(layers, sort_keys=True)
+    props[KEY] = json.dumps(layers, sort_keys=True, separators=(",", ":"))
     onnx.helper.set_model_props(model, props)
 
 
