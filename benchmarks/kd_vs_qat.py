@@ -20,7 +20,7 @@ from pathlib import Path
 from results_io import machine_line, summarize, targets_table, write_results
 
 from qkd_deploy.config import load_config, save_config
-from qkd_deploy.train_and_export import run
+from qkd_deploy.pipeline import run
 
 RUNS = [  # (method, bits)
     ("kd-decay", ["w8a8", "w4a4"]),

@@ -74,9 +74,10 @@ from qkd_deploy.config import load_config, save_config, to_dict
 from qkd_deploy.data import Preprocess, load_dataset, stratified_subset
 from qkd_deploy.distill.base import float_methods, method_class
 from qkd_deploy.errors import UserError
+from qkd_deploy.pipeline import run
+from qkd_deploy.pipeline.checks import check_method
 from qkd_deploy.runtime.base import run_in_batches
 from qkd_deploy.runtime.onnxruntime import OnnxRuntimeRunner
-from qkd_deploy.train_and_export import check_method, run
 
 LOW_BITS = ["w4a4", "w2a2"]
 # method -> (teachers it distils from, bit-widths); teachers are the first n of the seed's pool

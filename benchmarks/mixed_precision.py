@@ -34,7 +34,7 @@ from results_io import machine_line, targets_table, write_results
 
 from qkd_deploy.config import load_config, save_config
 from qkd_deploy.models import build_model
-from qkd_deploy.train_and_export import run
+from qkd_deploy.pipeline import run
 
 SHARED_STAGES = ("teacher", "student_float")
 # QAT learning rate per student: at 0.05 a 2-bit MobileNetV2 collapses to chance here

@@ -32,7 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bundle": ("qkd_deploy.deploy.bundle:main_bundle", "pack one student for the device"),
     "verify": ("qkd_deploy.deploy.bundle:main_verify", "check a deploy bundle on the device"),
     "sensitivity": (
-        "qkd_deploy.sensitivity_run:main",
+        "qkd_deploy.pipeline.sensitivity:main",
         "per-layer quantization sensitivity of a run's float student (no training)",
     ),
     "diff": (

@@ -61,7 +61,7 @@ def run_student(
 ) -> tuple[Levels, np.ndarray]:
     """The run's fake-quant student (``student``, else the one whose folder holds the model)
     and ``count`` of the run's preprocessed test images."""
-    from qkd_deploy.finished_run import FinishedRun
+    from qkd_deploy.pipeline.finished import FinishedRun
 
     run = FinishedRun.open(run_dir)
     bits = run.student_bits(student or Path(model_path).resolve().parent.name)

@@ -1,14 +1,16 @@
-"""``python -m qkd_deploy.train_and_export``: the whole pipeline in one command.
+"""``python -m qkd_deploy.train_and_export``: the whole pipeline in one command, from its
+arguments to a config to ``qkd_deploy.pipeline.run``.
 
 With no arguments it trains a float teacher on the embedded digits data, distils it into W8A8 and
 W4A4 students with KD inside QAT, exports them as Q/DQ ONNX, checks them in ONNX Runtime, measures
 accuracy and latency, and writes ``report.json``, ``report.md`` and ``manifest.json``.
+
+Torch loads only once ``main`` runs (after the OpenMP wait policy is set), never on import.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import shutil
@@ -16,11 +18,8 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
-
-from qkd_deploy.config import Config, load_config, save_config, to_dict
+from qkd_deploy.config import Config, load_config, save_config
 from qkd_deploy.errors import TrainingDiverged, UserError, expected_failure
-from qkd_deploy.rundir import RunDir
 
 # CLI flag -> the config keys it sets (``--epochs`` sets every training stage's epochs)
 FLAG_KEYS = {
@@ -161,9 +160,11 @@ def _bit_names(text: str) -> list[str]:
     return names
 
 
-def plan_run(args: argparse.Namespace) -> tuple[Config, Path, bool]:
+def config_and_directory(args: argparse.Namespace) -> tuple[Config, Path, bool]:
     """The run's config and directory, and whether the run is new; writes nothing (the
     directory is claimed by ``run`` once it holds the directory's lock)."""
+    from qkd_deploy.pipeline.checks import check_method
+
     if args.resume:
         root = Path(args.resume)
         stored = _stored_config(root)
@@ -181,20 +182,6 @@ def plan_run(args: argparse.Namespace) -> tuple[Config, Path, bool]:
         raise UserError(f"--out {root} is a file, not a folder; choose a new folder")
     config.out = str(root)
     return config, root, True
-
-
-def _claim(root: Path, config: Config) -> None:
-    """Make ``root`` (held, empty but for its lock) this new run's directory."""
-    if any(p.name != ".lock" for p in root.iterdir()):
-        raise UserError(
-            f"run directory {root} is not empty; use --resume {root} to continue it "
-            f"or --out to choose a new one"
-        )
-    try:
-        save_config(config, root / "config.yaml")
-    except BaseException:  # e.g. a full disk: the directory stays as empty as it was
-        RunDir(root).remove_if_unstarted()
-        raise
 
 
 # every flag that sets the run's settings (what --resume cannot change)
@@ -237,234 +224,12 @@ def check_resume_flags(args: argparse.Namespace) -> None:
             )
 
 
-def check_method(config: Config) -> dict:
-    """The configured method's full options (defaults filled in), after the checks that need no
-    training: a typo in a method option fails here, not after the teachers are trained."""
-    from qkd_deploy.distill.base import checked_method_options, method_class
-    from qkd_deploy.pipeline import teacher_configs
-
-    method = config.student.method
-    given = config.student.checkpoint  # a user's trained float student needs no float stage
-    if not method_class(method).trains and not config.student.float_reference and not given:
-        raise UserError(
-            f"{method} quantizes the trained float student without training it further, and "
-            "student.float_reference=false skips that student; set it to true"
-        )
-    check_float_method(config)
-    return checked_method_options(
-        config.student.method, config.student.method_options, len(teacher_configs(config))
-    )
-
-
-def check_float_method(config: Config) -> None:
-    """``student.float_method`` must train a float model, and there must be a float student."""
-    from qkd_deploy.distill.base import checked_method_options, float_methods, method_class
-    from qkd_deploy.pipeline import teacher_configs
-
-    name = config.student.float_method
-    if not method_class(name).distils_float:
-        raise UserError(
-            f"student.float_method {name!r} cannot train the float student (it needs a quantized "
-            f"student, or does not train); use one of {', '.join(float_methods())}"
-        )
-    if name != "none" and not config.student.float_reference:
-        raise UserError(
-            f"student.float_method={name} distils the float student, and "
-            "student.float_reference=false skips that student; set it to true, or the float "
-            "method to none"
-        )
-    checked_method_options(name, config.student.float_method_options, len(teacher_configs(config)))
-
-
-def run(config: Config, root: Path, new: bool = False) -> dict:
-    """Every stage, with the run directory held against other runs; returns the report.
-
-    The lock is taken before anything is checked or written, so a second run never touches a
-    directory it does not hold. A new run that stops, for any reason, before a stage wrote a
-    file leaves no run directory behind: the same command runs again once the input is fixed."""
-    run_dir = RunDir(root)
-    with run_dir.exclusive():
-        if new:
-            _claim(root, config)  # refuses a directory holding anything: nothing to undo then
-        else:  # a resume with --set export.*/bench.* changed the config: the record follows
-            stored = root / "config.yaml"
-            if stored.is_file() and to_dict(load_config(str(stored))) != to_dict(config):
-                save_config(config, stored)
-        try:
-            return _run_stages(config, root)
-        except BaseException:
-            if new:
-                run_dir.remove_if_unstarted()
-            raise
-
-
-def _run_stages(config: Config, root: Path) -> dict:
-    import torch
-
-    from qkd_deploy import pipeline as P
-    from qkd_deploy.bits import BitWidths
-    from qkd_deploy.data import (
-        load_dataset,
-        parse_normalize,
-        split_statistics,
-        stratified_subset,
-    )
-    from qkd_deploy.deploy.bundle import remove_stale_bundles
-    from qkd_deploy.distill.base import method_class
-    from qkd_deploy.precision_budget import choose_layer_precision
-    from qkd_deploy.rundir import library_versions, machine_description, write_manifest
-    from qkd_deploy.train import distributed
-    from qkd_deploy.train.device import describe
-    from qkd_deploy.train.threads import set_training_threads
-
-    timings: dict[str, float] = {}
-    progress = config.progress
-    with P.timed(timings, "data"):
-        data = load_dataset(config.data.spec, config.data.image_size)
-        if config.data.train_limit:
-            data.train = stratified_subset(data.train, config.data.train_limit, config.seed)
-        preprocess = (
-            parse_normalize(config.data.normalize, data.in_channels)
-            if config.data.normalize
-            else split_statistics(data.train, config.data.workers)
-        )
-    set_training_threads(config.threads, int(np.prod(data.image_size)), distributed.world_size())
-    ctx = P.Context(config, data, preprocess, RunDir(root))
-    device = ctx.device  # a GPU asked for that is not there fails here, before any training
-    bit_list = [BitWidths.parse(b) for b in config.student.bits]
-    for bits in bit_list:  # bad quantization settings fail here, before any training
-        P.quantize_options(config.quant, bits)
-    P.check_batch_sizes(ctx)  # and batches larger than the training split
-    P.check_training_processes(config)  # and what torchrun's processes cannot share
-    P.check_method_fits(ctx)  # and models that do not fit the method
-    _save_sample_batch(ctx)
-    with P.timed(timings, "teachers"):
-        teachers, teacher_infos = P.teachers_stage(ctx, progress)
-    with P.timed(timings, "student_float"):
-        float_student = P.float_student_stage(ctx, teachers, progress)
-    references = []
-    student_arch = config.student.module or config.student.arch
-    if config.student.float_reference:
-        with P.timed(timings, "export_student_float"):
-            ref = P.export_stage(ctx, float_student, "student_float", quantized=False)
-        references.append(
-            {
-                "name": "student_float",
-                "arch": student_arch,
-                "method": float_row_method(config),
-                **ref,
-            }
-        )
-    with P.timed(timings, "precision_budget"):  # quant.budget: per-layer precision, before QAT
-        choose_layer_precision(ctx, float_student)
-    students = []
-    trains = method_class(config.student.method).trains
-    for bits in bit_list:
-        with P.timed(timings, f"train_{bits.name}"):
-            student = P.quantized_student_stage(ctx, bits, float_student, teachers, progress)
-        with P.timed(timings, f"export_{bits.name}"):
-            result = dict(P.export_stage(ctx, student, bits.name, quantized=True))
-        warnings = [result.pop("warning")] if "warning" in result else []
-        collapse = P.collapse_warning(bits.name, result["accuracy_onnx"], data.num_classes, trains)
-        if collapse:
-            print(f"warning: {collapse}", file=sys.stderr)
-            warnings.append(collapse)
-        students.append(
-            {
-                "name": f"{P.student_label(config.student)}_{bits.name}",
-                "arch": student_arch,
-                "method": config.student.method,
-                "w_bits": bits.w,
-                "a_bits": bits.a,
-                **result,
-                "warnings": warnings,
-                "engine": None,
-            }
-        )
-    report = {
-        "dataset": data.name,
-        "test_samples": len(data.test),
-        "num_classes": data.num_classes,
-        "class_names": data.class_names,
-        "preprocess": preprocess.to_dict(),
-        "input_shape": [data.in_channels, *data.image_size],
-        "target": config.quant.target,
-        "teacher": max(teacher_infos, key=lambda t: t["accuracy"]),
-        "teachers": teacher_infos,
-        "data_free": _data_free(config),
-        "float_references": references,
-        "students": students,
-        "timings_s": timings,
-        "environment": {
-            "machine": machine_description(),
-            "threads": torch.get_num_threads(),  # torch's, for training
-            "onnxruntime_threads": config.bench.threads,  # latency; 0 = ONNX Runtime's default
-            "training_device": describe(device),
-            "training_processes": distributed.world_size(),
-            **library_versions(),
-        },
-    }
-    P.write_report_files(ctx, report)
-    for stale in remove_stale_bundles(root):
-        print(
-            f"note: removed {stale.name} (and its .tar.gz): it held an earlier export; make it "
-            f"again with qkd-deploy bundle {root}",
-            file=sys.stderr,
-        )
-    write_manifest(root, inputs=_inputs(config), config=to_dict(config))
-    return report
-
-
-def float_row_method(config: Config) -> str:
-    """How the float student came about: its float method, or ``checkpoint`` for a user's
-    trained weights (``student.checkpoint``), which the run evaluates and exports as given."""
-    return "checkpoint" if config.student.checkpoint else config.student.float_method
-
-
-def _data_free(config: Config) -> bool:
-    """Whether the students never saw a training image (they are still measured on the real
-    test split, and calibrated on generated images)."""
-    from qkd_deploy.distill.base import method_class
-
-    return method_class(config.student.method).data_free
-
-
-def _save_sample_batch(ctx) -> None:
-    """A few raw test images with labels, for deploy bundles and quick checks."""
-    from qkd_deploy.fileio import atomic_write_bytes
-
-    buffer = io.BytesIO()
-    np.savez(
-        buffer, images=ctx.data.test.first(16).numpy(), labels=ctx.data.test.labels[:16].numpy()
-    )
-    atomic_write_bytes(ctx.run.root / "sample_batch.npz", buffer.getvalue())
-
-
-def _inputs(config: Config) -> dict:
-    from qkd_deploy.fileio import sha256_file
-
-    checkpoints = [t.checkpoint for t in config.teachers if t.checkpoint]
-    student = config.student.checkpoint
-    return {
-        "data": config.data.spec,
-        "teacher_checkpoints": [
-            {"path": path, "sha256": sha256_file(path)}
-            for path in checkpoints
-            if os.path.isfile(path)
-        ],
-        "student_checkpoint": (
-            {"path": student, "sha256": sha256_file(student)}
-            if student and os.path.isfile(student)
-            else None
-        ),
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     """The whole pipeline; under torchrun, process 0 runs it and the others train with it."""
     from qkd_deploy.train.threads import prefer_passive_waiting
 
     prefer_passive_waiting()  # before torch loads its OpenMP runtime
+    from qkd_deploy.pipeline import run
     from qkd_deploy.train import distributed
     from qkd_deploy.train.loop import serve
 
@@ -476,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                 _import_like_the_leader()
                 serve(group)
                 return 0
-            config, root, new = plan_run(args)
+            config, root, new = config_and_directory(args)
             report = run(config, root, new)
     except KeyboardInterrupt:
         print(_interrupted(root), file=sys.stderr)
@@ -562,7 +327,7 @@ def _at_least_one(text: str) -> int:
 def export_main(argv: list[str]) -> int:
     """``qkd-deploy export RUN``: export and measure a finished run's models again with other
     export or bench settings (``--resume`` with those alone); it never trains."""
-    from qkd_deploy.pipeline import trained_model_files
+    from qkd_deploy.pipeline.plan import Plan
 
     p = argparse.ArgumentParser(
         prog="qkd-deploy export",
@@ -583,7 +348,7 @@ def export_main(argv: list[str]) -> int:
                 "(and threads, student.min_accuracy)"
             )
     config = load_config(str(stored))
-    missing = [f for f in trained_model_files(config, root) if not f.is_file()]
+    missing = [f for f in Plan.of(config).trained_model_files(root) if not f.is_file()]
     if missing:
         raise UserError(
             f"{root} has not finished training ({missing[0]} is missing) and export never trains; "

@@ -57,7 +57,7 @@ def test_bad_settings_name_the_key(override, message):
 
 def test_the_documented_config_example_loads(tmp_path):
     """The YAML example in docs/options.md is a valid config with valid method options."""
-    from qkd_deploy.train_and_export import check_method
+    from qkd_deploy.pipeline.checks import check_method
 
     options = (Path(__file__).parents[2] / "docs" / "options.md").read_text()
     (example,) = re.findall(r"```yaml\n(.*?)```", options, re.S)

@@ -115,7 +115,7 @@ def test_build_recipe_of_an_onnxruntime_target_runs_onnxruntime_and_builds_no_en
     """A W4A8 student exported for ONNX Runtime (UINT8 Q/DQ, INT32 biases: TensorRT rejects it),
     from the run's trained teacher and float student."""
     from qkd_deploy.config import load_config
-    from qkd_deploy.train_and_export import run
+    from qkd_deploy.pipeline import run
 
     out = tmp_path / "ort"
     for stage in ("teacher", "student_float"):

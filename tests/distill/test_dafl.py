@@ -233,9 +233,9 @@ def test_data_free_student_does_not_start_from_the_float_student(
 ):
     """The float student learnt from the training images, so a data-free method must not
     start from it."""
-    from qkd_deploy import pipeline as P
     from qkd_deploy.config import load_config
     from qkd_deploy.data import load_dataset, normalization_stats
+    from qkd_deploy.pipeline import stages as P
     from qkd_deploy.quant.convert import BitWidths
     from qkd_deploy.rundir import RunDir
 

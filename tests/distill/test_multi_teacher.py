@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch import nn
 
-from qkd_deploy import pipeline
 from qkd_deploy.config import load_config
 from qkd_deploy.data import load_dataset, normalization_stats
 from qkd_deploy.distill import build_distiller
@@ -27,6 +26,7 @@ from qkd_deploy.distill.multi_teacher import (
 )
 from qkd_deploy.errors import UserError
 from qkd_deploy.models import build_model
+from qkd_deploy.pipeline import checks as pipeline
 from qkd_deploy.quant.modules import quantizers
 from qkd_deploy.rundir import RunDir
 from tests.support.hand_math import softmax

@@ -118,7 +118,7 @@ def test_a_student_near_chance_fails_the_run_unless_allowed():
 
 
 def test_a_full_disk_as_the_run_starts_leaves_no_directory(tmp_path, monkeypatch, capsys):
-    import qkd_deploy.train_and_export as entry
+    import qkd_deploy.pipeline.runner as entry
 
     def disk_full(config, path):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))

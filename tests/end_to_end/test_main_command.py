@@ -22,11 +22,13 @@ from qkd_deploy.distill.logit import KDDecayOptions
 from qkd_deploy.errors import UserError
 from qkd_deploy.fileio import sha256_file
 from qkd_deploy.models.registry import build_model
-from qkd_deploy.pipeline import quantize_options
+from qkd_deploy.pipeline import run
+from qkd_deploy.pipeline.checks import check_method
+from qkd_deploy.pipeline.models import quantize_options
 from qkd_deploy.quant.convert import BitWidths, quantize_model
 from qkd_deploy.train.batchnorm import reestimate_batchnorm
 from qkd_deploy.train.device import describe, resolve_device
-from qkd_deploy.train_and_export import check_method, main, run
+from qkd_deploy.train_and_export import main
 
 TINY = """
 teachers: [{arch: resnet8}]
@@ -243,8 +245,8 @@ def test_a_model_that_does_not_fit_the_method_fails_before_any_training(
 
 
 def test_the_method_check_leaves_the_random_state_alone(tmp_path):
-    from qkd_deploy import pipeline as P
     from qkd_deploy.data import load_dataset, normalization_stats
+    from qkd_deploy.pipeline import checks as P
     from qkd_deploy.rundir import RunDir
 
     data = load_dataset("digits", None)
@@ -508,7 +510,7 @@ def test_float_checkpoints_hold_the_teachers_only_when_the_float_student_distils
 
 
 def test_teachers_default_to_the_float_methods_when_only_the_float_student_distils():
-    from qkd_deploy.pipeline import teacher_configs
+    from qkd_deploy.pipeline.plan import teacher_configs
 
     def archs(*overrides):
         return [t.arch for t in teacher_configs(load_config(overrides=list(overrides)))]
@@ -564,7 +566,7 @@ def test_ptq_needs_the_float_student():
 
 def test_ptq_students_batch_size_is_not_checked_as_it_never_trains():
     """A small folder with the default student batch of 64 is fine for ``ptq``."""
-    from qkd_deploy.pipeline import _training_stages
+    from qkd_deploy.pipeline.plan import training_stages as _training_stages
 
     small = ["teacher_train.batch_size=8", "student.float_train.batch_size=8"]
     keys = [
@@ -617,7 +619,7 @@ def test_onnxruntime_target_end_to_end_runs_on_integer_kernels(tiny_run, tmp_pat
     [(0.10, 10, True), (0.1499, 10, True), (0.16, 10, False), (0.83, 10, False), (0.54, 2, True)],
 )
 def test_collapse_warning_only_near_chance(accuracy, num_classes, warns):
-    from qkd_deploy.pipeline import collapse_warning
+    from qkd_deploy.pipeline.stages import collapse_warning
 
     warning = collapse_warning("w2a2", accuracy, num_classes, trained=True)
     assert (warning is not None) == warns
@@ -626,7 +628,7 @@ def test_collapse_warning_only_near_chance(accuracy, num_classes, warns):
 
 
 def test_collapse_warning_of_an_untrained_student_asks_for_training_not_a_lower_rate():
-    from qkd_deploy.pipeline import collapse_warning
+    from qkd_deploy.pipeline.stages import collapse_warning
 
     warning = collapse_warning("w2a2", 0.11, 10, trained=False)
     assert "post-training quantization" in warning and "--method none" in warning
@@ -776,7 +778,7 @@ def pickle_calling(function, argument) -> bytes:
 
 
 def test_a_bug_keeps_its_traceback_and_leaves_no_new_run_directory(tmp_path, monkeypatch):
-    import qkd_deploy.pipeline as pipeline
+    import qkd_deploy.pipeline.checks as pipeline
 
     def broken(ctx):
         raise RuntimeError("a bug in a check")
@@ -795,7 +797,7 @@ def test_a_full_disk_mid_run_is_one_error_and_the_run_resumes(
     finished stage stays, and the resumed run finishes."""
     import errno
 
-    import qkd_deploy.pipeline as pipeline
+    import qkd_deploy.pipeline.runner as pipeline
 
     run_dir = tmp_path / "run"
     on_tiny_pool(tiny_run, run_dir, ["student.bits=[w8a8]"])

@@ -10,11 +10,11 @@ import pytest
 import torch
 import yaml
 
-from qkd_deploy import pipeline as P
 from qkd_deploy.config import load_config
 from qkd_deploy.data import load_dataset, split_statistics
 from qkd_deploy.deploy.bundle import make_bundle
 from qkd_deploy.fileio import sha256_file
+from qkd_deploy.pipeline import checks as P
 from qkd_deploy.rundir import RunDir
 from qkd_deploy.train_and_export import export_main, main
 

@@ -33,9 +33,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("bench",),
     ("deploy",),
     ("pipeline",),
-    ("finished_run",),
-    ("sensitivity_run", "diff_reference"),
-    ("precision_budget", "diff_command"),
+    ("diff_reference",),
+    ("diff_command",),
     ("train_and_export", "api"),
     ("cli",),
 ]

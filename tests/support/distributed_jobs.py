@@ -10,12 +10,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qkd_deploy import pipeline as P
 from qkd_deploy.config import TrainConfig, load_config
 from qkd_deploy.data import BatchLoader, load_dataset, normalization_stats
 from qkd_deploy.data.datasets import ImageSplit
 from qkd_deploy.distill import build_distiller
 from qkd_deploy.distill.base import METHODS
+from qkd_deploy.pipeline import checks as P
 from qkd_deploy.rundir import RunDir
 from qkd_deploy.train import distributed
 from qkd_deploy.train.loop import fit, train_job

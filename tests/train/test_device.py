@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from qkd_deploy import pipeline as P
 from qkd_deploy.config import load_config
 from qkd_deploy.data import load_dataset, normalization_stats
 from qkd_deploy.distill.base import METHODS
 from qkd_deploy.errors import UserError
+from qkd_deploy.pipeline import checks as P
 from qkd_deploy.rundir import RunDir
 from qkd_deploy.train.device import resolve_device
 from qkd_deploy.train_and_export import main

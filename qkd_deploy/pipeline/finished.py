@@ -12,6 +12,9 @@ from qkd_deploy.bits import BitWidths
 from qkd_deploy.config import Config, load_config
 from qkd_deploy.data import DatasetSplits, Preprocess
 from qkd_deploy.errors import UserError
+from qkd_deploy.pipeline.context import load_data
+from qkd_deploy.pipeline.models import load_state, mark_calibrated, quantize_options, student_model
+from qkd_deploy.quant.precision import quantize
 
 
 @dataclass
@@ -24,31 +27,14 @@ class FinishedRun:
     @classmethod
     def open(cls, root: str | Path) -> FinishedRun:
         """The run in ``root`` with its data loaded and normalised as the run did it."""
-        from qkd_deploy.data import (
-            load_dataset,
-            normalization_stats,
-            parse_normalize,
-            stratified_subset,
-        )
-
         root = Path(root)
         if not (root / "config.yaml").is_file():
             raise UserError(f"{root}: no config.yaml there; give the directory of a run")
         config = load_config(str(root / "config.yaml"))
-        data = load_dataset(config.data.spec, config.data.image_size)
-        if config.data.train_limit:
-            data.train = stratified_subset(data.train, config.data.train_limit, config.seed)
-        preprocess = (
-            parse_normalize(config.data.normalize, data.in_channels)
-            if config.data.normalize
-            else normalization_stats(data.train.images.numpy())
-        )
-        return cls(root, config, data, preprocess)
+        return cls(root, config, *load_data(config))
 
     def float_student(self) -> nn.Module:
         """The trained float student (the model QAT starts from), in eval mode."""
-        from qkd_deploy.pipeline import load_state, student_model
-
         weights = self.root / "student_float" / "model.pt"
         if not weights.is_file():
             raise UserError(
@@ -74,14 +60,8 @@ class FinishedRun:
 
     def quantized_student(self, bits: BitWidths) -> nn.Module:
         """The trained fake-quant student at ``bits``, as the pipeline saved it (eval mode)."""
-        from qkd_deploy.pipeline import load_state, quantize_options
-        from qkd_deploy.quant.precision import quantize
-
         weights = self.root / bits.name / "model.pt"
         if not weights.is_file():
             raise UserError(f"{self.root} has no trained {bits.name} student ({weights})")
         student = quantize(self.float_student(), quantize_options(self.config.quant, bits))
-        for name, buffer in student.named_buffers():
-            if name.endswith("calibrated"):
-                buffer.fill_(True)
-        return load_state(student, weights).eval()
+        return load_state(mark_calibrated(student), weights).eval()

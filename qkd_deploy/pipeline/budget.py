@@ -10,17 +10,15 @@ import time
 from typing import TYPE_CHECKING
 
 from qkd_deploy.config import Budget, save_config
-from qkd_deploy.distill.base import method_class
 from qkd_deploy.errors import UserError
 from qkd_deploy.fileio import atomic_write_json
-from qkd_deploy.finished_run import FinishedRun
+from qkd_deploy.pipeline.context import Context
+from qkd_deploy.pipeline.finished import FinishedRun
+from qkd_deploy.pipeline.sensitivity import measure_for_run, write_tables
 from qkd_deploy.quant.budget import choose
-from qkd_deploy.sensitivity_run import measure_for_run, write_tables
 
 if TYPE_CHECKING:
     from torch import nn
-
-    from qkd_deploy.pipeline import Context
 
 
 def choose_layer_precision(ctx: Context, float_student: nn.Module) -> None:
@@ -31,7 +29,7 @@ def choose_layer_precision(ctx: Context, float_student: nn.Module) -> None:
     config = ctx.config
     if config.quant.budget is None:
         return
-    if not config.student.float_reference or method_class(config.student.method).data_free:
+    if not ctx.plan.float_reference or ctx.plan.data_free:
         raise UserError(
             "quant.budget measures the trained float student on training images: it needs "
             "student.float_reference=true and a method that sees the data"

@@ -14,9 +14,12 @@ import torch
 from torch import nn
 
 from qkd_deploy.bits import BitWidths
+from qkd_deploy.calib.calibrate import calibrate
 from qkd_deploy.config import Config
 from qkd_deploy.data import DatasetSplits, Preprocess
-from qkd_deploy.fileio import atomic_write_json, atomic_write_text
+from qkd_deploy.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from qkd_deploy.pipeline.finished import FinishedRun
+from qkd_deploy.pipeline.models import quantize_options
 from qkd_deploy.quant.sensitivity import (
     Evaluator,
     MixedPrecisionModel,
@@ -38,9 +41,6 @@ def measure_for_run(
 ) -> tuple[Sensitivity, MixedPrecisionModel, Evaluator]:
     """The sensitivity of ``float_model`` quantized as the run quantizes its ``bits`` student,
     calibrated on ``data.calibration_size`` training images and scored on ``images`` others."""
-    from qkd_deploy.calib.calibrate import calibrate
-    from qkd_deploy.pipeline import quantize_options
-
     qcfg = config.quant
     calibrate_on = functools.partial(
         calibrate,
@@ -74,7 +74,6 @@ def write_tables(root: Path, table: Sensitivity, seconds: float) -> None:
 def plot(table: Sensitivity, path: Path) -> Path:
     """Accuracy with each layer alone quantized and with it left float, most damaging first."""
     from qkd_deploy.bench.plots import _pyplot
-    from qkd_deploy.fileio import atomic_write_bytes
 
     plt = _pyplot()
     names = [row.layer for row in table.layers]
@@ -94,8 +93,6 @@ def plot(table: Sensitivity, path: Path) -> Path:
 
 
 def main(argv: list[str]) -> int:
-    from qkd_deploy.finished_run import FinishedRun
-
     p = argparse.ArgumentParser(
         prog="qkd-deploy sensitivity",
         description="Per-layer quantization sensitivity of a run's float student, no training: "

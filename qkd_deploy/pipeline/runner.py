@@ -1,0 +1,178 @@
+"""A run from start to end: the run directory held, every check before training, the stages in
+order, and the report, the manifest and the sample batch written."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qkd_deploy.bench.report import write_report
+from qkd_deploy.config import Config, load_config, save_config, to_dict
+from qkd_deploy.deploy.bundle import remove_stale_bundles
+from qkd_deploy.errors import UserError
+from qkd_deploy.fileio import sha256_file
+from qkd_deploy.pipeline.budget import choose_layer_precision
+from qkd_deploy.pipeline.checks import check_before_training
+from qkd_deploy.pipeline.context import Context, load_data
+from qkd_deploy.pipeline.report import Environment, FloatReference, Report, StudentResult
+from qkd_deploy.pipeline.stages import (
+    collapse_warning,
+    export_stage,
+    float_student_stage,
+    quantized_student_stage,
+    save_sample_batch,
+    teachers_stage,
+)
+from qkd_deploy.rundir import RunDir, library_versions, machine_description, write_manifest
+from qkd_deploy.train import distributed
+from qkd_deploy.train.device import describe
+from qkd_deploy.train.threads import set_training_threads
+
+
+def run(config: Config, root: Path, new: bool = False) -> dict:
+    """Every stage, with the run directory held against other runs; returns the report as
+    ``report.json`` holds it.
+
+    The lock is taken before anything is checked or written, so a second run never touches a
+    directory it does not hold. A new run that stops, for any reason, before a stage wrote a
+    file leaves no run directory behind: the same command runs again once the input is fixed."""
+    run_dir = RunDir(root)
+    with run_dir.exclusive():
+        if new:
+            claim(root, config)  # refuses a directory holding anything: nothing to undo then
+        else:  # a resume with --set export.*/bench.* changed the config: the record follows
+            stored = root / "config.yaml"
+            if stored.is_file() and to_dict(load_config(str(stored))) != to_dict(config):
+                save_config(config, stored)
+        try:
+            return run_stages(config, root)
+        except BaseException:
+            if new:
+                run_dir.remove_if_unstarted()
+            raise
+
+
+def claim(root: Path, config: Config) -> None:
+    """Make ``root`` (held, empty but for its lock) this new run's directory."""
+    if any(p.name != ".lock" for p in root.iterdir()):
+        raise UserError(
+            f"run directory {root} is not empty; use --resume {root} to continue it "
+            f"or --out to choose a new one"
+        )
+    try:
+        save_config(config, root / "config.yaml")
+    except BaseException:  # e.g. a full disk: the directory stays as empty as it was
+        RunDir(root).remove_if_unstarted()
+        raise
+
+
+def run_stages(config: Config, root: Path) -> dict:
+    """The checks, then every stage in order (each skipped when its files exist); writes the
+    report, the manifest and the sample batch, and returns the report as written."""
+    timings: dict[str, float] = {}
+    progress = config.progress
+    with timed(timings, "data"):
+        data, preprocess = load_data(config)
+    set_training_threads(config.threads, int(np.prod(data.image_size)), distributed.world_size())
+    ctx = Context(config, data, preprocess, RunDir(root))
+    plan = ctx.plan
+    check_before_training(ctx)
+    save_sample_batch(ctx)
+    with timed(timings, "teachers"):
+        teachers, teacher_results = teachers_stage(ctx, progress)
+    with timed(timings, "student_float"):
+        float_student = float_student_stage(ctx, teachers, progress)
+    references = []
+    if plan.float_reference:
+        with timed(timings, "export_student_float"):
+            measured = export_stage(ctx, float_student, "student_float", quantized=False)
+        references.append(
+            FloatReference("student_float", plan.student_arch, plan.float_row_method, measured)
+        )
+    with timed(timings, "precision_budget"):  # quant.budget: per-layer precision, before QAT
+        choose_layer_precision(ctx, float_student)
+    students = []
+    for bits in plan.bits:
+        with timed(timings, f"train_{bits.name}"):
+            student = quantized_student_stage(ctx, bits, float_student, teachers, progress)
+        with timed(timings, f"export_{bits.name}"):
+            measured = export_stage(ctx, student, bits.name, quantized=True)
+        warnings = [measured.warning] if measured.warning else []
+        collapse = collapse_warning(
+            bits.name, measured.accuracy_onnx, data.num_classes, plan.trains
+        )
+        if collapse:
+            print(f"warning: {collapse}", file=sys.stderr)
+            warnings.append(collapse)
+        name = f"{plan.student_label}_{bits.name}"
+        students.append(
+            StudentResult(name, plan.student_arch, plan.method, bits, measured, tuple(warnings))
+        )
+    report = Report(
+        dataset=data.name,
+        test_samples=len(data.test),
+        num_classes=data.num_classes,
+        class_names=data.class_names,
+        preprocess=preprocess,
+        input_shape=(data.in_channels, *data.image_size),
+        target=config.quant.target,
+        teachers=tuple(teacher_results),
+        data_free=plan.data_free,
+        float_references=tuple(references),
+        students=tuple(students),
+        timings_s=timings,
+        environment=Environment(
+            machine=machine_description(),
+            threads=torch.get_num_threads(),
+            onnxruntime_threads=config.bench.threads,
+            training_device=describe(ctx.device),
+            training_processes=distributed.world_size(),
+            versions=library_versions(),
+        ),
+    )
+    written = report.to_json()
+    write_report(root, written)  # adds what it reads from the ONNX files (layer_precision)
+    for stale in remove_stale_bundles(root):
+        print(
+            f"note: removed {stale.name} (and its .tar.gz): it held an earlier export; make it "
+            f"again with qkd-deploy bundle {root}",
+            file=sys.stderr,
+        )
+    write_manifest(root, inputs=inputs(config), config=to_dict(config))
+    return written
+
+
+@contextlib.contextmanager
+def timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    """Records the wall time (seconds) of the ``with`` block as ``timings[name]``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = round(time.perf_counter() - start, 2)
+
+
+def inputs(config: Config) -> dict:
+    """The run's inputs for the manifest: the data, and the sha256 of every checkpoint given."""
+    checkpoints = [t.checkpoint for t in config.teachers if t.checkpoint]
+    student = config.student.checkpoint
+    return {
+        "data": config.data.spec,
+        "teacher_checkpoints": [
+            {"path": path, "sha256": sha256_file(path)}
+            for path in checkpoints
+            if os.path.isfile(path)
+        ],
+        "student_checkpoint": (
+            {"path": student, "sha256": sha256_file(student)}
+            if student and os.path.isfile(student)
+            else None
+        ),
+    }
