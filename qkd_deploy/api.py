@@ -38,12 +38,13 @@ from qkd_deploy.quant.integer import to_deploy
 from qkd_deploy.quant.modules import quantizers
 from qkd_deploy.quant.precision import PrecisionOptions, split_layer_bits
 from qkd_deploy.quant.precision import quantize as quantize_with_precision
+from qkd_deploy.targets import Target
 
 
 def quantize(
     model: nn.Module,
     bits: str | int = "w8a8",
-    target: str = "tensorrt",
+    target: Target | str = Target.TENSORRT,
     calibration: Iterable[Any] | None = None,
     *,
     first_last_bits: int | None = 8,

@@ -36,7 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "per-layer quantization sensitivity of a run's float student (no training)",
     ),
     "diff": (
-        "qkd_deploy.diff_command:main",
+        "qkd_deploy.pipeline.diff:main",
         "run an ONNX model as written and on fused kernels; name the first tensor that differs",
     ),
     "build-engine": (

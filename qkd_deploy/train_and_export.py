@@ -20,6 +20,7 @@ from pathlib import Path
 
 from qkd_deploy.config import Config, load_config, save_config
 from qkd_deploy.errors import TrainingDiverged, UserError, expected_failure
+from qkd_deploy.targets import Target
 
 # CLI flag -> the config keys it sets (``--epochs`` sets every training stage's epochs)
 FLAG_KEYS = {
@@ -91,7 +92,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="distil the float student too, before QAT (kd, kd-decay, avg-teachers or feed; "
         "default none: labels only)",
     )
-    p.add_argument("--target", choices=["tensorrt", "onnxruntime"], help="export target")
+    p.add_argument("--target", choices=[t.value for t in Target], help="export target")
     p.add_argument("--epochs", type=_at_least_one, help="epochs of every training stage")
     p.add_argument("--seed", type=int)
     p.add_argument(

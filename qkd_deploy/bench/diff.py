@@ -18,7 +18,7 @@ the DequantizeLinear that reads each checkpoint, and its levels are that value o
 change which layers TensorRT fuses around it, as Polygraphy's ``--mark all`` does.
 
 Torch-free, so the command also runs on the device from a bundle; the torch side (``--run``) is
-``qkd_deploy.diff_reference``.
+``qkd_deploy.pipeline.diff_reference``.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from pathlib import Path
 from qkd_deploy.bits import BitWidths
 from qkd_deploy.config import Config, TeacherConfig, TrainConfig
 from qkd_deploy.distill.base import Distiller, method_class
+from qkd_deploy.targets import Target
 
 
 class FloatStudent(enum.Enum):
@@ -35,6 +36,7 @@ class Plan:
     float_reference: bool  # the float student is exported and reported
     teachers: tuple[TeacherConfig, ...]
     bits: tuple[BitWidths, ...]
+    target: Target
     training_stages: tuple[tuple[str, TrainConfig], ...]  # (config key, settings)
     student_arch: str  # the zoo name or the user's ``module:factory``
     student_label: str  # the students' names in the report start with it
@@ -71,6 +73,7 @@ class Plan:
             float_reference=cfg.float_reference,
             teachers=teachers,
             bits=tuple(BitWidths.parse(b) for b in cfg.bits),
+            target=Target.parse(config.quant.target),
             training_stages=tuple(stages),
             student_arch=cfg.module or cfg.arch,
             student_label=cfg.module.rpartition(":")[2] if cfg.module else cfg.arch,

@@ -13,6 +13,7 @@ from typing import Any
 
 from qkd_deploy.bits import BitWidths
 from qkd_deploy.data.preprocess import Preprocess
+from qkd_deploy.targets import Target
 
 Json = dict[str, Any]
 
@@ -223,7 +224,7 @@ class Report:
     class_names: list[str]
     preprocess: Preprocess
     input_shape: tuple[int, ...]
-    target: str
+    target: Target
     teachers: tuple[TeacherResult, ...]
     data_free: bool  # the students never saw a training image
     float_references: tuple[FloatReference, ...]
@@ -244,7 +245,7 @@ class Report:
             "class_names": list(self.class_names),
             "preprocess": self.preprocess.to_dict(),
             "input_shape": list(self.input_shape),
-            "target": self.target,
+            "target": self.target.value,
             "teacher": self.teacher.to_json(),
             "teachers": [t.to_json() for t in self.teachers],
             "data_free": self.data_free,
@@ -263,7 +264,7 @@ class Report:
             class_names=list(report["class_names"]),
             preprocess=Preprocess.from_dict(report["preprocess"]),
             input_shape=tuple(report["input_shape"]),
-            target=report["target"],
+            target=Target.parse(report["target"]),
             teachers=tuple(map(TeacherResult.from_json, report["teachers"])),
             data_free=report["data_free"],
             float_references=tuple(map(FloatReference.from_json, report["float_references"])),

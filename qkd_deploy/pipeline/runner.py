@@ -122,7 +122,7 @@ def run_stages(config: Config, root: Path) -> dict:
         class_names=data.class_names,
         preprocess=preprocess,
         input_shape=(data.in_channels, *data.image_size),
-        target=config.quant.target,
+        target=plan.target,
         teachers=tuple(teacher_results),
         data_free=plan.data_free,
         float_references=tuple(references),

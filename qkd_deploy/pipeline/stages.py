@@ -50,6 +50,7 @@ from qkd_deploy.quant.precision import quantize
 from qkd_deploy.rundir import library_versions, machine_description
 from qkd_deploy.runtime.base import run_in_batches
 from qkd_deploy.runtime.onnxruntime import OnnxRuntimeRunner, fused_kernel_inexactness
+from qkd_deploy.targets import Target
 from qkd_deploy.train.batchnorm import reestimate_batchnorm
 from qkd_deploy.train.evaluate import predict
 from qkd_deploy.train.loop import StepsOnly, fit
@@ -303,7 +304,7 @@ def export_and_measure(ctx: Context, model: nn.Module, name: str, quantized: boo
         )
     warning = None
     if quantized and kernels.agreement < min_agreement:
-        warning = ort_kernel_warning(name, kernels.agreement, ctx.config.quant.target)
+        warning = ort_kernel_warning(name, kernels.agreement, ctx.plan.target)
         print(f"warning: {warning}", file=sys.stderr)
     rows = measure_latency(runner, images[0], bench.batch_sizes, bench.warmup, bench.iterations)
     runner.close()
@@ -356,7 +357,7 @@ def collapse_warning(name: str, accuracy: float, num_classes: int, trained: bool
     )
 
 
-def ort_kernel_warning(name: str, agreement: float, target: str) -> str:
+def ort_kernel_warning(name: str, agreement: float, target: Target) -> str:
     """Why ONNX Runtime's fused integer kernels disagree with a graph that is itself right."""
     causes = fused_kernel_inexactness(target)
     return (

@@ -14,7 +14,6 @@ from qkd_deploy.bits import BitWidths
 from qkd_deploy.errors import UserError
 from qkd_deploy.models.layers import Add
 from qkd_deploy.quant.graph import module_of, trace
-from qkd_deploy.quant.grid import check_target
 from qkd_deploy.quant.modules import (
     QuantAdd,
     QuantAvgPool,
@@ -31,6 +30,7 @@ from qkd_deploy.quant.placement import (
 )
 from qkd_deploy.quant.quantizer import LSQQuantizer
 from qkd_deploy.quant.rewrite import Edit, rewrite_owners
+from qkd_deploy.targets import Target
 
 
 @dataclass
@@ -39,7 +39,7 @@ class QuantizeOptions:
     overrides (``fnmatch`` pattern of the module name -> ``wXaY``), export target, LSQ or fixed."""
 
     bits: BitWidths
-    target: str = "tensorrt"
+    target: Target = Target.TENSORRT  # its spelling ("tensorrt") is parsed too
     first_last_bits: int | None = 8
     layer_bits: dict[str, str] = field(default_factory=dict)
     learn_scales: bool = True
@@ -47,7 +47,7 @@ class QuantizeOptions:
     trace: bool = field(default=True, kw_only=True)  # False: layers only (see quantize_model)
 
     def __post_init__(self) -> None:
-        check_target(self.target)
+        self.target = Target.parse(self.target)
         if self.residual_add_inputs not in ("skip", "both"):
             raise UserError(
                 f"quant.residual_add_inputs {self.residual_add_inputs!r}: use 'skip' (Q/DQ on "
@@ -112,7 +112,7 @@ def _sites(graph: Graph, first_last: set[str], options: QuantizeOptions) -> list
             return options.first_last_bits or options.bits.a
         return options.bits.a
 
-    if options.target == "tensorrt":
+    if options.target is Target.TENSORRT:
         return tensorrt_sites(graph, bits_of, options.residual_add_inputs)
     return onnxruntime_sites(graph, bits_of)
 

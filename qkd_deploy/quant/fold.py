@@ -24,6 +24,7 @@ from torch import nn
 from qkd_deploy.errors import UserError
 from qkd_deploy.quant.graph import module_of, trace
 from qkd_deploy.quant.modules import QuantConv2d, QuantLinear, replace_submodule
+from qkd_deploy.targets import Target
 
 
 def conv_bn_pairs(model: nn.Module) -> dict[str, str]:
@@ -64,5 +65,5 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         replace_submodule(folded, bn_name, nn.Identity())
     for module in folded.modules():
         if isinstance(module, (QuantConv2d, QuantLinear)):
-            module.quantize_bias = module.input_quantizer.target == "onnxruntime"
+            module.quantize_bias = module.input_quantizer.target is Target.ONNXRUNTIME
     return folded.eval()

@@ -8,8 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qkd_deploy.bits import check_bits
-
-TARGETS = ("tensorrt", "onnxruntime")
+from qkd_deploy.targets import Target
 
 
 @dataclass(frozen=True)
@@ -41,7 +40,7 @@ def weight_grid(bits: int) -> Grid:
     return Grid(-half, half, "int8")
 
 
-def activation_grid(bits: int, non_negative: bool, target: str) -> Grid:
+def activation_grid(bits: int, non_negative: bool, target: Target | str) -> Grid:
     """Activations: per tensor, symmetric.
 
     A non-negative activation (after ReLU) uses the unsigned grid 0 .. 2^b-1, carried by UINT8 for
@@ -52,19 +51,12 @@ def activation_grid(bits: int, non_negative: bool, target: str) -> Grid:
     network input on INT8 left the first conv of ResNet-18 unfused).
     """
     check_bits(bits, "activation quantizer")
-    check_target(target)
-    if non_negative and target == "onnxruntime":
+    target = Target.parse(target)
+    if non_negative and target is Target.ONNXRUNTIME:
         return Grid(0, 2**bits - 1, "uint8")
     if non_negative and bits <= 7:
         return Grid(0, 2**bits - 1, "int8")
     half = 2 ** (bits - 1)
-    if target == "onnxruntime":
+    if target is Target.ONNXRUNTIME:
         return Grid(-half, half - 1, "uint8", zero_point=128)
     return Grid(-half, half - 1, "int8")
-
-
-def check_target(target: str) -> None:
-    if target not in TARGETS:
-        from qkd_deploy.errors import UserError
-
-        raise UserError(f"unknown export target {target!r}; use one of {', '.join(TARGETS)}")

@@ -30,6 +30,7 @@ from qkd_deploy.quant.modules import (
     replace_submodule,
 )
 from qkd_deploy.quant.quantizer import LSQQuantizer
+from qkd_deploy.targets import Target
 
 _TORCH_DTYPES = {"int8": torch.int8, "uint8": torch.uint8}
 INT32_RANGE = (-(2**31), 2**31 - 1)
@@ -94,7 +95,7 @@ class DeployLinear(_IntegerWeights):
         q, scale, bias = _integer_weights(linear)
         super().__init__(q, scale, bias, linear.weight_quantizer.bits)
         self.input_quantizer = freeze(linear.input_quantizer)
-        self.integer_bias = bias is not None and linear.input_quantizer.target == "onnxruntime"
+        self.integer_bias = bias is not None and linear.input_quantizer.target is Target.ONNXRUNTIME
         if self.integer_bias:
             self.register_buffer("bias_scale", self.input_quantizer.scale * self.weight_scale)
             grid = torch.round(self.bias.double() / self.bias_scale.double())

@@ -14,6 +14,7 @@ from torch import nn
 
 from qkd_deploy.bits import check_bits
 from qkd_deploy.quant.grid import Grid, activation_grid, weight_grid
+from qkd_deploy.targets import Target
 
 
 def _scale_gradient(t: torch.Tensor, factor: float) -> torch.Tensor:
@@ -91,14 +92,14 @@ class LSQQuantizer(nn.Module):
         kind: str,
         *,
         channels: int | None = None,
-        target: str = "tensorrt",
+        target: Target | str = Target.TENSORRT,
         learn_scale: bool = True,
     ) -> None:
         super().__init__()
         check_bits(bits, f"{kind} quantizer")
         self.bits = bits
         self.kind = kind
-        self.target = target
+        self.target = Target.parse(target)
         self.axis = 0 if kind == "weight" else None
         self.scale = nn.Parameter(
             torch.ones(channels if self.axis == 0 else ()), requires_grad=learn_scale
@@ -121,7 +122,7 @@ class LSQQuantizer(nn.Module):
         non-negative activation is 0..255 on the ``tensorrt`` target too, not -128..127."""
         if self.kind == "weight":
             return weight_grid(bits)
-        target = self.target if bits == self.bits else "onnxruntime"
+        target = self.target if bits == self.bits else Target.ONNXRUNTIME
         return activation_grid(bits, bool(self.non_negative), target)
 
     def set_range(self, amax: torch.Tensor, non_negative: bool = False) -> None:

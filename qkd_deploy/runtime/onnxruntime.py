@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from qkd_deploy.errors import UserError
+from qkd_deploy.targets import Target
 
 _PREFERRED_PROVIDERS = (
     "TensorrtExecutionProvider",
@@ -170,13 +171,13 @@ def int8_kernels_may_saturate(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> b
     return not any(flag in flags.split() for flag in _VNNI_FLAGS)
 
 
-def fused_kernel_inexactness(target: str | None) -> list[str]:
+def fused_kernel_inexactness(target: Target | str | None) -> list[str]:
     """Why ONNX Runtime's fused CPU integer kernels may compute an exported Q/DQ graph other
     than as written; empty when they compute it up to rounding ties (an ``onnxruntime``-target
     model on a 32-bit-accumulating CPU: convs and GEMMs exactly, but QLinearAdd requantizes in
     its own float order, so an element on a tie can land one step away)."""
     causes = []
-    if target != "onnxruntime":
+    if target != Target.ONNXRUNTIME:
         causes.append(
             "they round this TensorRT model's float biases to INT32 (for ONNX Runtime on the "
             "CPU export with quant.target=onnxruntime)"

@@ -4,11 +4,11 @@ written and the fused kernels are compared tensor by tensor."""
 import numpy as np
 import torch
 
-from qkd_deploy import diff_command
 from qkd_deploy.bench import diff
 from qkd_deploy.calib.calibrate import calibrate
-from qkd_deploy.diff_reference import levels_of
 from qkd_deploy.export.onnx import export_onnx
+from qkd_deploy.pipeline import diff as diff_command
+from qkd_deploy.pipeline.diff_reference import levels_of
 from qkd_deploy.quant.convert import BitWidths, QuantizeOptions, quantize_model
 from qkd_deploy.quant.integer import to_deploy
 from tests.support.planted import plant_scale_change

@@ -7,11 +7,11 @@ import shutil
 import numpy as np
 import pytest
 
-from qkd_deploy import diff_command
 from qkd_deploy.bench import diff
 from qkd_deploy.data.preprocess import Preprocess
 from qkd_deploy.deploy.bundle import diff_inputs, make_bundle
 from qkd_deploy.errors import UserError
+from qkd_deploy.pipeline import diff as diff_command
 
 
 @pytest.fixture(scope="module")

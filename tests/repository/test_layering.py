@@ -21,7 +21,7 @@ PACKAGE = Path(qkd_deploy.__file__).parent
 # import none of each other.
 LAYERS: list[tuple[str, ...]] = [
     ("errors",),
-    ("", "bits", "fileio", "torch_files"),
+    ("", "bits", "fileio", "targets", "torch_files"),
     ("config", "rundir"),
     ("data", "models"),
     ("quant",),
@@ -33,8 +33,6 @@ LAYERS: list[tuple[str, ...]] = [
     ("bench",),
     ("deploy",),
     ("pipeline",),
-    ("diff_reference",),
-    ("diff_command",),
     ("train_and_export", "api"),
     ("cli",),
 ]
@@ -45,6 +43,7 @@ RANK = {unit: rank for rank, row in enumerate(LAYERS) for unit in row}
 TORCH_FREE_MODULES = [
     "qkd_deploy",
     "qkd_deploy.bits",
+    "qkd_deploy.targets",
     "qkd_deploy.config",
     "qkd_deploy.rundir",
     "qkd_deploy.data.preprocess",
@@ -62,7 +61,7 @@ TORCH_FREE_MODULES = [
     "qkd_deploy.deploy.lint",
     "qkd_deploy.deploy.engine",
     "qkd_deploy.deploy.bundle",
-    "qkd_deploy.diff_command",
+    "qkd_deploy.pipeline.diff",
     "qkd_deploy.cli",
 ]
 TORCH_FREE_COMMANDS = [

@@ -3,8 +3,8 @@ ONNX Runtime's fused kernels (and, with ``--run``, the run's fake-quant torch st
 TensorRT and Polygraphy are installed, a TensorRT engine) part ways. Given a bundle folder, it
 runs the bundle's model on the bundle's sample images, on the device.
 
-Torch-free unless ``--run`` is given (then ``qkd_deploy.diff_reference`` rebuilds the student
-with torch), so it also runs on the device from a bundle's ONNX file.
+Torch-free unless ``--run`` is given (then ``diff_reference`` rebuilds the student with torch),
+so it also runs on the device from a bundle's ONNX file.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def main(argv: list[str]) -> int:
     points = diff.checkpoints(model)
     student = None
     if args.run:
-        from qkd_deploy.diff_reference import run_student
+        from qkd_deploy.pipeline.diff_reference import run_student
 
         student, images = run_student(args.run, args.student, str(model_path), args.count)
         images = _images(args, model) if args.images else images
