@@ -13,9 +13,12 @@ the full test split, and the share of the uniform student's gap to the float stu
 mixed student recovers.
 
     python benchmarks/mixed_precision.py [--archs resnet8 mobilenetv2] [--bits w4a4 w2a2]
-        [--seeds 0 1] [--first-last off 8] [--train-limit 2000] [--float-epochs 10]
-        [--epochs 3] [--share 0.1] [--work DIR] [--out benchmarks/results]
-        [--name mixed_precision]
+        [--seeds 0 1] [--first-last off 8] [--jobs ARCH:BITS:FIRST_LAST ...]
+        [--train-limit 2000] [--float-epochs 10] [--epochs 3] [--share 0.1]
+        [--lr ARCH=LR ...] [--work DIR] [--out benchmarks/results] [--name mixed_precision]
+
+``--jobs`` lists the (arch, bits, baseline) triples to run, in that order, for every seed, in
+place of every combination of ``--archs``, ``--bits`` and ``--first-last``.
 
 Needs Debian's `dataset-fashion-mnist` (`apt-get install -y dataset-fashion-mnist`).
 """
@@ -183,16 +186,40 @@ def checks(rows: list[dict]) -> list[tuple[str, bool, str]]:
     return out
 
 
+def _command(args) -> str:
+    if args.jobs:
+        which = f"--jobs {' '.join(args.jobs)}"
+        archs = {job.split(":")[0] for job in args.jobs}
+    else:
+        which = (
+            f"--archs {' '.join(args.archs)} --bits {' '.join(args.bits)} --first-last "
+            f"{' '.join(args.first_last)}"
+        )
+        archs = set(args.archs)
+    rates = " ".join(f"{a}={lr}" for a, lr in args.lr.items() if a in archs)
+    return (
+        f"OMP_NUM_THREADS=1 python benchmarks/mixed_precision.py {which} --seeds "
+        f"{' '.join(map(str, args.seeds))} --train-limit {args.train_limit} --float-epochs "
+        f"{args.float_epochs} --epochs {args.epochs} --share {args.share} --lr {rates}"
+    )
+
+
+def _jobs(args) -> list[tuple[str, str, int, str]]:
+    triples = (
+        [tuple(job.split(":")) for job in args.jobs]
+        if args.jobs
+        else [(a, b, f) for a in args.archs for b in args.bits for f in args.first_last]
+    )
+    return [
+        (arch, bits, seed, first_last) for arch, bits, first_last in triples for seed in args.seeds
+    ]
+
+
 def markdown(rows: list[dict], args, machine: str, done: bool) -> str:
     lines = [
         "# Mixed precision under a share budget (Fashion-MNIST)",
         "",
-        f"{machine}. {time.strftime('%Y-%m-%d')}. Command: `OMP_NUM_THREADS=1 python "
-        f"benchmarks/mixed_precision.py --archs {' '.join(args.archs)} --bits "
-        f"{' '.join(args.bits)} --seeds {' '.join(map(str, args.seeds))} --first-last "
-        f"{' '.join(args.first_last)} --train-limit {args.train_limit} --float-epochs "
-        f"{args.float_epochs} --epochs {args.epochs} --share {args.share} --lr "
-        f"{' '.join(f'{a}={lr}' for a, lr in args.lr.items() if a in args.archs)}`",
+        f"{machine}. {time.strftime('%Y-%m-%d')}. Command: `{_command(args)}`",
         "",
         "Plain QAT (`none`, learning rate `--lr`), ONNX accuracy % on the 10 000 test images. "
         "`first/last`: `off` = one bit-width for every layer; `8` = first conv and last linear "
@@ -237,6 +264,7 @@ def main() -> None:
     p.add_argument("--bits", nargs="+", default=["w4a4", "w2a2"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--first-last", nargs="+", default=["off", "8"], choices=["off", "8"])
+    p.add_argument("--jobs", nargs="+", default=[], metavar="ARCH:BITS:FIRST_LAST")
     p.add_argument("--train-limit", type=int, default=2000)
     p.add_argument("--float-epochs", type=int, default=10)
     p.add_argument("--epochs", type=int, default=3)
@@ -250,13 +278,7 @@ def main() -> None:
     args = p.parse_args()
     args.lr = {**LEARNING_RATES, **dict(_pair(item) for item in args.lr)}
     machine = machine_line()
-    jobs = [
-        (arch, bits, seed, first_last)
-        for arch in args.archs
-        for seed in args.seeds
-        for bits in args.bits
-        for first_last in args.first_last
-    ]
+    jobs = _jobs(args)
     rows: list[dict] = []
     for job in jobs:  # the results are rewritten after every row: a stopped run leaves them
         rows.append(one(args, *job))
