@@ -28,6 +28,7 @@ from qkd_deploy.errors import UserError
 from qkd_deploy.models.features import forward_features, require_stage_features, student_role
 from qkd_deploy.quant.modules import quantizers
 from qkd_deploy.quant.quantizer import LSQQuantizer
+from qkd_deploy.targets import Target
 
 FULL_PRECISION = 32  # a teacher bit-width meaning "not quantized"
 STAGED_PARTS = ("stem", "stages", "pool", "fc")
@@ -499,9 +500,9 @@ def _trainable_copy(teacher: nn.Module, bits: int, context: MethodContext) -> nn
     return model
 
 
-def _target(models: Sequence[nn.Module]) -> str:
+def _target(models: Sequence[nn.Module]) -> Target:
     """The export target the quantized teachers were built for (their grids follow it)."""
     for model in models:
         for _, q in quantizers(model):
             return q.target
-    return "tensorrt"
+    return Target.TENSORRT

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 from qkd_deploy.bits import BitWidths
 from qkd_deploy.config import Budget
 from qkd_deploy.errors import UserError
+from qkd_deploy.targets import Target
 
 if TYPE_CHECKING:  # the chooser works on torch models
     from qkd_deploy.quant.sensitivity import Evaluator, MixedPrecisionModel, Sensitivity
@@ -48,7 +49,8 @@ class Choice:
         return {"layer_bits": self.layer_bits, "predicted": self.predicted, "met": self.met}
 
 
-FLOAT_WEIGHT_BITS = {"tensorrt": 16, "onnxruntime": 32}
+# TensorRT runs a layer left in float in FP16; ONNX Runtime in FP32
+FLOAT_WEIGHT_BITS = {Target.TENSORRT: 16, Target.ONNXRUNTIME: 32}
 
 
 def _max_bits(precision: str) -> int:
