@@ -45,7 +45,7 @@ def choose_layer_precision(ctx: Context, float_student: nn.Module) -> None:
         )
         write_tables(ctx.run.root, table, time.perf_counter() - start)
         budget = Budget.parse(config.quant.budget)
-        choice = choose(budget, table, mixed, evaluator, ctx.plan.target)
+        choice = choose(budget, table, mixed, evaluator)
         record = {"budget": config.quant.budget, "bits": bits.name, **choice.to_dict()}
         atomic_write_json(record_path, record)
         if not choice.met:

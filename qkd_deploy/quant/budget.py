@@ -5,8 +5,8 @@ A budget (``quant.budget``) is one of
 - ``drop:POINTS``: the smallest set of raised layers (most gain first) whose model, calibrated
   but not trained, is within POINTS accuracy points of the float model on held-out images;
 - ``size_kb:KB``: raise layers by gain per extra weight byte while the weights fit in KB
-  (weights at their bits; a float layer counts 16 bits for ``tensorrt``, which runs it in FP16,
-  and 32 for ``onnxruntime``);
+  (weights at their bits, a float layer's at 32: the graph keeps them in FP32, and so does a
+  strongly typed TensorRT engine);
 - ``share:FRACTION``: the FRACTION of the selectable layers with the largest gain (rounded down).
 
 What "higher precision" is depends on the bits: a low-bit (research) model raises layers on the
@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING
 from qkd_deploy.bits import BitWidths
 from qkd_deploy.config import Budget
 from qkd_deploy.errors import UserError
-from qkd_deploy.targets import Target
 
 if TYPE_CHECKING:  # the chooser works on torch models
     from qkd_deploy.quant.sensitivity import Evaluator, MixedPrecisionModel, Sensitivity
@@ -49,8 +48,7 @@ class Choice:
         return {"layer_bits": self.layer_bits, "predicted": self.predicted, "met": self.met}
 
 
-# TensorRT runs a layer left in float in FP16; ONNX Runtime in FP32
-FLOAT_WEIGHT_BITS = {Target.TENSORRT: 16, Target.ONNXRUNTIME: 32}
+FLOAT_WEIGHT_BITS = 32
 
 
 def _max_bits(precision: str) -> int:
@@ -81,7 +79,7 @@ def top_precision(gains: dict[str, float]) -> str:
     return max(gains, key=_max_bits)
 
 
-def weight_kb(mixed: MixedPrecisionModel, precisions: dict[str, str], target: str) -> float:
+def weight_kb(mixed: MixedPrecisionModel, precisions: dict[str, str]) -> float:
     """Kilobytes of the weights of every quantized layer, at its bits or ``precisions``'."""
     total_bits = 0
     for name, quantizers in mixed.layers.items():
@@ -90,7 +88,7 @@ def weight_kb(mixed: MixedPrecisionModel, precisions: dict[str, str], target: st
             continue
         precision = precisions.get(name)
         if precision == "float":
-            bits = FLOAT_WEIGHT_BITS[target]
+            bits = FLOAT_WEIGHT_BITS
         elif precision is not None:
             bits = BitWidths.parse(precision).w
         else:
@@ -104,7 +102,6 @@ def choose(
     table: Sensitivity,
     mixed: MixedPrecisionModel,
     evaluator: Evaluator,
-    target: str,
 ) -> Choice:
     """The layers to raise, and to which precision, within ``budget``."""
     options = candidates(table, mixed)
@@ -120,14 +117,14 @@ def choose(
     elif budget.kind == "drop":
         chosen, met = _within_drop(budget.value, ranked, top, mixed, evaluator, table)
     else:
-        chosen = _within_size(budget.value, options, mixed, target)
+        chosen = _within_size(budget.value, options, mixed)
     with mixed.variant(chosen):
         score = evaluator.score(mixed.model)
     predicted = {
         "accuracy": round(score.accuracy, 6),
         "kl": round(score.kl, 6),
         "float_accuracy": round(table.float_model.accuracy, 6),
-        "weight_kb": round(weight_kb(mixed, chosen, target), 3),
+        "weight_kb": round(weight_kb(mixed, chosen), 3),
         "selectable_layers": len(options),
     }
     return Choice(chosen, predicted, met)
@@ -154,10 +151,10 @@ def _within_drop(
 
 
 def _within_size(
-    kb: float, options: dict[str, dict[str, float]], mixed: MixedPrecisionModel, target: str
+    kb: float, options: dict[str, dict[str, float]], mixed: MixedPrecisionModel
 ) -> dict[str, str]:
     """Raise layers by gain per extra byte while the weights fit in ``kb``."""
-    base = weight_kb(mixed, {}, target)
+    base = weight_kb(mixed, {})
     if base > kb + 1e-9:
         raise UserError(
             f"quant.budget size_kb:{kb:g} is below the weights of the model at its own bits "
@@ -167,10 +164,10 @@ def _within_size(
     for layer, gains in options.items():
         for precision, gain in gains.items():
             if gain > 0:
-                extra = weight_kb(mixed, {layer: precision}, target) - base
+                extra = weight_kb(mixed, {layer: precision}) - base
                 offers.append((gain / extra if extra > 0 else math.inf, gain, layer, precision))
     chosen: dict[str, str] = {}
     for _, _, layer, precision in sorted(offers, reverse=True):
-        if layer not in chosen and weight_kb(mixed, {**chosen, layer: precision}, target) <= kb:
+        if layer not in chosen and weight_kb(mixed, {**chosen, layer: precision}) <= kb:
             chosen[layer] = precision
     return chosen

@@ -1,5 +1,6 @@
 """Per-layer precision beyond bit-widths: ``quant.layer_bits`` entries whose value is ``float``
-leave those layers unquantized (no Q/DQ; TensorRT runs them in FP16, ONNX Runtime in FP32).
+leave those layers unquantized (no Q/DQ: they run as the graph gives them, in FP32, in ONNX
+Runtime and in a strongly typed TensorRT engine).
 
 ``quantize_model`` knows bit-widths only, so ``quantize`` quantizes with the other entries and
 then puts the float model's own module back wherever a ``float`` pattern names a layer that

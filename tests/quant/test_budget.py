@@ -44,7 +44,7 @@ def test_a_bad_budget_is_one_clear_error(text):
 
 def test_a_share_budget_raises_that_share_of_layers_most_gain_first_to_8_bits():
     table, mixed, evaluator = _measured()
-    choice = choose(Budget.parse("share:0.5"), table, mixed, evaluator, "tensorrt")
+    choice = choose(Budget.parse("share:0.5"), table, mixed, evaluator)
     assert len(choice.layer_bits) == 2  # of conv1, conv2, add, fc
     gains = {layer: g["w8a8"] for layer, g in candidates(table, mixed).items()}
     assert set(choice.layer_bits) == set(sorted(gains, key=gains.get)[-2:])
@@ -63,19 +63,19 @@ def test_the_gain_is_the_damage_a_layer_does_alone_that_raising_it_removes():
     with torch.no_grad():  # conv2's 2-bit weights on a grid 20x too coarse: all round to zero
         mixed.model.conv2.weight_quantizer.scale.mul_(20)
     broken = measure(mixed, evaluator, "w2a2", trained_toy()[0])
-    choice = choose(Budget.parse("share:0.25"), broken, mixed, evaluator, "tensorrt")
+    choice = choose(Budget.parse("share:0.25"), broken, mixed, evaluator)
     assert choice.layer_bits == {"conv2": "w8a8"}
 
 
 def test_a_size_budget_keeps_the_weights_within_it():
     table, mixed, evaluator = _measured()
-    base = weight_kb(mixed, {}, "tensorrt")
+    base = weight_kb(mixed, {})
     for kb in (base, base + 1.0, base * 4):
-        choice = choose(Budget.parse(f"size_kb:{kb}"), table, mixed, evaluator, "tensorrt")
-        assert weight_kb(mixed, choice.layer_bits, "tensorrt") <= kb + 1e-9
+        choice = choose(Budget.parse(f"size_kb:{kb}"), table, mixed, evaluator)
+        assert weight_kb(mixed, choice.layer_bits) <= kb + 1e-9
     assert choice.layer_bits  # four times the 2-bit weights: room to raise some
     with pytest.raises(UserError, match="below the weights"):
-        choose(Budget.parse(f"size_kb:{base / 2}"), table, mixed, evaluator, "tensorrt")
+        choose(Budget.parse(f"size_kb:{base / 2}"), table, mixed, evaluator)
 
 
 def test_a_drop_budget_raises_the_fewest_layers_that_bring_the_model_within_it():
@@ -87,23 +87,23 @@ def test_a_drop_budget_raises_the_fewest_layers_that_bring_the_model_within_it()
         best = evaluator.score(mixed.model).accuracy
     assert best > quantized + 0.02
     points = 100 * (float_accuracy - (best + quantized) / 2)  # half way: needs some layers
-    choice = choose(Budget.parse(f"drop:{points}"), table, mixed, evaluator, "tensorrt")
+    choice = choose(Budget.parse(f"drop:{points}"), table, mixed, evaluator)
     assert choice.met and choice.layer_bits
     floor = float_accuracy - points / 100
     assert choice.predicted["accuracy"] >= floor - 1e-9
     fewer = dict(list(choice.layer_bits.items())[:-1])
     with mixed.variant(fewer):  # the shortest prefix: one layer fewer misses the budget
         assert evaluator.score(mixed.model).accuracy < floor
-    loose = choose(Budget.parse("drop:100"), table, mixed, evaluator, "tensorrt")
+    loose = choose(Budget.parse("drop:100"), table, mixed, evaluator)
     assert loose.met and loose.layer_bits == {}
     table, mixed, evaluator = _measured(twins=["w4a4"])  # nothing above 4 bits on offer
-    unreachable = choose(Budget.parse("drop:0"), table, mixed, evaluator, "tensorrt")
+    unreachable = choose(Budget.parse("drop:0"), table, mixed, evaluator)
     assert not unreachable.met and set(unreachable.layer_bits.values()) == {"w4a4"}
 
 
 def test_at_8_bits_the_higher_precision_is_float():
     table, mixed, evaluator = _measured("w8a8")
-    choice = choose(Budget.parse("share:0.25"), table, mixed, evaluator, "tensorrt")
+    choice = choose(Budget.parse("share:0.25"), table, mixed, evaluator)
     assert list(choice.layer_bits.values()) == ["float"]
 
 
