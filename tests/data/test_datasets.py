@@ -17,6 +17,7 @@ from qkd_deploy import data
 from qkd_deploy.data import DATASET_FORMS, load_dataset, read_idx
 from qkd_deploy.data.datasets import DEBIAN_FASHION_MNIST, FASHION_MNIST_CLASSES
 from qkd_deploy.errors import UserError
+from tests.support.data_mutants import CIFAR10_NAMES
 
 IDX_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int16): 0x0B, np.dtype(np.float32): 0x0D}
 
@@ -194,19 +195,7 @@ def write_cifar10(root: Path) -> dict[str, dict]:
     batches["test_batch"] = cifar_batch(3, b"labels", 10, 9)
     for name, batch in batches.items():
         dump(directory / name, batch, protocol=2 if name != "test_batch" else 5)
-    names = [
-        b"airplane",
-        b"automobile",
-        b"bird",
-        b"cat",
-        b"deer",
-        b"dog",
-        b"frog",
-        b"horse",
-        b"ship",
-        b"truck",
-    ]
-    dump(directory / "batches.meta", {b"label_names": names, b"num_vis": 3072})
+    dump(directory / "batches.meta", {b"label_names": CIFAR10_NAMES, b"num_vis": 3072})
     return batches
 
 

@@ -36,15 +36,6 @@ from tests.support.method_helpers import (
     training_lowers_loss,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------------------------
 # Loss terms by hand
 # ---------------------------------------------------------------------------------------------

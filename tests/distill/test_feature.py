@@ -28,15 +28,6 @@ from tests.support.method_helpers import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The CPU is small and shared: one intra-op thread avoids oversubscription (10x faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class _FixedStaged(nn.Module):
     """A staged model whose features and logits are given tensors; stage ``k`` is a 1x1 conv
     whose weights (used to rank channels) are ``filters[k]``."""
