@@ -40,8 +40,8 @@ def choose_layer_precision(ctx: Context, float_student: nn.Module) -> None:
         start = time.perf_counter()
         run = FinishedRun(ctx.run.root, config, ctx.data, ctx.preprocess)
         bits = run.student_bits(None)
-        table, mixed, evaluator = measure_for_run(
-            config, ctx.data, ctx.preprocess, float_student, bits
+        table, mixed, evaluator = measure_for_run(  # the chooser reads the alone columns
+            config, ctx.data, ctx.preprocess, float_student, bits, within_model=False
         )
         write_tables(ctx.run.root, table, time.perf_counter() - start)
         budget = Budget.parse(config.quant.budget)

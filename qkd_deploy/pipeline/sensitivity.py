@@ -38,9 +38,11 @@ def measure_for_run(
     float_model: nn.Module,
     bits: BitWidths,
     images: int = HELD_OUT_IMAGES,
+    within_model: bool = True,
 ) -> tuple[Sensitivity, MixedPrecisionModel, Evaluator]:
     """The sensitivity of ``float_model`` quantized as the run quantizes its ``bits`` student,
-    calibrated on ``data.calibration_size`` training images and scored on ``images`` others."""
+    calibrated on ``data.calibration_size`` training images and scored on ``images`` others
+    (``within_model``: see ``quant.sensitivity.measure``)."""
     qcfg = config.quant
     calibrate_on = functools.partial(
         calibrate,
@@ -63,6 +65,7 @@ def measure_for_run(
             size,
             images,
             config.seed,
+            within_model,
         )
 
 
@@ -80,7 +83,9 @@ def plot(table: Sensitivity, path: Path) -> Path:
     fig, axis = plt.subplots(figsize=(max(6, 0.3 * len(names)), 4.2), layout="constrained")
     x = range(len(names))
     axis.plot(x, [100 * r.alone.accuracy for r in table.layers], "o-", label="only this layer")
-    axis.plot(x, [100 * r.float.accuracy for r in table.layers], "s-", label="all but this layer")
+    if all(r.float for r in table.layers):
+        left_float = [100 * r.float.accuracy for r in table.layers]
+        axis.plot(x, left_float, "s-", label="all but this layer")
     axis.axhline(100 * table.float_model.accuracy, color="gray", ls="--", label="float")
     axis.axhline(100 * table.quantized.accuracy, color="tab:red", ls=":", label=table.bits)
     axis.set_xticks(list(x), names, rotation=90, fontsize=7)

@@ -11,6 +11,10 @@ images the float model's outputs are the reference; for every layer:
   quantizers calibrated in a copy of the model quantized at ``p``): what raising it gains;
 - ``alone_raised[p]``: only this layer quantized, at ``p``: the damage left when it is raised.
 
+``float`` and ``raised`` (measured inside the fully quantized model) are for reading; the budget
+chooser needs only ``alone`` and ``alone_raised``, so the pipeline skips the others
+(``within_model=False``), which halves the time on a large model.
+
 Each is the accuracy and the mean KL divergence of the model's softmax from the float model's.
 A quantizer is switched off through its ``calibrated`` flag (an uncalibrated quantizer passes
 values through) and moved to another precision through its ``bits`` and step size.
@@ -52,7 +56,7 @@ class LayerSensitivity:
     quantizers: list[str]
     selectable: bool  # a module quant.layer_bits can name
     alone: Score
-    float: Score
+    float: Score | None  # None where the run measured the layers alone only
     raised: dict[str, Score] = field(default_factory=dict)
     alone_raised: dict[str, Score] = field(default_factory=dict)
 
@@ -62,7 +66,7 @@ class LayerSensitivity:
             "quantizers": self.quantizers,
             "selectable": self.selectable,
             "alone": self.alone.to_dict(),
-            "float": self.float.to_dict(),
+            "float": self.float.to_dict() if self.float else None,
             "raised": {p: s.to_dict() for p, s in self.raised.items()},
             "alone_raised": {p: s.to_dict() for p, s in self.alone_raised.items()},
         }
@@ -203,20 +207,27 @@ class MixedPrecisionModel:
 
 
 def measure(
-    mixed: MixedPrecisionModel, evaluator: Evaluator, bits: str, float_model: nn.Module
+    mixed: MixedPrecisionModel,
+    evaluator: Evaluator,
+    bits: str,
+    float_model: nn.Module,
+    within_model: bool = True,
 ) -> Sensitivity:
-    """Every layer alone, in float, and at each twin's precision (with the others quantized and
-    alone); most damaging first."""
+    """Every layer alone and at each twin's precision alone, and with ``within_model`` also
+    in float and at each twin's precision with the others quantized; most damaging first."""
     rows = []
     for name, quantizers in mixed.layers.items():
         with mixed.variant({}, only={name}):
             alone = evaluator.score(mixed.model)
-        with mixed.variant({name: "float"}):
-            left_float = evaluator.score(mixed.model)
+        left_float = None
+        if within_model:
+            with mixed.variant({name: "float"}):
+                left_float = evaluator.score(mixed.model)
         raised, alone_raised = {}, {}
         for precision in mixed.twins:
-            with mixed.variant({name: precision}):
-                raised[precision] = evaluator.score(mixed.model)
+            if within_model:
+                with mixed.variant({name: precision}):
+                    raised[precision] = evaluator.score(mixed.model)
             with mixed.variant({name: precision}, only={name}):
                 alone_raised[precision] = evaluator.score(mixed.model)
         rows.append(
@@ -242,7 +253,7 @@ def measure(
 
 def markdown(table: Sensitivity) -> str:
     """The table as Markdown: accuracy in %, KL in nats."""
-    twins = sorted({p for row in table.layers for p in row.raised})
+    twins = sorted({p for row in table.layers for p in row.alone_raised})
     head = ["layer", "alone acc %", "alone KL", "float: acc %", "float: KL"]
     head += [f"{p}: acc %" for p in twins] + [f"alone {p} KL" for p in twins]
     lines = [
@@ -262,8 +273,8 @@ def markdown(table: Sensitivity) -> str:
             row.layer + ("" if row.selectable else " *"),
             f"{100 * row.alone.accuracy:.2f}",
             f"{row.alone.kl:.4f}",
-            f"{100 * row.float.accuracy:.2f}",
-            f"{row.float.kl:.4f}",
+            f"{100 * row.float.accuracy:.2f}" if row.float else "-",
+            f"{row.float.kl:.4f}" if row.float else "-",
         ]
         cells += [f"{100 * row.raised[p].accuracy:.2f}" if p in row.raised else "-" for p in twins]
         cells += [f"{row.alone_raised[p].kl:.4f}" if p in row.alone_raised else "-" for p in twins]
@@ -302,6 +313,7 @@ def sensitivity_of(
     calibration_size: int,
     evaluation_size: int,
     seed: int,
+    within_model: bool = True,
 ) -> tuple[Sensitivity, MixedPrecisionModel, Evaluator]:
     """``measure`` on a split of ``images`` (preprocessed training images); also returns the
     mixed model and evaluator, for a chooser that measures combinations."""
@@ -313,4 +325,5 @@ def sensitivity_of(
         float_model, options, raise_targets(options.bits), calibration, calibrate
     )
     evaluator = Evaluator(float_model, held, held_labels)
-    return measure(mixed, evaluator, options.bits.name, float_model), mixed, evaluator
+    table = measure(mixed, evaluator, options.bits.name, float_model, within_model)
+    return table, mixed, evaluator

@@ -56,3 +56,15 @@ def test_a_layer_with_wrongly_scaled_weights_ranks_first():
     assert broken.float.kl < table.quantized.kl  # leaving it float recovers most
     assert broken.alone_raised["w8a8"].kl < broken.alone.kl / 10  # at 8 bits it does little
     assert "| conv2 |" in markdown(table)
+
+
+def test_measuring_layers_alone_only_gives_the_same_alone_columns():
+    model, mixed, evaluator = _setup()
+    full = measure(mixed, evaluator, "w4a4", model)
+    alone = measure(mixed, evaluator, "w4a4", model, within_model=False)
+    assert [r.layer for r in alone.layers] == [r.layer for r in full.layers]
+    for quick, whole in zip(alone.layers, full.layers, strict=True):
+        assert (quick.alone, quick.alone_raised) == (whole.alone, whole.alone_raised)
+        assert quick.float is None and quick.raised == {}
+    row = next(line for line in markdown(alone).splitlines() if line.startswith("| conv2 |"))
+    assert row.split(" | ")[3:6] == ["-", "-", "-"]  # float acc, float KL, w8a8 acc not measured
