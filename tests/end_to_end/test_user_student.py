@@ -59,12 +59,15 @@ QUICK = [  # one epoch everywhere, small calibration and latency runs
 ]
 
 
-def _train(model: torch.nn.Module, epochs: int) -> torch.nn.Module:
-    """A few epochs of Adam on the digits, normalised as the pipeline normalises them."""
+def _train(factory, epochs: int) -> torch.nn.Module:
+    """A model from ``factory`` after a few epochs of Adam on the digits, normalised as the
+    pipeline normalises them; seeded before the model is built, so its initial weights do not
+    depend on which tests ran before in this worker."""
     data = load_dataset("digits", None)
     preprocess = split_statistics(data.train, 0)
     images, labels = preprocess.apply(data.train.images), data.train.labels
     torch.manual_seed(0)
+    model = factory()
     optimizer = torch.optim.Adam(model.parameters(), 0.01)
     for _ in range(epochs):
         for batch in torch.randperm(len(images)).split(64):
@@ -82,8 +85,8 @@ def nets(tmp_path_factory):
     (folder / f"{NETS}.py").write_text(NETS_SOURCE)
     namespace: dict = {}
     exec(NETS_SOURCE, namespace)
-    torch.save(_train(namespace["student"](), 4).state_dict(), folder / "student.pt")
-    torch.save(_train(namespace["teacher"](), 4).state_dict(), folder / "teacher.pt")
+    torch.save(_train(namespace["student"], 4).state_dict(), folder / "student.pt")
+    torch.save(_train(namespace["teacher"], 4).state_dict(), folder / "teacher.pt")
     return folder
 
 
