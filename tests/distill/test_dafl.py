@@ -124,9 +124,10 @@ def test_first_step_calibrates_the_student_and_trains_the_generator_only(teacher
     )
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def stepped(teacher):
-    """A distiller after one step (calibrated student, generator with Adam state)."""
+    """A distiller after one step (calibrated student, generator with Adam state); one per test,
+    as exporting the student changes its mode."""
     d = _dafl(teacher)
     d.forward_train(None, None, 0.0)
     return d
