@@ -2,13 +2,15 @@
 number of randomly chosen layers vs uniform bits.
 
 Per (student architecture, seed): one float student (plain, on the labels), shared by every
-student below. Per bit-width and baseline, three plain-QAT students (``--method none``) from it:
-``uniform``, the baseline; ``sensitivity``, ``quant.budget=share:S`` (the pipeline measures the
-float student's per-layer sensitivity and raises the chosen layers to W8A8); ``random``, the same
-number of layers drawn at random among those the budget could raise, at W8A8
-(``quant.layer_bits``). Two baselines (``--first-last``): ``off``, one bit-width for every layer
-(``quant.first_last_bits=null``), and ``8``, the pipeline's default with the first conv and the
-last linear at 8 bits (then the budget raises among the other layers). Reported: ONNX accuracy on
+student below. Per bit-width and baseline, four plain-QAT students (``--method none``) from it:
+``uniform``, the baseline; ``probe``, ``quant.budget=share:S`` as the pipeline does it by default
+(one epoch of QAT, then each layer raised to W8A8 inside the trained model); ``untrained``, the
+same budget chosen from the untrained float student's layers alone
+(``quant.budget_probe_epochs=0``); ``random``, as many layers drawn at random among those the
+budget could raise, at W8A8 (``quant.layer_bits``). Two baselines (``--first-last``): ``off``,
+one bit-width for every layer (``quant.first_last_bits=null``), and ``8``, the pipeline's
+default with the first conv and the last linear at 8 bits (then the budget raises among the
+other layers). Reported: ONNX accuracy on
 the full test split, and the share of the uniform student's gap to the float student that each
 mixed student recovers.
 
@@ -121,10 +123,12 @@ def one(args, arch: str, bits: str, seed: int, first_last: str) -> dict:
     prefix = f"{bits}-fl{first_last}"
     uniform = _run(args, arch, bits, seed, f"{prefix}-uniform", base)
     budget = [*base, f"quant.budget=share:{args.share}"]
-    chosen = _run(args, arch, bits, seed, f"{prefix}-sensitivity", budget)
-    folder = Path(args.work) / f"{arch}-s{seed}" / f"{prefix}-sensitivity"
-    record = json.loads((folder / "budget.json").read_text())
-    seconds = json.loads((folder / "sensitivity.json").read_text())["seconds"]
+    probe = _run(args, arch, bits, seed, f"{prefix}-sensitivity", budget)
+    untrained = _run(
+        args, arch, bits, seed, f"{prefix}-alone", [*budget, "quant.budget_probe_epochs=0"]
+    )
+    record, seconds = _budget_record(args, arch, seed, f"{prefix}-sensitivity")
+    record_untrained, seconds_untrained = _budget_record(args, arch, seed, f"{prefix}-alone")
     count = len(record["layer_bits"])
     layers = random.Random(1000 + seed).sample(_raisable(arch, first_last), count)
     random_bits = "{" + ", ".join(f"{name}: w8a8" for name in layers) + "}"
@@ -132,11 +136,14 @@ def one(args, arch: str, bits: str, seed: int, first_last: str) -> dict:
         args, arch, bits, seed, f"{prefix}-random", [*base, f"quant.layer_bits={random_bits}"]
     )
     float_acc = uniform["float_references"][0]["accuracy_onnx"]
-    acc = {
-        name: report["students"][0]["accuracy_onnx"]
-        for name, report in (("uniform", uniform), ("sensitivity", chosen), ("random", randomly))
-    }
+    students = (("uniform", uniform), ("probe", probe), ("untrained", untrained))
+    acc = {name: report["students"][0]["accuracy_onnx"] for name, report in students}
+    acc["random"] = randomly["students"][0]["accuracy_onnx"]
     gap = float_acc - acc["uniform"]
+    recovered = {
+        f"recovered_{name}": (acc[name] - acc["uniform"]) / gap if gap > 0 else None
+        for name in ("probe", "untrained", "random")
+    }
     return {
         "arch": arch,
         "bits": bits,
@@ -145,13 +152,21 @@ def one(args, arch: str, bits: str, seed: int, first_last: str) -> dict:
         "float": float_acc,
         **acc,
         "raised": record["layer_bits"],
+        "raised_untrained": record_untrained["layer_bits"],
         "random_layers": layers,
         "selectable_layers": record["predicted"]["selectable_layers"],
         "sensitivity_seconds": seconds,
-        "recovered_sensitivity": (acc["sensitivity"] - acc["uniform"]) / gap if gap > 0 else None,
-        "recovered_random": (acc["random"] - acc["uniform"]) / gap if gap > 0 else None,
-        "seconds": _stage_seconds(uniform, chosen, randomly),
+        "sensitivity_seconds_untrained": seconds_untrained,
+        **recovered,
+        "seconds": _stage_seconds(uniform, probe, untrained, randomly),
     }
+
+
+def _budget_record(args, arch: str, seed: int, folder: str) -> tuple[dict, float]:
+    """A run's budget.json and the seconds of its sensitivity measurement."""
+    path = Path(args.work) / f"{arch}-s{seed}" / folder
+    record = json.loads((path / "budget.json").read_text())
+    return record, json.loads((path / "sensitivity.json").read_text())["seconds"]
 
 
 def checks(rows: list[dict]) -> list[tuple[str, bool, str]]:
@@ -166,7 +181,7 @@ def checks(rows: list[dict]) -> list[tuple[str, bool, str]]:
             if (r["arch"], r["bits"], r["first_last_bits"]) == (arch, bits, first_last)
         ]
         label = f"{arch} {bits}, first/last {first_last}"
-        recovered = [r["recovered_sensitivity"] for r in group]
+        recovered = [r["recovered_probe"] for r in group]
         if None in recovered:
             out.append((f"{label}: recovers >= 50 % of the gap", False, "no gap on some seed"))
         else:
@@ -179,7 +194,7 @@ def checks(rows: list[dict]) -> list[tuple[str, bool, str]]:
                     f"{100 * mean:.1f} % (seeds: {values} %)",
                 )
             )
-        margins = [100 * (r["sensitivity"] - r["random"]) for r in group]
+        margins = [100 * (r["probe"] - r["random"]) for r in group]
         out.append(
             (
                 f"{label}: beats random layers on every seed",
@@ -227,33 +242,42 @@ def markdown(rows: list[dict], args, machine: str, done: bool) -> str:
         "",
         "Plain QAT (`none`, learning rate `--lr`), ONNX accuracy % on the 10 000 test images. "
         "`first/last`: `off` = one bit-width for every layer; `8` = first conv and last linear "
-        "at 8 bits in all three students. `raised`: the layers `quant.budget=share` chose (of "
-        "the selectable layers); `random` raises as many layers drawn at random to W8A8. "
+        "at 8 bits in every student. `probe`: `quant.budget=share` as the pipeline chooses by "
+        "default (one epoch of QAT, then each layer raised inside the trained model); "
+        "`untrained`: the same budget chosen from the untrained float student, each layer alone "
+        "(`quant.budget_probe_epochs=0`); `random`: as many layers drawn at random, at W8A8. "
+        "`raised`: the layers each chooser raised to W8A8 (of the selectable layers). "
         "`recovered`: share of the uniform student's gap to the float student that the mixed "
-        "student closes. `sens. s`: the sensitivity measurement and choice inside the run; "
-        "`s`: the stage times of the three runs (the float student's training counted in the "
-        "first row of its seed only).",
+        "student closes. `sens. s`: the probe's training, sensitivity and choice inside the "
+        "run (probe / untrained); `s`: the stage times of the four runs (the float student's "
+        "training counted in the first row of its seed only).",
         "",
     ]
     if not done:
         lines += ["**Partial: the run is still going or was stopped.**", ""]
     lines += [
-        "| arch | bits | first/last | seed | float | uniform | sensitivity | random | raised | "
-        "recovered (sens.) | recovered (random) | sens. s | s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| arch | bits | first/last | seed | float | uniform | probe | untrained | random | "
+        "raised (probe) | raised (untrained) | recovered: probe | untrained | random | "
+        "sens. s | s |",
+        "|" + " --- |" * 16,
     ]
 
     def pct(x):
-        return "-" if x is None else f"{100 * x:.1f}"
+        return "-" if x is None else f"{100 * x:.1f} %"
+
+    def layers(chosen: dict) -> str:
+        return ", ".join(chosen) or "none"
 
     for r in rows:
-        raised = ", ".join(f"{k}:{v}" for k, v in r["raised"].items())
         lines.append(
             f"| {r['arch']} | {r['bits']} | {r['first_last_bits']} | {r['seed']} | "
-            f"{100 * r['float']:.2f} | {100 * r['uniform']:.2f} | {100 * r['sensitivity']:.2f} | "
-            f"{100 * r['random']:.2f} | {raised} ({len(r['raised'])}/{r['selectable_layers']}) | "
-            f"{pct(r['recovered_sensitivity'])} % | {pct(r['recovered_random'])} % | "
-            f"{r['sensitivity_seconds']} | {r['seconds']} |"
+            f"{100 * r['float']:.2f} | {100 * r['uniform']:.2f} | {100 * r['probe']:.2f} | "
+            f"{100 * r['untrained']:.2f} | {100 * r['random']:.2f} | "
+            f"{layers(r['raised'])} ({len(r['raised'])}/{r['selectable_layers']}) | "
+            f"{layers(r['raised_untrained'])} | {pct(r['recovered_probe'])} | "
+            f"{pct(r['recovered_untrained'])} | {pct(r['recovered_random'])} | "
+            f"{r['sensitivity_seconds']} / {r['sensitivity_seconds_untrained']} | "
+            f"{r['seconds']} |"
         )
     lines += ["", "## Targets", "", *targets_table(checks(rows))]
     return "\n".join(lines) + "\n"

@@ -213,6 +213,9 @@ class QuantConfig:
     # "drop:POINTS" (accuracy drop), "size_kb:KB" (weights) or "share:FRACTION" (of layers
     # kept at higher precision); the choice is written into the run's config.yaml
     budget: str | None = None
+    # QAT epochs of the uniform student before the budget measures what raising each layer is
+    # worth inside it; 0 measures the float student's layers alone, untrained (cheaper)
+    budget_probe_epochs: int = 1
     learn_scales: bool = True  # LSQ; False keeps the calibrated step sizes fixed
     weight_calibrator: str = "mse"
     activation_calibrator: str = "percentile"
@@ -221,6 +224,15 @@ class QuantConfig:
     def __post_init__(self) -> None:
         if self.budget is not None:
             Budget.parse(self.budget)  # a typo fails where the config is built
+        _check_all(
+            [
+                (
+                    self.budget_probe_epochs >= 0,
+                    f"quant.budget_probe_epochs must be >= 0 (0: choose from the untrained "
+                    f"float student), got {self.budget_probe_epochs}",
+                )
+            ]
+        )
 
 
 @dataclass

@@ -97,7 +97,7 @@ def run_stages(config: Config, root: Path) -> dict:
             FloatReference("student_float", plan.student_arch, plan.float_row_method, measured)
         )
     with timed(timings, "precision_budget"):  # quant.budget: per-layer precision, before QAT
-        choose_layer_precision(ctx, float_student)
+        choose_layer_precision(ctx, float_student, teachers, progress)
     students = []
     for bits in plan.bits:
         with timed(timings, f"train_{bits.name}"):

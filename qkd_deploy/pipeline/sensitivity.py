@@ -21,6 +21,7 @@ from qkd_deploy.fileio import atomic_write_bytes, atomic_write_json, atomic_writ
 from qkd_deploy.pipeline.finished import FinishedRun
 from qkd_deploy.pipeline.models import quantize_options
 from qkd_deploy.quant.sensitivity import (
+    COLUMNS,
     Evaluator,
     MixedPrecisionModel,
     Sensitivity,
@@ -38,11 +39,14 @@ def measure_for_run(
     float_model: nn.Module,
     bits: BitWidths,
     images: int = HELD_OUT_IMAGES,
-    within_model: bool = True,
+    columns: frozenset[str] = COLUMNS,
+    raise_to: list[str] | None = None,
+    trained: tuple[nn.Module, int] | None = None,
 ) -> tuple[Sensitivity, MixedPrecisionModel, Evaluator]:
-    """The sensitivity of ``float_model`` quantized as the run quantizes its ``bits`` student,
-    calibrated on ``data.calibration_size`` training images and scored on ``images`` others
-    (``within_model``: see ``quant.sensitivity.measure``)."""
+    """The sensitivity of ``float_model`` quantized as the run quantizes its ``bits`` student (or
+    of ``trained``, that student and its QAT epochs), calibrated on ``data.calibration_size``
+    training images and scored on ``images`` others (``columns``, ``raise_to``: see
+    ``quant.sensitivity.sensitivity_of``)."""
     qcfg = config.quant
     calibrate_on = functools.partial(
         calibrate,
@@ -65,7 +69,9 @@ def measure_for_run(
             size,
             images,
             config.seed,
-            within_model,
+            columns,
+            raise_to,
+            trained,
         )
 
 
@@ -75,17 +81,21 @@ def write_tables(root: Path, table: Sensitivity, seconds: float) -> None:
 
 
 def plot(table: Sensitivity, path: Path) -> Path:
-    """Accuracy with each layer alone quantized and with it left float, most damaging first."""
+    """Accuracy per layer in each measured column (alone, left float, raised), most damaging
+    first."""
     from qkd_deploy.bench.plots import _pyplot
 
     plt = _pyplot()
     names = [row.layer for row in table.layers]
     fig, axis = plt.subplots(figsize=(max(6, 0.3 * len(names)), 4.2), layout="constrained")
     x = range(len(names))
-    axis.plot(x, [100 * r.alone.accuracy for r in table.layers], "o-", label="only this layer")
-    if all(r.float for r in table.layers):
-        left_float = [100 * r.float.accuracy for r in table.layers]
-        axis.plot(x, left_float, "s-", label="all but this layer")
+    lines = [(lambda r: r.alone, "o-", "only this layer"), (lambda r: r.float, "s-", "all but it")]
+    twins = sorted({p for r in table.layers for p in r.raised})
+    lines += [(lambda r, p=p: r.raised.get(p), "^-", f"all, it at {p}") for p in twins]
+    for column, style, label in lines:
+        scores = [column(r) for r in table.layers]
+        if all(scores):  # a column the table measured
+            axis.plot(x, [100 * s.accuracy for s in scores], style, label=label)
     axis.axhline(100 * table.float_model.accuracy, color="gray", ls="--", label="float")
     axis.axhline(100 * table.quantized.accuracy, color="tab:red", ls=":", label=table.bits)
     axis.set_xticks(list(x), names, rotation=90, fontsize=7)

@@ -165,9 +165,12 @@ def quantized_student_stage(
     float_student: nn.Module,
     teachers: list[nn.Module],
     progress: bool,
+    folder: Path | None = None,
+    train: TrainConfig | None = None,
 ) -> nn.Module:
     """Quantize, calibrate and distil one student (``ptq``, which does not train, stops after
-    calibrating); returns the eval-mode fake-quant model.
+    calibrating); returns the eval-mode fake-quant model. ``folder`` and ``train`` replace the
+    stage's folder and the student's training settings (the budget's probe).
 
     The student starts from the float student, except for a data-free method: the float student
     learnt from the training images, so that student starts from fresh weights (the float
@@ -175,7 +178,9 @@ def quantized_student_stage(
     student may then be re-estimated (``bn_reestimation_batches``); a checkpoint keeps the last
     epoch's."""
     cfg, qcfg = ctx.config.student, ctx.config.quant
-    folder = ctx.run.stage(bits.name)
+    if train is not None:
+        cfg = dataclasses.replace(cfg, train=train)
+    folder = folder or ctx.run.stage(bits.name)
     data_free = ctx.plan.data_free
     start = untrained_student(ctx) if data_free else float_student
     torch.manual_seed(ctx.config.seed + 2)

@@ -2,8 +2,9 @@
 measured sensitivity (``quant.sensitivity``) before QAT.
 
 A budget (``quant.budget``) is one of
-- ``drop:POINTS``: the smallest set of raised layers (most gain first) whose model, calibrated
-  but not trained, is within POINTS accuracy points of the float model on held-out images;
+- ``drop:POINTS``: the smallest set of raised layers (most gain first) whose model, as measured
+  (after the probe, or calibrated only), is within POINTS accuracy points of the float model
+  on held-out images;
 - ``size_kb:KB``: raise layers by gain per extra weight byte while the weights fit in KB
   (weights at their bits, a float layer's at 32: the graph keeps them in FP32, and so does a
   strongly typed TensorRT engine);
@@ -16,12 +17,17 @@ highest precision on offer; a size budget weighs each precision's gain against i
 layers of a ``tensorrt`` W8A8 model under a size budget may also drop to INT4 weights (``w4a8``)
 when that saves what the budget needs.
 
-A layer's gain is the damage it does alone that raising it removes: the KL divergence from the
-float model's outputs with only this layer quantized at its own bits, minus the same with only
-this layer at the higher precision (zero for float). It is measured on an intact model: at low
-bits the model with every layer quantized and not yet trained is near chance, where raising any
-one layer changes the outputs by noise, so the damage of each layer within it ranks nothing;
-QAT recovers damage spread over many layers but not what one layer destroys on its own.
+A layer's gain is read from its sensitivity (``quant.sensitivity``), by how it was measured:
+- after a short QAT probe (the pipeline's default, ``quant.budget_probe_epochs``): the KL
+  divergence from the float model's outputs of the briefly trained model with every layer
+  quantized, minus the same with this one layer raised (its trained weights re-calibrated at the
+  higher precision). What raising a layer is worth after QAT is what QAT cannot recover of its
+  damage in the context of the others, which a model that has trained a little shows;
+- without training (``budget_probe_epochs=0``): the damage the layer does alone at its own bits
+  minus the damage alone at the higher precision (zero for float). Measured on an intact model:
+  at low bits the untrained model with every layer quantized is near chance, where raising any
+  one layer changes the outputs by noise. Cheaper, but at W2A2 it did not predict what raising
+  a layer was worth after QAT (see the mixed precision benchmark).
 """
 
 from __future__ import annotations
@@ -57,20 +63,24 @@ def _max_bits(precision: str) -> int:
 
 def candidates(table: Sensitivity, mixed: MixedPrecisionModel) -> dict[str, dict[str, float]]:
     """Selectable layer -> {higher precision: gain}: the twins' precisions above the layer's own
-    bits (a low-bit model), else float; gain = the damage the layer does alone at its own bits
-    minus the damage alone at the higher precision (KL against the float model's outputs)."""
+    bits (a low-bit model), else float; the gain as the module docstring says."""
     layers = mixed.layers
+    inside = table.trained_epochs > 0
     options: dict[str, dict[str, float]] = {}
     for row in table.layers:
         if not row.selectable:
             continue
         own = max(q.bits for _, q in layers[row.layer])
-        if row.alone_raised:
-            left = {p: s.kl for p, s in row.alone_raised.items() if _max_bits(p) > own}
+        raised = row.raised if inside else row.alone_raised
+        if raised:
+            left = {p: s.kl for p, s in raised.items() if _max_bits(p) > own}
+        elif inside:
+            left = {"float": row.float.kl}
         else:
             left = {"float": 0.0}  # only this layer quantized, it left in float: the float model
+        damage = table.quantized.kl if inside else row.alone.kl
         if left:  # else already at the highest precision of the grid
-            options[row.layer] = {p: row.alone.kl - kl for p, kl in left.items()}
+            options[row.layer] = {p: damage - kl for p, kl in left.items()}
     return options
 
 

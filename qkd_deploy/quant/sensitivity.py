@@ -1,4 +1,5 @@
-"""Per-layer quantization sensitivity, measured without training.
+"""Per-layer quantization sensitivity: of a float model quantized and calibrated (no training),
+or of a briefly trained quantized model (the budget's probe).
 
 A *layer* is a module that holds quantizers (a quantized conv or linear layer with its input and
 weight quantizers, a residual add with its input quantizers, a pool, or whatever else the
@@ -11,9 +12,10 @@ images the float model's outputs are the reference; for every layer:
   quantizers calibrated in a copy of the model quantized at ``p``): what raising it gains;
 - ``alone_raised[p]``: only this layer quantized, at ``p``: the damage left when it is raised.
 
-``float`` and ``raised`` (measured inside the fully quantized model) are for reading; the budget
-chooser needs only ``alone`` and ``alone_raised``, so the pipeline skips the others
-(``within_model=False``), which halves the time on a large model.
+Each is a *column*; ``measure`` takes the columns it is asked for (a large model's table costs
+an evaluation per layer and column). Untrained, the budget chooser reads ``alone`` and
+``alone_raised``; after a probe of QAT, ``raised`` (``float`` above a W8A8 model), inside the
+trained model.
 
 Each is the accuracy and the mean KL divergence of the model's softmax from the float model's.
 A quantizer is switched off through its ``calibrated`` flag (an uncalibrated quantizer passes
@@ -22,6 +24,7 @@ values through) and moved to another precision through its ``bits`` and step siz
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -39,6 +42,7 @@ from qkd_deploy.quant.quantizer import LSQQuantizer
 
 Calibrate = Callable[[nn.Module, list[torch.Tensor]], None]
 EVAL_BATCH = 256
+COLUMNS = frozenset({"alone", "float", "raised", "alone_raised"})
 
 
 @dataclass(frozen=True)
@@ -55,8 +59,8 @@ class LayerSensitivity:
     layer: str
     quantizers: list[str]
     selectable: bool  # a module quant.layer_bits can name
-    alone: Score
-    float: Score | None  # None where the run measured the layers alone only
+    alone: Score | None  # None where that column was not measured
+    float: Score | None
     raised: dict[str, Score] = field(default_factory=dict)
     alone_raised: dict[str, Score] = field(default_factory=dict)
 
@@ -65,7 +69,7 @@ class LayerSensitivity:
             "layer": self.layer,
             "quantizers": self.quantizers,
             "selectable": self.selectable,
-            "alone": self.alone.to_dict(),
+            "alone": self.alone.to_dict() if self.alone else None,
             "float": self.float.to_dict() if self.float else None,
             "raised": {p: s.to_dict() for p, s in self.raised.items()},
             "alone_raised": {p: s.to_dict() for p, s in self.alone_raised.items()},
@@ -78,12 +82,14 @@ class Sensitivity:
     images: int
     float_model: Score
     quantized: Score
-    layers: list[LayerSensitivity]  # most damaging first (alone.kl)
+    layers: list[LayerSensitivity]  # most damaging first (``damage_first``)
+    trained_epochs: int = 0  # QAT epochs the quantized model had (0: calibrated only)
 
     def to_dict(self) -> dict:
         return {
             "bits": self.bits,
             "images": self.images,
+            "trained_epochs": self.trained_epochs,
             "float_model": self.float_model.to_dict(),
             "quantized": self.quantized.to_dict(),
             "layers": [layer.to_dict() for layer in self.layers],
@@ -183,6 +189,28 @@ class MixedPrecisionModel:
         }
         return cls(model, twins, set(replaced_layers(model, float_model)))
 
+    @classmethod
+    def from_trained(
+        cls,
+        trained: nn.Module,
+        float_model: nn.Module,
+        raise_to: list[str],
+        calibration: list[torch.Tensor],
+        calibrate: Calibrate,
+    ) -> MixedPrecisionModel:
+        """A trained fake-quant model (from ``float_model``) with twins of its trained weights
+        calibrated at the ``raise_to`` precisions."""
+
+        def twin(precision: BitWidths) -> nn.Module:
+            model = copy.deepcopy(trained).eval()
+            for q in {id(q): q for qs in layer_quantizers(model).values() for _, q in qs}.values():
+                q.bits = precision.w if q.kind == "weight" else precision.a
+            calibrate(model, calibration)
+            return model
+
+        twins = {p: twin(BitWidths.parse(p)) for p in raise_to}
+        return cls(trained.eval(), twins, set(replaced_layers(trained, float_model)))
+
     @property
     def layers(self) -> dict[str, list[tuple[str, LSQQuantizer]]]:
         return layer_quantizers(self.model)
@@ -211,53 +239,76 @@ def measure(
     evaluator: Evaluator,
     bits: str,
     float_model: nn.Module,
-    within_model: bool = True,
+    columns: frozenset[str] = COLUMNS,
+    trained_epochs: int = 0,
 ) -> Sensitivity:
-    """Every layer alone and at each twin's precision alone, and with ``within_model`` also
-    in float and at each twin's precision with the others quantized; most damaging first."""
+    """The ``columns`` (see the module docstring) of every layer, most damaging first."""
+    unknown = columns - COLUMNS
+    if unknown:
+        raise ValueError(f"unknown sensitivity columns {sorted(unknown)}")
+    quantized = evaluator.score(mixed.model)
+
+    def score(precisions: dict[str, str], only: set[str] | None = None) -> Score:
+        with mixed.variant(precisions, only):
+            return evaluator.score(mixed.model)
+
     rows = []
     for name, quantizers in mixed.layers.items():
-        with mixed.variant({}, only={name}):
-            alone = evaluator.score(mixed.model)
-        left_float = None
-        if within_model:
-            with mixed.variant({name: "float"}):
-                left_float = evaluator.score(mixed.model)
-        raised, alone_raised = {}, {}
-        for precision in mixed.twins:
-            if within_model:
-                with mixed.variant({name: precision}):
-                    raised[precision] = evaluator.score(mixed.model)
-            with mixed.variant({name: precision}, only={name}):
-                alone_raised[precision] = evaluator.score(mixed.model)
+        twins = list(mixed.twins)
         rows.append(
             LayerSensitivity(
                 name,
                 [q for q, _ in quantizers],
                 name in mixed.selectable,
-                alone,
-                left_float,
-                raised,
-                alone_raised,
+                score({}, only={name}) if "alone" in columns else None,
+                score({name: "float"}) if "float" in columns else None,
+                {p: score({name: p}) for p in twins} if "raised" in columns else {},
+                {p: score({name: p}, {name}) for p in twins} if "alone_raised" in columns else {},
             )
         )
-    rows.sort(key=lambda r: (-r.alone.kl, r.alone.accuracy))
+    rows.sort(key=damage_first)
     return Sensitivity(
-        bits,
-        len(evaluator.labels),
-        evaluator.score(float_model),
-        evaluator.score(mixed.model),
-        rows,
+        bits, len(evaluator.labels), evaluator.score(float_model), quantized, rows, trained_epochs
     )
 
 
+def damage_first(row: LayerSensitivity) -> tuple[float, float]:
+    """Sort key: the damage a layer does alone, else (measured inside the model only) the KL
+    left with it at its best measured precision, the lowest first: the most to gain."""
+    if row.alone is not None:
+        return (-row.alone.kl, row.alone.accuracy)
+    inside = [*row.raised.values(), *([row.float] if row.float else [])]
+    best = min(inside, key=lambda s: s.kl, default=Score(0.0, 0.0))
+    return (best.kl, -best.accuracy)
+
+
+def _cell(score: Score | None, field: str) -> str:
+    if score is None:
+        return "-"
+    return f"{100 * score.accuracy:.2f}" if field == "accuracy" else f"{score.kl:.4f}"
+
+
 def markdown(table: Sensitivity) -> str:
-    """The table as Markdown: accuracy in %, KL in nats."""
-    twins = sorted({p for row in table.layers for p in row.alone_raised})
-    head = ["layer", "alone acc %", "alone KL", "float: acc %", "float: KL"]
-    head += [f"{p}: acc %" for p in twins] + [f"alone {p} KL" for p in twins]
+    """The table as Markdown: accuracy in %, KL in nats; ``-`` where a column was not measured."""
+    twins = sorted({p for row in table.layers for p in [*row.raised, *row.alone_raised]})
+    columns = [
+        ("alone acc %", lambda r: _cell(r.alone, "accuracy")),
+        ("alone KL", lambda r: _cell(r.alone, "kl")),
+        ("float: acc %", lambda r: _cell(r.float, "accuracy")),
+        ("float: KL", lambda r: _cell(r.float, "kl")),
+    ]
+    for p in twins:
+        columns += [
+            (f"{p}: acc %", lambda r, p=p: _cell(r.raised.get(p), "accuracy")),
+            (f"{p}: KL", lambda r, p=p: _cell(r.raised.get(p), "kl")),
+            (f"alone {p} KL", lambda r, p=p: _cell(r.alone_raised.get(p), "kl")),
+        ]
+    trained = (
+        f"after {table.trained_epochs} epoch(s) of QAT" if table.trained_epochs else "no training"
+    )
+    head = ["layer", *(title for title, _ in columns)]
     lines = [
-        f"Sensitivity at {table.bits} on {table.images} held-out training images (no training). "
+        f"Sensitivity at {table.bits} on {table.images} held-out training images ({trained}). "
         f"Float model {100 * table.float_model.accuracy:.2f} %, every layer quantized "
         f"{100 * table.quantized.accuracy:.2f} % (KL {table.quantized.kl:.4f}).",
         "",
@@ -269,15 +320,8 @@ def markdown(table: Sensitivity) -> str:
         "|" + " --- |" * len(head),
     ]
     for row in table.layers:
-        cells = [
-            row.layer + ("" if row.selectable else " *"),
-            f"{100 * row.alone.accuracy:.2f}",
-            f"{row.alone.kl:.4f}",
-            f"{100 * row.float.accuracy:.2f}" if row.float else "-",
-            f"{row.float.kl:.4f}" if row.float else "-",
-        ]
-        cells += [f"{100 * row.raised[p].accuracy:.2f}" if p in row.raised else "-" for p in twins]
-        cells += [f"{row.alone_raised[p].kl:.4f}" if p in row.alone_raised else "-" for p in twins]
+        cells = [row.layer + ("" if row.selectable else " *")]
+        cells += [cell(row) for _, cell in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -313,17 +357,25 @@ def sensitivity_of(
     calibration_size: int,
     evaluation_size: int,
     seed: int,
-    within_model: bool = True,
+    columns: frozenset[str] = COLUMNS,
+    raise_to: list[str] | None = None,
+    trained: tuple[nn.Module, int] | None = None,
 ) -> tuple[Sensitivity, MixedPrecisionModel, Evaluator]:
-    """``measure`` on a split of ``images`` (preprocessed training images); also returns the
-    mixed model and evaluator, for a chooser that measures combinations."""
+    """``measure`` on a split of ``images`` (preprocessed training images) of ``float_model``
+    quantized with ``options``, or of ``trained`` (the quantized model and its QAT epochs); the
+    twins are at ``raise_to`` (default: ``raise_targets``). Also returns the mixed model and
+    evaluator, for a chooser that measures combinations."""
     calibration, held, held_labels = held_out_split(
         images, labels, calibration_size, evaluation_size, seed
     )
     float_model = float_model.eval()
-    mixed = MixedPrecisionModel.build(
-        float_model, options, raise_targets(options.bits), calibration, calibrate
-    )
+    twins = raise_targets(options.bits) if raise_to is None else raise_to
+    if trained is None:
+        mixed = MixedPrecisionModel.build(float_model, options, twins, calibration, calibrate)
+        epochs = 0
+    else:
+        model, epochs = trained
+        mixed = MixedPrecisionModel.from_trained(model, float_model, twins, calibration, calibrate)
     evaluator = Evaluator(float_model, held, held_labels)
-    table = measure(mixed, evaluator, options.bits.name, float_model, within_model)
+    table = measure(mixed, evaluator, options.bits.name, float_model, columns, epochs)
     return table, mixed, evaluator

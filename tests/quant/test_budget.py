@@ -101,6 +101,23 @@ def test_a_drop_budget_raises_the_fewest_layers_that_bring_the_model_within_it()
     assert not unreachable.met and set(unreachable.layer_bits.values()) == {"w4a4"}
 
 
+def test_after_a_probe_the_gain_is_what_raising_a_layer_inside_the_model_removes():
+    model, images, labels = trained_toy()
+    student = quantize(model, PrecisionOptions(BitWidths.parse("w4a4"), first_last_bits=None))
+    calibrate(student, [images[:128]])
+    with torch.no_grad():  # conv2's 4-bit weights on a grid 20x too coarse: most round to zero
+        student.conv2.weight_quantizer.scale.mul_(20)
+    mixed = MixedPrecisionModel.from_trained(student, model, ["w8a8"], [images[:128]], calibrate)
+    evaluator = Evaluator(model, images[128:], labels[128:])
+    table = measure(mixed, evaluator, "w4a4", model, frozenset({"raised"}), trained_epochs=1)
+    rows = {r.layer: r for r in table.layers}
+    gains = candidates(table, mixed)
+    for layer, gain in gains.items():
+        assert gain["w8a8"] == pytest.approx(table.quantized.kl - rows[layer].raised["w8a8"].kl)
+    choice = choose(Budget.parse("share:0.25"), table, mixed, evaluator)
+    assert choice.layer_bits == {"conv2": "w8a8"}  # re-calibrated at 8 bits: the damage gone
+
+
 def test_at_8_bits_the_higher_precision_is_float():
     table, mixed, evaluator = _measured("w8a8")
     choice = choose(Budget.parse("share:0.25"), table, mixed, evaluator)
@@ -159,7 +176,12 @@ def test_the_pipeline_writes_its_choice_into_the_config_and_resume_keeps_it(tmp_
     assert main(["--config", str(config), "--out", str(run)]) == 0
     record = json.loads((run / "budget.json").read_text())
     chosen = record["layer_bits"]
-    assert len(chosen) == 2 and set(chosen.values()) <= {"w4a4", "w8a8"}  # 20 % of 13 layers
+    assert len(chosen) == 2 and set(chosen.values()) == {"w8a8"}  # 20 % of 13 layers, top bits
+    assert record["probe_epochs"] == 1  # chosen inside the uniform student after 1 epoch of QAT
+    assert (run / "budget_probe_w2a2" / "model.pt").is_file()
+    table = json.loads((run / "sensitivity.json").read_text())
+    assert table["trained_epochs"] == 1 and table["bits"] == "w2a2"
+    assert all(row["raised"] and row["alone"] is None for row in table["layers"])
     stored = load_config(str(run / "config.yaml")).quant.layer_bits
     assert stored == {**chosen, "fc": "w4a4"}  # the user's own entry is kept
     assert (run / "sensitivity.json").is_file() and (run / "sensitivity.md").is_file()
