@@ -17,7 +17,8 @@ mixed student recovers.
     python benchmarks/mixed_precision.py [--archs resnet8 mobilenetv2] [--bits w4a4 w2a2]
         [--seeds 0 1] [--first-last off 8] [--jobs ARCH:BITS:FIRST_LAST ...]
         [--train-limit 2000] [--float-epochs 10] [--epochs 3] [--share 0.1]
-        [--lr ARCH=LR ...] [--work DIR] [--out benchmarks/results] [--name mixed_precision]
+        [--lr ARCH=LR ...] [--oracle] [--work DIR] [--out benchmarks/results]
+        [--name mixed_precision]
 
 ``--jobs`` lists the (arch, bits, baseline) triples to run, in that order, for every seed, in
 place of every combination of ``--archs``, ``--bits`` and ``--first-last``.
@@ -144,6 +145,7 @@ def one(args, arch: str, bits: str, seed: int, first_last: str) -> dict:
         f"recovered_{name}": (acc[name] - acc["uniform"]) / gap if gap > 0 else None
         for name in ("probe", "untrained", "random")
     }
+    singles = _each_layer_alone(args, arch, bits, seed, first_last, base) if args.oracle else {}
     return {
         "arch": arch,
         "bits": bits,
@@ -151,6 +153,7 @@ def one(args, arch: str, bits: str, seed: int, first_last: str) -> dict:
         "seed": seed,
         "float": float_acc,
         **acc,
+        "each_layer_alone": singles,
         "raised": record["layer_bits"],
         "raised_untrained": record_untrained["layer_bits"],
         "random_layers": layers,
@@ -160,6 +163,18 @@ def one(args, arch: str, bits: str, seed: int, first_last: str) -> dict:
         **recovered,
         "seconds": _stage_seconds(uniform, probe, untrained, randomly),
     }
+
+
+def _each_layer_alone(
+    args, arch: str, bits: str, seed: int, first_last: str, base: list[str]
+) -> dict[str, float]:
+    """``--oracle``: the ONNX accuracy of a student with each raisable layer alone at W8A8."""
+    accuracies = {}
+    for layer in _raisable(arch, first_last):
+        raised = [*base, f"quant.layer_bits={{{layer}: w8a8}}"]
+        report = _run(args, arch, bits, seed, f"{bits}-fl{first_last}-only-{layer}", raised)
+        accuracies[layer] = report["students"][0]["accuracy_onnx"]
+    return accuracies
 
 
 def _budget_record(args, arch: str, seed: int, folder: str) -> tuple[dict, float]:
@@ -220,6 +235,7 @@ def _command(args) -> str:
         f"OMP_NUM_THREADS=1 python benchmarks/mixed_precision.py {which} --seeds "
         f"{' '.join(map(str, args.seeds))} --train-limit {args.train_limit} --float-epochs "
         f"{args.float_epochs} --epochs {args.epochs} --share {args.share} --lr {rates}"
+        + (" --oracle" if args.oracle else "")
     )
 
 
@@ -279,8 +295,47 @@ def markdown(rows: list[dict], args, machine: str, done: bool) -> str:
             f"{r['sensitivity_seconds']} / {r['sensitivity_seconds_untrained']} | "
             f"{r['seconds']} |"
         )
+    lines += _oracle_lines(rows)
     lines += ["", "## Targets", "", *targets_table(checks(rows))]
     return "\n".join(lines) + "\n"
+
+
+def _oracle_lines(rows: list[dict]) -> list[str]:
+    """``--oracle``: every layer raised alone, best first, and where each chooser's layer ranks
+    (the row's uniform student and each single-layer student: ONNX accuracy %)."""
+    rows = [r for r in rows if r["each_layer_alone"]]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Each layer raised alone (`--oracle`)",
+        "",
+        "One student per raisable layer, that layer alone at W8A8; best first. `rank`: where "
+        "the layer each chooser raised stands among them (1 = best), for one-layer choices.",
+        "",
+        "| arch | bits | seed | uniform | best | worst | rank: probe | untrained | random | "
+        "layers, best first (accuracy %) |",
+        "|" + " --- |" * 10,
+    ]
+    for r in rows:
+        ranked = sorted(r["each_layer_alone"].items(), key=lambda item: -item[1])
+        order = [layer for layer, _ in ranked]
+        probe, untrained, randomly = (
+            _rank(order, r[key]) for key in ("raised", "raised_untrained", "random_layers")
+        )
+        listing = ", ".join(f"{layer} {100 * acc:.2f}" for layer, acc in ranked)
+        lines.append(
+            f"| {r['arch']} | {r['bits']} | {r['seed']} | {100 * r['uniform']:.2f} | "
+            f"{100 * ranked[0][1]:.2f} | {100 * ranked[-1][1]:.2f} | {probe} | {untrained} | "
+            f"{randomly} | {listing} |"
+        )
+    return lines
+
+
+def _rank(order: list[str], chosen) -> str:
+    """Where a one-layer choice stands in ``order`` (1 = first); "-" for other choices."""
+    chosen = list(chosen)
+    return str(order.index(chosen[0]) + 1) if len(chosen) == 1 else "-"
 
 
 def _pair(item: str) -> tuple[str, float]:
@@ -301,6 +356,9 @@ def main() -> None:
     p.add_argument("--share", type=float, default=0.1)
     p.add_argument(
         "--lr", nargs="+", default=[], metavar="ARCH=LR", help="QAT learning rate of a student"
+    )
+    p.add_argument(
+        "--oracle", action="store_true", help="also train a student per layer, it alone raised"
     )
     p.add_argument("--work", default="/tmp/qkd-mixed-precision")
     p.add_argument("--out", default="benchmarks/results")
