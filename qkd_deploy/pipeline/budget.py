@@ -75,7 +75,7 @@ def _measure_and_choose(
         columns, trained = frozenset({"raised"} if twins else {"float"}), (probe, epochs)
     else:
         columns, trained = frozenset({"alone", "alone_raised"}), None
-    measured = measure_for_run(
+    table, mixed, evaluator = measure_for_run(
         config,
         ctx.data,
         ctx.preprocess,
@@ -85,7 +85,6 @@ def _measure_and_choose(
         raise_to=twins,
         trained=trained,
     )
-    table, mixed, evaluator = measured
     write_tables(ctx.run.root, table, time.perf_counter() - start)
     choice = choose(budget, table, mixed, evaluator)
     if not choice.met:

@@ -21,13 +21,13 @@ A layer's gain is read from its sensitivity (``quant.sensitivity``), by how it w
 - after a short QAT probe (the pipeline's default, ``quant.budget_probe_epochs``): the KL
   divergence from the float model's outputs of the briefly trained model with every layer
   quantized, minus the same with this one layer raised (its trained weights re-calibrated at the
-  higher precision). What raising a layer is worth after QAT is what QAT cannot recover of its
-  damage in the context of the others, which a model that has trained a little shows;
+  higher precision): the damage QAT has not recovered, in the context of the other layers;
 - without training (``budget_probe_epochs=0``): the damage the layer does alone at its own bits
   minus the damage alone at the higher precision (zero for float). Measured on an intact model:
   at low bits the untrained model with every layer quantized is near chance, where raising any
-  one layer changes the outputs by noise. Cheaper, but at W2A2 it did not predict what raising
-  a layer was worth after QAT (see the mixed precision benchmark).
+  one layer changes the outputs by noise. Cheaper.
+Neither predicted reliably what raising a layer was worth after QAT at W2A2 (the mixed precision
+benchmark: the probe did better at a short training budget, the untrained choice at a longer one).
 """
 
 from __future__ import annotations

@@ -252,9 +252,9 @@ def measure(
         with mixed.variant(precisions, only):
             return evaluator.score(mixed.model)
 
+    twins = list(mixed.twins)
     rows = []
     for name, quantizers in mixed.layers.items():
-        twins = list(mixed.twins)
         rows.append(
             LayerSensitivity(
                 name,
