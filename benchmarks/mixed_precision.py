@@ -2,12 +2,13 @@
 number of randomly chosen layers vs uniform bits.
 
 Per (student architecture, seed): one float student (plain, on the labels), shared by every
-student below. Per bit-width and baseline, four plain-QAT students (``--method none``) from it:
+student below. Per bit-width and baseline, plain-QAT students (``--method none``) from it:
 ``uniform``, the baseline; ``probe``, ``quant.budget=share:S`` as the pipeline does it by default
 (one epoch of QAT, then each layer raised to W8A8 inside the trained model); ``untrained``, the
 same budget chosen from the untrained float student's layers alone
-(``quant.budget_probe_epochs=0``); ``random``, as many layers drawn at random among those the
-budget could raise, at W8A8 (``quant.layer_bits``). Two baselines (``--first-last``): ``off``,
+(``quant.budget_probe_epochs=0``); ``random``, ``--random-draws`` students with as many layers
+drawn at random among those the budget could raise, at W8A8 (``quant.layer_bits``), compared by
+their mean. Two baselines (``--first-last``): ``off``,
 one bit-width for every layer (``quant.first_last_bits=null``), and ``8``, the pipeline's
 default with the first conv and the last linear at 8 bits (then the budget raises among the
 other layers). Reported: ONNX accuracy on
@@ -17,7 +18,8 @@ mixed student recovers.
     python benchmarks/mixed_precision.py [--archs resnet8 mobilenetv2] [--bits w4a4 w2a2]
         [--seeds 0 1] [--first-last off 8] [--jobs ARCH:BITS:FIRST_LAST ...]
         [--train-limit 2000] [--float-epochs 10] [--epochs 3] [--share 0.1]
-        [--lr ARCH=LR ...] [--oracle] [--work DIR] [--out benchmarks/results]
+        [--lr ARCH=LR ...] [--random-draws 3] [--oracle] [--work DIR]
+        [--out benchmarks/results]
         [--name mixed_precision]
 
 ``--jobs`` lists the (arch, bits, baseline) triples to run, in that order, for every seed, in
@@ -130,16 +132,11 @@ def one(args, arch: str, bits: str, seed: int, first_last: str) -> dict:
     )
     record, seconds = _budget_record(args, arch, seed, f"{prefix}-sensitivity")
     record_untrained, seconds_untrained = _budget_record(args, arch, seed, f"{prefix}-alone")
-    count = len(record["layer_bits"])
-    layers = random.Random(1000 + seed).sample(_raisable(arch, first_last), count)
-    random_bits = "{" + ", ".join(f"{name}: w8a8" for name in layers) + "}"
-    randomly = _run(
-        args, arch, bits, seed, f"{prefix}-random", [*base, f"quant.layer_bits={random_bits}"]
-    )
+    draws = _random_draws(args, arch, bits, seed, first_last, base, len(record["layer_bits"]))
     float_acc = uniform["float_references"][0]["accuracy_onnx"]
     students = (("uniform", uniform), ("probe", probe), ("untrained", untrained))
     acc = {name: report["students"][0]["accuracy_onnx"] for name, report in students}
-    acc["random"] = randomly["students"][0]["accuracy_onnx"]
+    acc["random"] = statistics.mean(draw["accuracy"] for draw in draws)
     gap = float_acc - acc["uniform"]
     recovered = {
         f"recovered_{name}": (acc[name] - acc["uniform"]) / gap if gap > 0 else None
@@ -156,13 +153,30 @@ def one(args, arch: str, bits: str, seed: int, first_last: str) -> dict:
         "each_layer_alone": singles,
         "raised": record["layer_bits"],
         "raised_untrained": record_untrained["layer_bits"],
-        "random_layers": layers,
+        "random_draws": [{k: v for k, v in d.items() if k != "report"} for d in draws],
         "selectable_layers": record["predicted"]["selectable_layers"],
         "sensitivity_seconds": seconds,
         "sensitivity_seconds_untrained": seconds_untrained,
         **recovered,
-        "seconds": _stage_seconds(uniform, probe, untrained, randomly),
+        "seconds": _stage_seconds(uniform, probe, untrained, *(d["report"] for d in draws)),
     }
+
+
+def _random_draws(
+    args, arch: str, bits: str, seed: int, first_last: str, base: list[str], count: int
+) -> list[dict]:
+    """``--random-draws`` students, each with ``count`` layers drawn at random at W8A8: their
+    mean is the expected value of spending the budget blindly (one draw can hit the chooser's
+    own layer, or the best or the worst one)."""
+    draws = []
+    for draw in range(args.random_draws):
+        layers = random.Random(1000 + 100 * draw + seed).sample(_raisable(arch, first_last), count)
+        layer_bits = "{" + ", ".join(f"{name}: w8a8" for name in layers) + "}"
+        folder = f"{bits}-fl{first_last}-random" + (f"{draw}" if draw else "")
+        report = _run(args, arch, bits, seed, folder, [*base, f"quant.layer_bits={layer_bits}"])
+        accuracy = report["students"][0]["accuracy_onnx"]
+        draws.append({"layers": layers, "accuracy": accuracy, "report": report})
+    return draws
 
 
 def _each_layer_alone(
@@ -186,7 +200,7 @@ def _budget_record(args, arch: str, seed: int, folder: str) -> tuple[dict, float
 
 def checks(rows: list[dict]) -> list[tuple[str, bool, str]]:
     """Per (arch, bits, baseline): the mean recovered share over seeds >= 50 %, and the
-    sensitivity-chosen student above the random one on every seed."""
+    sensitivity-chosen student above the expected random one on every seed."""
     out = []
     groups = sorted({(r["arch"], r["bits"], r["first_last_bits"]) for r in rows})
     for arch, bits, first_last in groups:
@@ -209,15 +223,23 @@ def checks(rows: list[dict]) -> list[tuple[str, bool, str]]:
                     f"{100 * mean:.1f} % (seeds: {values} %)",
                 )
             )
-        margins = [100 * (r["probe"] - r["random"]) for r in group]
+        margins = [100 * (r["probe"] - _random_expected(r)) for r in group]
         out.append(
             (
-                f"{label}: beats random layers on every seed",
+                f"{label}: beats random layers (their expected accuracy) on every seed",
                 all(m > 0 for m in margins),
                 "by " + ", ".join(f"{m:+.2f}" for m in margins) + " points",
             )
         )
     return out
+
+
+def _random_expected(row: dict) -> float:
+    """The expected accuracy of the budget spent on random layers: for one layer with
+    ``--oracle``, the mean of every single-layer student; else the mean of the random draws."""
+    if row["each_layer_alone"] and len(row["raised"]) == 1:
+        return statistics.mean(row["each_layer_alone"].values())
+    return row["random"]
 
 
 def _command(args) -> str:
@@ -235,6 +257,7 @@ def _command(args) -> str:
         f"OMP_NUM_THREADS=1 python benchmarks/mixed_precision.py {which} --seeds "
         f"{' '.join(map(str, args.seeds))} --train-limit {args.train_limit} --float-epochs "
         f"{args.float_epochs} --epochs {args.epochs} --share {args.share} --lr {rates}"
+        + f" --random-draws {args.random_draws}"
         + (" --oracle" if args.oracle else "")
     )
 
@@ -261,11 +284,12 @@ def markdown(rows: list[dict], args, machine: str, done: bool) -> str:
         "at 8 bits in every student. `probe`: `quant.budget=share` as the pipeline chooses by "
         "default (one epoch of QAT, then each layer raised inside the trained model); "
         "`untrained`: the same budget chosen from the untrained float student, each layer alone "
-        "(`quant.budget_probe_epochs=0`); `random`: as many layers drawn at random, at W8A8. "
+        "(`quant.budget_probe_epochs=0`); `random`: as many layers drawn at random, at W8A8, "
+        "the mean of the draws (each draw in brackets). "
         "`raised`: the layers each chooser raised to W8A8 (of the selectable layers). "
         "`recovered`: share of the uniform student's gap to the float student that the mixed "
         "student closes. `sens. s`: the probe's training, sensitivity and choice inside the "
-        "run (probe / untrained); `s`: the stage times of the four runs (the float student's "
+        "run (probe / untrained); `s`: the stage times of its runs (the float student's "
         "training counted in the first row of its seed only).",
         "",
     ]
@@ -288,7 +312,7 @@ def markdown(rows: list[dict], args, machine: str, done: bool) -> str:
         lines.append(
             f"| {r['arch']} | {r['bits']} | {r['first_last_bits']} | {r['seed']} | "
             f"{100 * r['float']:.2f} | {100 * r['uniform']:.2f} | {100 * r['probe']:.2f} | "
-            f"{100 * r['untrained']:.2f} | {100 * r['random']:.2f} | "
+            f"{100 * r['untrained']:.2f} | {_draws(r)} | "
             f"{layers(r['raised'])} ({len(r['raised'])}/{r['selectable_layers']}) | "
             f"{layers(r['raised_untrained'])} | {pct(r['recovered_probe'])} | "
             f"{pct(r['recovered_untrained'])} | {pct(r['recovered_random'])} | "
@@ -311,25 +335,34 @@ def _oracle_lines(rows: list[dict]) -> list[str]:
         "## Each layer raised alone (`--oracle`)",
         "",
         "One student per raisable layer, that layer alone at W8A8; best first. `rank`: where "
-        "the layer each chooser raised stands among them (1 = best), for one-layer choices.",
+        "the layer each chooser raised stands among them (1 = best), for one-layer choices "
+        "(`random`: each draw); `mean`: the mean of the single-layer students, the exact "
+        "expected accuracy of one layer raised at random.",
         "",
-        "| arch | bits | seed | uniform | best | worst | rank: probe | untrained | random | "
-        "layers, best first (accuracy %) |",
-        "|" + " --- |" * 10,
+        "| arch | bits | seed | uniform | best | worst | mean | rank: probe | untrained | "
+        "random | layers, best first (accuracy %) |",
+        "|" + " --- |" * 11,
     ]
     for r in rows:
         ranked = sorted(r["each_layer_alone"].items(), key=lambda item: -item[1])
         order = [layer for layer, _ in ranked]
-        probe, untrained, randomly = (
-            _rank(order, r[key]) for key in ("raised", "raised_untrained", "random_layers")
-        )
+        probe, untrained = (_rank(order, r[key]) for key in ("raised", "raised_untrained"))
+        randomly = ", ".join(_rank(order, draw["layers"]) for draw in r["random_draws"])
+        mean = statistics.mean(r["each_layer_alone"].values())
         listing = ", ".join(f"{layer} {100 * acc:.2f}" for layer, acc in ranked)
         lines.append(
             f"| {r['arch']} | {r['bits']} | {r['seed']} | {100 * r['uniform']:.2f} | "
-            f"{100 * ranked[0][1]:.2f} | {100 * ranked[-1][1]:.2f} | {probe} | {untrained} | "
+            f"{100 * ranked[0][1]:.2f} | {100 * ranked[-1][1]:.2f} | {100 * mean:.2f} | "
+            f"{probe} | {untrained} | "
             f"{randomly} | {listing} |"
         )
     return lines
+
+
+def _draws(row: dict) -> str:
+    """The random students' mean accuracy %, each draw in brackets."""
+    each = ", ".join(f"{100 * draw['accuracy']:.2f}" for draw in row["random_draws"])
+    return f"{100 * row['random']:.2f} ({each})"
 
 
 def _rank(order: list[str], chosen) -> str:
@@ -359,6 +392,9 @@ def main() -> None:
     )
     p.add_argument(
         "--oracle", action="store_true", help="also train a student per layer, it alone raised"
+    )
+    p.add_argument(
+        "--random-draws", type=int, default=3, help="students with randomly chosen layers"
     )
     p.add_argument("--work", default="/tmp/qkd-mixed-precision")
     p.add_argument("--out", default="benchmarks/results")
