@@ -3,13 +3,13 @@ number of randomly chosen layers vs uniform bits.
 
 Per (student architecture, seed): one float student (plain, on the labels), shared by every
 student below. Per bit-width and baseline, plain-QAT students (``--method none``) from it:
-``uniform``, the baseline; ``probe``, ``quant.budget=share:S`` as the pipeline does it by default
-(one epoch of QAT, then each layer raised to W8A8 inside the trained model); ``untrained``, the
-same budget chosen from the untrained float student's layers alone
-(``quant.budget_probe_epochs=0``); ``random``, ``--random-draws`` students with as many layers
-drawn at random among those the budget could raise, at W8A8 (``quant.layer_bits``), compared by
-their mean. Two baselines (``--first-last``): ``off``,
-one bit-width for every layer (``quant.first_last_bits=null``), and ``8``, the pipeline's
+``uniform``, the baseline; ``probe``, ``quant.budget=share:S`` chosen after one epoch of QAT
+(``quant.budget_probe_epochs=1``: each layer raised to W8A8 inside the trained model);
+``untrained``, the same budget chosen as the pipeline does by default, from the untrained float
+student's layers alone (``quant.budget_probe_epochs=0``); ``random``, ``--random-draws``
+students with as many layers drawn at random among those the budget could raise, at W8A8
+(``quant.layer_bits``), compared by their mean. Two baselines (``--first-last``): ``off``, one
+bit-width for every layer (``quant.first_last_bits=null``), and ``8``, the pipeline's
 default with the first conv and the last linear at 8 bits (then the budget raises among the
 other layers). Reported: ONNX accuracy on
 the full test split, and the share of the uniform student's gap to the float student that each
@@ -126,7 +126,9 @@ def one(args, arch: str, bits: str, seed: int, first_last: str) -> dict:
     prefix = f"{bits}-fl{first_last}"
     uniform = _run(args, arch, bits, seed, f"{prefix}-uniform", base)
     budget = [*base, f"quant.budget=share:{args.share}"]
-    probe = _run(args, arch, bits, seed, f"{prefix}-sensitivity", budget)
+    probe = _run(
+        args, arch, bits, seed, f"{prefix}-sensitivity", [*budget, "quant.budget_probe_epochs=1"]
+    )
     untrained = _run(
         args, arch, bits, seed, f"{prefix}-alone", [*budget, "quant.budget_probe_epochs=0"]
     )
@@ -281,10 +283,11 @@ def markdown(rows: list[dict], args, machine: str, done: bool) -> str:
         "",
         "Plain QAT (`none`, learning rate `--lr`), ONNX accuracy % on the 10 000 test images. "
         "`first/last`: `off` = one bit-width for every layer; `8` = first conv and last linear "
-        "at 8 bits in every student. `probe`: `quant.budget=share` as the pipeline chooses by "
-        "default (one epoch of QAT, then each layer raised inside the trained model); "
-        "`untrained`: the same budget chosen from the untrained float student, each layer alone "
-        "(`quant.budget_probe_epochs=0`); `random`: as many layers drawn at random, at W8A8, "
+        "at 8 bits in every student. `probe`: `quant.budget=share` chosen after one epoch of "
+        "QAT (`quant.budget_probe_epochs=1`: each layer raised inside the trained model); "
+        "`untrained`: the same budget chosen as the pipeline does by default, from the "
+        "untrained float student, each layer alone (`quant.budget_probe_epochs=0`); "
+        "`random`: as many layers drawn at random, at W8A8, "
         "the mean of the draws (each draw in brackets). "
         "`raised`: the layers each chooser raised to W8A8 (of the selectable layers). "
         "`recovered`: share of the uniform student's gap to the float student that the mixed "

@@ -213,9 +213,9 @@ class QuantConfig:
     # "drop:POINTS" (accuracy drop), "size_kb:KB" (weights) or "share:FRACTION" (of layers
     # kept at higher precision); the choice is written into the run's config.yaml
     budget: str | None = None
-    # QAT epochs of the uniform student before the budget measures what raising each layer is
-    # worth inside it; 0 measures the float student's layers alone, untrained (cheaper)
-    budget_probe_epochs: int = 1
+    # 0: the budget measures the float student's layers alone, untrained; N: QAT epochs of the
+    # uniform student before the budget measures what raising each layer is worth inside it
+    budget_probe_epochs: int = 0
     learn_scales: bool = True  # LSQ; False keeps the calibrated step sizes fixed
     weight_calibrator: str = "mse"
     activation_calibrator: str = "percentile"

@@ -18,16 +18,17 @@ layers of a ``tensorrt`` W8A8 model under a size budget may also drop to INT4 we
 when that saves what the budget needs.
 
 A layer's gain is read from its sensitivity (``quant.sensitivity``), by how it was measured:
-- after a short QAT probe (the pipeline's default, ``quant.budget_probe_epochs``): the KL
-  divergence from the float model's outputs of the briefly trained model with every layer
-  quantized, minus the same with this one layer raised (its trained weights re-calibrated at the
-  higher precision): the damage QAT has not recovered, in the context of the other layers;
-- without training (``budget_probe_epochs=0``): the damage the layer does alone at its own bits
-  minus the damage alone at the higher precision (zero for float). Measured on an intact model:
-  at low bits the untrained model with every layer quantized is near chance, where raising any
-  one layer changes the outputs by noise. Cheaper.
+- without training (the pipeline's default, ``quant.budget_probe_epochs=0``): the damage the
+  layer does alone at its own bits minus the damage alone at the higher precision (zero for
+  float). Measured on an intact model: at low bits the untrained model with every layer
+  quantized is near chance, where raising any one layer changes the outputs by noise;
+- after a short QAT probe (``budget_probe_epochs`` > 0): the KL divergence from the float
+  model's outputs of the briefly trained model with every layer quantized, minus the same with
+  this one layer raised (its trained weights re-calibrated at the higher precision): the damage
+  QAT has not recovered, in the context of the other layers.
 Neither predicted reliably what raising a layer was worth after QAT at W2A2 (the mixed precision
-benchmark: the probe did better at a short training budget, the untrained choice at a longer one).
+benchmark): the probe did better at a short training budget, the untrained choice at a longer
+one, where it picked the best layer.
 """
 
 from __future__ import annotations

@@ -163,7 +163,7 @@ student:
   float_train: {epochs: 2, batch_size: 128, lr: 0.1}
   train: {epochs: 1, batch_size: 128, lr: 0.01, warmup_epochs: 0}
 data: {calibration_size: 128}
-quant: {budget: "share:0.2", layer_bits: {fc: w4a4}}
+quant: {budget: "share:0.2", budget_probe_epochs: 1, layer_bits: {fc: w4a4}}
 bench: {batch_sizes: [1], warmup: 1, iterations: 2}
 progress: false
 """
