@@ -15,7 +15,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-import qkd_deploy.deploy.bundle as bundle_module
+import qkd_deploy.deploy.bundle.extract as bundle_extract
+import qkd_deploy.deploy.bundle.files as bundle_files
 from qkd_deploy.bench.report import BUNDLED, RENDERED, load_report
 from qkd_deploy.cli import main
 from qkd_deploy.deploy.bundle import MANIFEST, extract_bundle, make_bundle, verify_bundle
@@ -221,7 +222,7 @@ def test_verify_on_a_damaged_bundle_is_one_clear_error(folder, damage, capsys):
 
 
 def test_a_sample_larger_than_any_sample_is_refused(folder, monkeypatch, capsys):
-    monkeypatch.setattr(bundle_module, "MAX_SAMPLE_BYTES", 1000)
+    monkeypatch.setattr(bundle_files, "MAX_SAMPLE_BYTES", 1000)
     assert main(["verify", str(folder)]) == 2
     _one_error_line(capsys, "sample.npz is", "bytes, more than a sample holds")
 
@@ -294,7 +295,7 @@ def test_an_archive_without_manifest_or_with_a_member_twice_is_refused(bundle, t
 
 
 def test_archive_size_and_member_count_caps(bundle, tmp_path, monkeypatch):
-    monkeypatch.setattr(bundle_module, "MAX_BUNDLE_BYTES", 10_000)
+    monkeypatch.setattr(bundle_extract, "MAX_BUNDLE_BYTES", 10_000)
     _refused(bundle.archive, tmp_path, "members hold more than 10000 bytes")
     monkeypatch.undo()
     many = [(f"{bundle.directory.name}/f{i}", b"") for i in range(40)]
