@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import asdict
 
 from qkd_deploy.bench.layer_precision import format_table
@@ -51,7 +50,3 @@ def main(argv: list[str]) -> int:
             print(f"\nlayers and their precision:\n{format_table(layers)}")
     failing = ("error", "warning") if args.strict else ("error",)
     return int(any(f.severity in failing for f in findings))
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
