@@ -9,8 +9,6 @@ from qkd_deploy.deploy.bundle.make import make_bundle
 from qkd_deploy.deploy.bundle.signing import MIN_KEY_BYTES, read_sign_key
 from qkd_deploy.deploy.bundle.verify import RUNTIMES, format_result, verify_bundle
 
-# --- commands --------------------------------------------------------------------------------
-
 
 def main_bundle(argv: list[str]) -> int:
     """`qkd-deploy bundle RUN_DIR [--out DIR] [--student NAME] [--sign-key FILE]`."""

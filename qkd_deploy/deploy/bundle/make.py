@@ -71,9 +71,6 @@ class Bundle:
     student: str
 
 
-# --- making a bundle -------------------------------------------------------------------------
-
-
 def select_student(report: dict[str, Any], name: str | None = None) -> dict[str, Any]:
     """The student called ``name``, or by default the one with the fewest bits (w + a; the first
     of equals)."""

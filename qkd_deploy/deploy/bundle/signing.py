@@ -24,9 +24,6 @@ SIGNATURE_ALGORITHM = "HMAC-SHA256"
 MIN_KEY_BYTES = 16
 
 
-# --- signing ---------------------------------------------------------------------------------
-
-
 def read_sign_key(path: str | os.PathLike) -> bytes:
     """The bytes of a key file for ``--sign-key`` (at least ``MIN_KEY_BYTES``; any bytes, e.g.
     ``head -c 32 /dev/urandom > bundle.key``)."""

@@ -37,9 +37,6 @@ RUNTIMES = ("onnxruntime", "tensorrt")
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz")
 
 
-# --- verifying a bundle ----------------------------------------------------------------------
-
-
 def verify_bundle(
     bundle: str | os.PathLike,
     runtime: str = "onnxruntime",
