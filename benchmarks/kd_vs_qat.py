@@ -1,12 +1,13 @@
 """KD-versus-plain-QAT accuracy targets on the embedded digits data, over several seeds.
 
-For each seed: a float teacher (resnet8x4) and a float student (resnet8), then QAT students that
-start from the float student: W8A8 and W4A4 with kd-decay (the default), W4A4 with plain QAT
-(`none`) and with Hinton `kd`. Teacher and float student are trained once per seed and shared by
-the methods (each method's run directory gets a copy, which the pipeline treats as finished
-stages). Accuracies are those of the exported ONNX models in ONNX Runtime on the test split.
+For each seed: a float teacher (the default method's, or ``--teacher-arch``) and a float student
+(resnet8), then QAT students that start from the float student: W8A8 and W4A4 with kd-decay (the
+default), W4A4 with plain QAT (`none`) and with Hinton `kd`. Teacher and float student are
+trained once per seed and shared by the methods (each method's run directory gets a copy, which
+the pipeline treats as finished stages). Accuracies are those of the exported ONNX models in ONNX
+Runtime on the test split.
 
-    python benchmarks/kd_vs_qat.py [--seeds 0 1 2] [--out benchmarks/results]
+    python benchmarks/kd_vs_qat.py [--seeds 0 1 2] [--teacher-arch ARCH] [--out benchmarks/results]
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from pathlib import Path
 from results_io import machine_line, summarize, targets_table, write_results
 
 from qkd_deploy.config import load_config, save_config
+from qkd_deploy.distill import METHODS
 from qkd_deploy.pipeline import run
 
+DEFAULT_TEACHER = METHODS["kd-decay"].default_teachers[0]
 RUNS = [  # (method, bits)
     ("kd-decay", ["w8a8", "w4a4"]),
     ("none", ["w8a8", "w4a4"]),
@@ -29,7 +32,7 @@ RUNS = [  # (method, bits)
 ]
 
 
-def run_seed(seed: int, work: Path) -> dict[str, float]:
+def run_seed(seed: int, work: Path, teacher: str) -> dict[str, float]:
     results: dict[str, float] = {}
     first = None
     for method, bits in RUNS:
@@ -43,6 +46,7 @@ def run_seed(seed: int, work: Path) -> dict[str, float]:
         config = load_config(
             overrides=[
                 f"seed={seed}",
+                f"teachers=[{{arch: {teacher}}}]",
                 f"student.method={method}",
                 f"student.bits=[{','.join(bits)}]",
                 "progress=false",
@@ -82,14 +86,14 @@ def _epochs(section: str) -> int:
     return node.epochs
 
 
-def markdown(summary: dict, checks: list, seeds: list[int], seconds: float) -> str:
+def markdown(summary: dict, checks: list, seeds: list[int], seconds: float, teacher: str) -> str:
     lines = [
         "# KD vs plain QAT on digits (accuracy targets)",
         "",
         machine_line(),
         f"Seeds {seeds}; wall time {seconds / 60:.1f} min. Accuracy of the exported ONNX model in "
         "ONNX Runtime on the 360-image test split, mean ± std over seeds (%). Default config: "
-        f"teacher resnet8x4 ({_epochs('teacher_train')} epochs), student resnet8 "
+        f"teacher {teacher} ({_epochs('teacher_train')} epochs), student resnet8 "
         f"({_epochs('student.float_train')} epochs float, {_epochs('student.train')} epochs QAT "
         "from the float student).",
         "",
@@ -110,15 +114,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--work", default="runs/bench-kd-vs-qat")
+    p.add_argument("--teacher-arch", default=DEFAULT_TEACHER, help="zoo model of the teacher")
+    p.add_argument("--name", default="kd_vs_qat", help="results file name")
     args = p.parse_args(argv)
     start = time.perf_counter()
-    per_seed = [run_seed(seed, Path(args.work)) for seed in args.seeds]
+    per_seed = [run_seed(seed, Path(args.work), args.teacher_arch) for seed in args.seeds]
     seconds = time.perf_counter() - start
     summary = summarize(per_seed)
     checks = targets(summary)
-    payload = {"seeds": args.seeds, "wall_time_s": round(seconds, 1), "summary": summary}
-    text = markdown(summary, checks, args.seeds, seconds)
-    write_results(args.out, "kd_vs_qat", payload, checks, text)
+    payload = {
+        "seeds": args.seeds,
+        "teacher": args.teacher_arch,
+        "wall_time_s": round(seconds, 1),
+        "summary": summary,
+    }
+    text = markdown(summary, checks, args.seeds, seconds, args.teacher_arch)
+    write_results(args.out, args.name, payload, checks, text)
     return 0
 
 
