@@ -76,6 +76,15 @@ def test_training_lowers_the_loss(tmp_path, digits):
     assert history[-1]["loss"] < 0.7 * history[0]["loss"]
 
 
+def test_training_hands_back_contiguous_weights(tmp_path, digits):
+    """The CPU trains in channels-last; what comes back (for export, calibration, checkpoints
+    read by others) is in the ordinary layout again."""
+    distiller, loader = _setup(digits)
+    fit(distiller, loader, TrainConfig(epochs=1), tmp_path / "e.pt", progress=False)
+    convs = [p for p in distiller.student.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous() for p in convs)
+
+
 def test_checkpoint_of_another_model_is_refused_and_kept(tmp_path, digits):
     distiller, loader = _setup(digits)
     fit(distiller, loader, TrainConfig(epochs=1), tmp_path / "d.pt", progress=False)
