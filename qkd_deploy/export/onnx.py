@@ -132,14 +132,12 @@ def _int4_weight_names(model: nn.Module) -> set[str]:
 
 def _strip_debug_info(model: onnx.ModelProto) -> None:
     """Drop the exporter's bookkeeping (torch stack traces, export signatures, doc strings) and
-    value_info entries that only repeat an initializer's type: on a small model they outweigh
-    the INT8 weights. Export with ``verbose=True`` to keep them."""
+    its shapes of intermediate tensors (``value_info``: ONNX shape inference, ONNX Runtime and
+    TensorRT infer them): on a small model they outweigh the INT8 weights. Export with
+    ``verbose=True`` to keep them."""
     graph = model.graph
-    initializers = {i.name for i in graph.initializer}
-    kept = [v for v in graph.value_info if v.name not in initializers]
     del graph.value_info[:]
-    graph.value_info.extend(kept)
-    for item in [*graph.node, *graph.value_info, *graph.initializer, *graph.input, *graph.output]:
+    for item in [*graph.node, *graph.initializer, *graph.input, *graph.output]:
         del item.metadata_props[:]
         item.doc_string = ""
     del graph.metadata_props[:]
