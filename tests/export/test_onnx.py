@@ -10,6 +10,7 @@ from qkd_deploy.bench.accuracy import parity
 from qkd_deploy.calib.calibrate import calibrate
 from qkd_deploy.errors import UserError
 from qkd_deploy.export.onnx import export_onnx
+from qkd_deploy.models import build_model
 from qkd_deploy.quant.convert import BitWidths, QuantizeOptions, quantize_model
 from qkd_deploy.quant.fold import fold_batchnorm
 from qkd_deploy.quant.integer import to_deploy
@@ -219,14 +220,17 @@ def test_sample_layout_does_not_leak_into_the_graph(tmp_path):
 
 
 def test_int8_file_is_small_and_carries_no_debug_info(tmp_path):
+    """The default student (resnet8 on 1x8x8 digits), whose weights outweigh little else: its
+    INT8 file is at most 30 % of the float one, layer record included."""
     torch.manual_seed(0)
-    model = ToyResNet(width=64).eval()
+    model = build_model("resnet8", 1, 10).eval()
     x = torch.randn(8, 1, 8, 8)
     float_path = export_onnx(model, x, tmp_path / "float.onnx")
     q = quantize_model(model, QuantizeOptions(BitWidths(8, 8)))
     calibrate(q, [x])
     int8_path = export_onnx(to_deploy(q.eval()), x, tmp_path / "int8.onnx")
-    assert not any(n.metadata_props for n in onnx.load(int8_path).graph.node)
+    graph = onnx.load(int8_path).graph
+    assert not any(n.metadata_props for n in graph.node) and not graph.value_info
     assert int8_path.stat().st_size <= 0.3 * float_path.stat().st_size
 
 
