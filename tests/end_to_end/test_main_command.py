@@ -647,7 +647,14 @@ def test_ctrl_c_says_how_to_resume(tiny_run, tmp_path):
     """SIGINT while the teacher trains: no traceback, exit 130, the --resume command."""
     config, _ = tiny_run
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "qkd_deploy.train_and_export", "--config", str(config)]
+    # a suite started as a background job (`pytest &` from a script) hands its children SIGINT
+    # ignored, as POSIX shells do, and Python then keeps it ignored: give the command the
+    # handler it has when a user starts it from a terminal
+    interactive = (
+        "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "runpy.run_module('qkd_deploy.train_and_export', run_name='__main__', alter_sys=True)"
+    )
+    command = [sys.executable, "-c", interactive, "--config", str(config)]
     process = subprocess.Popen(
         [*command, "--out", str(out), "--epochs", "50"], stderr=subprocess.PIPE, text=True
     )
@@ -658,7 +665,7 @@ def test_ctrl_c_says_how_to_resume(tiny_run, tmp_path):
     assert checkpoint.exists(), "the teacher never wrote its first epoch's checkpoint"
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130
+    assert process.returncode == 130, stderr[-2000:]
     assert "Traceback" not in stderr
     assert f"continue with python -m qkd_deploy.train_and_export --resume {out}" in stderr
     assert checkpoint.exists()
