@@ -138,8 +138,8 @@ def _train(
 def _layout(device: torch.device) -> torch.memory_format:
     """Channels-last on the CPU, where oneDNN's convolutions train faster in it (the default
     run's teacher and float student stages took 17-20 % less time; QAT stages the same); the
-    given layout elsewhere. Only 4-D tensors change, and ``fit`` hands the models back
-    contiguous."""
+    given layout elsewhere. Only 4-D tensors change (mid-training checkpoints keep the layout,
+    which loading ignores), and ``fit`` hands the models back contiguous."""
     return torch.channels_last if device.type == "cpu" else torch.preserve_format
 
 

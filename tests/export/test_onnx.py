@@ -220,8 +220,9 @@ def test_sample_layout_does_not_leak_into_the_graph(tmp_path):
 
 
 def test_int8_file_is_small_and_carries_no_debug_info(tmp_path):
-    """The default student (resnet8 on 1x8x8 digits), whose weights outweigh little else: its
-    INT8 file is at most 30 % of the float one, layer record included."""
+    """The default student (resnet8 on 1x8x8 digits), small enough that graph and metadata
+    weigh against its weights: its INT8 file is at most 30 % of the float one, layer record
+    included."""
     torch.manual_seed(0)
     model = build_model("resnet8", 1, 10).eval()
     x = torch.randn(8, 1, 8, 8)

@@ -77,8 +77,8 @@ def test_training_lowers_the_loss(tmp_path, digits):
 
 
 def test_training_hands_back_contiguous_weights(tmp_path, digits):
-    """The CPU trains in channels-last; what comes back (for export, calibration, checkpoints
-    read by others) is in the ordinary layout again."""
+    """The CPU trains in channels-last; the model that comes back (for calibration, export and
+    the stage's saved model) is in the ordinary layout again."""
     distiller, loader = _setup(digits)
     fit(distiller, loader, TrainConfig(epochs=1), tmp_path / "e.pt", progress=False)
     convs = [p for p in distiller.student.parameters() if p.dim() == 4]
