@@ -293,6 +293,9 @@ class Config:
     # torch's CPU threads for training; 0 = chosen per run (qkd_deploy.train.threads: one for
     # images up to 32x32, else the idle cores); OMP_NUM_THREADS in the environment also sets it
     threads: int = 0
+    # processes that train independent stages side by side on the CPU (the teachers beside a
+    # float student trained on the labels; the low-bit students); 0 = the idle cores / threads
+    jobs: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     # empty: the method's default teacher architectures, trained by the pipeline
     teachers: list[TeacherConfig] = field(default_factory=list)
@@ -303,7 +306,12 @@ class Config:
     bench: BenchConfig = field(default_factory=BenchConfig)
 
     def __post_init__(self) -> None:
-        _check_all([(self.threads >= 0, f"threads must be >= 0 (0: chosen), got {self.threads}")])
+        _check_all(
+            [
+                (self.threads >= 0, f"threads must be >= 0 (0: chosen), got {self.threads}"),
+                (self.jobs >= 0, f"jobs must be >= 0 (0: chosen, 1: sequential), got {self.jobs}"),
+            ]
+        )
 
 
 class _YamlLoader(yaml.SafeLoader):

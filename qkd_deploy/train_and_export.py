@@ -197,7 +197,7 @@ SETTING_FLAGS = (
 )
 # what a resumed run may change: nothing a model was trained with
 RESUMABLE_SECTIONS = ("export.", "bench.")
-RESUMABLE_KEYS = ("device", "threads", "student.min_accuracy")
+RESUMABLE_KEYS = ("device", "threads", "jobs", "student.min_accuracy")
 
 
 def check_resume_flags(args: argparse.Namespace) -> None:
@@ -219,7 +219,7 @@ def check_resume_flags(args: argparse.Namespace) -> None:
         if not _resumable(item):
             raise UserError(
                 f"--resume with --set {item!r}: a resumed run keeps the settings its models were "
-                "trained with; only export.*, bench.* and device can change, and threads and "
+                "trained with; only export.*, bench.* and device can change, and threads, jobs and "
                 "student.min_accuracy (the models are then exported and measured again). Start a "
                 "new run for other settings"
             )
@@ -346,7 +346,7 @@ def export_main(argv: list[str]) -> int:
         if not _resumable(item):
             raise UserError(
                 f"--set {item!r}: export changes only export.*, bench.* and device settings "
-                "(and threads, student.min_accuracy)"
+                "(and threads, jobs, student.min_accuracy)"
             )
     config = load_config(str(stored))
     missing = [f for f in Plan.of(config).trained_model_files(root) if not f.is_file()]

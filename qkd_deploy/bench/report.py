@@ -62,6 +62,7 @@ ENVIRONMENT_TYPES = {
     "onnxruntime_threads": int,
     "training_device": str,
     "training_processes": int,
+    "stage_processes": int,
 }
 ROW_TYPES = {"batch": int, "p50": NUMBER, "p90": NUMBER}
 
@@ -337,6 +338,9 @@ def write_report(run_dir: Path, report: dict) -> None:
 
 
 def _training_device(env: dict) -> str:
-    """``cpu``, ``cuda:0 (GPU)``, or ``... x N processes`` for a torchrun run."""
+    """``cpu``, ``cuda:0 (GPU)``, ``... x N processes`` for a torchrun run, ``..., up to N
+    stages side by side`` for a run whose stages trained in parallel (``jobs``)."""
     device, processes = env.get("training_device", "cpu"), env.get("training_processes", 1)
-    return device if processes == 1 else f"{device} x {processes} processes"
+    described = device if processes == 1 else f"{device} x {processes} processes"
+    stages = env.get("stage_processes", 1)
+    return described if stages == 1 else f"{described}, up to {stages} stages side by side"

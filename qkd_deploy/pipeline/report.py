@@ -201,17 +201,22 @@ class Environment:
     training_device: str
     training_processes: int
     versions: dict[str, str]  # package -> version
+    # most training stages side by side (``jobs``); None in a report written before it existed
+    stage_processes: int | None = None
 
     def to_json(self) -> Json:
         fields = dataclasses.asdict(self)
         versions = fields.pop("versions")
+        if fields["stage_processes"] is None:
+            del fields["stage_processes"]
         return {**fields, **versions}
 
     @classmethod
     def from_json(cls, row: Json) -> Environment:
         named = [f.name for f in dataclasses.fields(cls) if f.name != "versions"]
         versions = {key: value for key, value in row.items() if key not in named}
-        return cls(**{key: row[key] for key in named}, versions=versions)
+        given = {key: row[key] for key in named if key in row or key != "stage_processes"}
+        return cls(**given, versions=versions)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,6 +4,7 @@ order, and the report, the manifest and the sample batch written."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import time
@@ -21,7 +22,9 @@ from qkd_deploy.fileio import sha256_file
 from qkd_deploy.pipeline.budget import choose_layer_precision
 from qkd_deploy.pipeline.checks import check_before_training
 from qkd_deploy.pipeline.context import Context, load_data
+from qkd_deploy.pipeline.plan import FloatStudent
 from qkd_deploy.pipeline.report import Environment, FloatReference, Report, StudentResult
+from qkd_deploy.pipeline.side_by_side import Stage, stage_processes, train_side_by_side
 from qkd_deploy.pipeline.stages import (
     collapse_warning,
     export_stage,
@@ -80,11 +83,22 @@ def run_stages(config: Config, root: Path) -> dict:
     progress = config.progress
     with timed(timings, "data"):
         data, preprocess = load_data(config)
-    set_training_threads(config.threads, int(np.prod(data.image_size)), distributed.world_size())
+    threads = set_training_threads(
+        config.threads, int(np.prod(data.image_size)), distributed.world_size()
+    )
     ctx = Context(config, data, preprocess, RunDir(root))
     plan = ctx.plan
     check_before_training(ctx)
     save_sample_batch(ctx)
+    side = SideBySide(ctx, threads, timings)
+    if any(not t.module for t in plan.teachers) and plan.float_student is FloatStudent.TRAINED:
+        if not plan.float_method_uses_teachers:  # the float student needs no teacher
+            side.train(
+                [
+                    Stage("teachers", lambda p: teachers_stage(ctx, p)),
+                    Stage("student_float", lambda p: float_student_stage(ctx, [], p)),
+                ]
+            )
     with timed(timings, "teachers"):
         teachers, teacher_results = teachers_stage(ctx, progress)
     with timed(timings, "student_float"):
@@ -98,6 +112,16 @@ def run_stages(config: Config, root: Path) -> dict:
         )
     with timed(timings, "precision_budget"):  # quant.budget: per-layer precision, before QAT
         choose_layer_precision(ctx, float_student, teachers, progress)
+    if plan.trains:
+        side.train(
+            [
+                Stage(
+                    f"train_{bits.name}",
+                    functools.partial(quantized_student_stage, ctx, bits, float_student, teachers),
+                )
+                for bits in plan.bits
+            ]
+        )
     students = []
     for bits in plan.bits:
         with timed(timings, f"train_{bits.name}"):
@@ -134,6 +158,7 @@ def run_stages(config: Config, root: Path) -> dict:
             onnxruntime_threads=config.bench.threads,
             training_device=describe(ctx.device),
             training_processes=distributed.world_size(),
+            stage_processes=side.most_processes,
             versions=library_versions(),
         ),
     )
@@ -149,14 +174,35 @@ def run_stages(config: Config, root: Path) -> dict:
     return written
 
 
+class SideBySide:
+    """Trains groups of independent stages side by side where cores are idle (``jobs``); the
+    stages' own wall times go into the run's timings, the largest process count into its
+    report."""
+
+    def __init__(self, ctx: Context, threads: int, timings: dict[str, float]) -> None:
+        self.ctx, self.threads, self.timings = ctx, threads, timings
+        self.most_processes = 1
+
+    def train(self, stages: list[Stage]) -> None:
+        processes = stage_processes(
+            self.ctx.config.jobs, self.threads, self.ctx.device, len(stages)
+        )
+        if processes <= 1:  # each stage trains when the run reaches it
+            return
+        self.most_processes = max(self.most_processes, processes)
+        seconds = train_side_by_side(stages, processes, self.ctx.config.progress)
+        for name, spent in seconds.items():
+            self.timings[name] = round(spent, 2)
+
+
 @contextlib.contextmanager
 def timed(timings: dict[str, float], name: str) -> Iterator[None]:
-    """Records the wall time (seconds) of the ``with`` block as ``timings[name]``."""
+    """Adds the wall time (seconds) of the ``with`` block to ``timings[name]``."""
     start = time.perf_counter()
     try:
         yield
     finally:
-        timings[name] = round(time.perf_counter() - start, 2)
+        timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - start, 2)
 
 
 def inputs(config: Config) -> dict:

@@ -9,13 +9,14 @@ process took 2.1-2.5 s at torch's default 2 threads, against 138 ms at 1 thread.
   ``prefer_passive_waiting`` first thing.
 - torch's intra-op threads for training are chosen on purpose (``threads`` in the config, 0 =
   this choice): one thread for small images, where an operator's work is too small for a second
-  thread to pay for waking it; otherwise the cores this process's share of the machine has
-  that the load average says are idle, at least one. ``OMP_NUM_THREADS`` set by the user wins.
+  thread to pay for waking it; otherwise the cores of this process's share of the machine that
+  other work leaves idle right now, at least one. ``OMP_NUM_THREADS`` set by the user wins.
 """
 
 from __future__ import annotations
 
 import os
+import time
 
 # at most this many pixels per image (32x32), one thread trains fastest
 SMALL_IMAGE_PIXELS = 32 * 32
@@ -33,12 +34,57 @@ def available_cores() -> int:
 
 
 def idle_cores(cores: int) -> int:
-    """Cores the last minute's load average leaves idle (the load counts runnable threads)."""
+    """Cores other work leaves idle, at least one: measured over a moment from ``/proc/stat``
+    where Linux has it (the one-minute load average lags a job that started seconds ago), else
+    from the load average (which counts runnable threads)."""
+    busy = busy_cores_now()
+    if busy is None:
+        try:
+            busy = os.getloadavg()[0]
+        except OSError:  # not on this platform
+            return cores
+    return max(1, cores - round(busy))
+
+
+def busy_cores_now(window_s: float = 0.25) -> float | None:
+    """How many of this process's cores were busy during the next ``window_s`` seconds (the
+    caller waits meanwhile, so that is other work), from the kernel's per-CPU time counters;
+    None where ``/proc/stat`` cannot be read."""
+    before = _cpu_times()
+    if before is None:
+        return None
+    time.sleep(window_s)
+    after = _cpu_times()
+    if after is None:
+        return None
+    busy = 0.0
+    for cpu, (total, idle) in after.items():
+        if cpu in before:
+            spent = total - before[cpu][0]
+            if spent > 0:
+                busy += 1 - (idle - before[cpu][1]) / spent
+    return busy
+
+
+def _cpu_times() -> dict[int, tuple[int, int]] | None:
+    """{cpu: (all time, idle time)} in clock ticks, for the CPUs this process may run on."""
     try:
-        load = os.getloadavg()[0]
-    except OSError:  # not on this platform
-        return cores
-    return max(1, cores - round(load))
+        with open("/proc/stat", encoding="ascii") as stat:
+            lines = stat.read().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    times = {}
+    for line in lines:
+        name, *fields = line.split()
+        if not name.startswith("cpu") or name == "cpu" or not name[3:].isdigit():
+            continue
+        cpu = int(name[3:])
+        if allowed is not None and cpu not in allowed:
+            continue
+        ticks = [int(v) for v in fields[:8]]  # user nice system idle iowait irq softirq steal
+        times[cpu] = (sum(ticks), ticks[3] + ticks[4])
+    return times or None
 
 
 def training_threads(requested: int, image_pixels: int, processes: int = 1) -> int:

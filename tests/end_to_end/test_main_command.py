@@ -643,8 +643,28 @@ def test_a_bad_student_training_setting_fails_before_any_training(tmp_path):
     assert not (tmp_path / "teacher").exists()
 
 
-def test_ctrl_c_says_how_to_resume(tiny_run, tmp_path):
-    """SIGINT while the teacher trains: no traceback, exit 130, the --resume command."""
+def test_stages_side_by_side_train_what_one_at_a_time_trains(tiny_run, tmp_path):
+    """``jobs=2`` trains the teacher beside the float student and the two low-bit students side
+    by side, in forked processes: every weight and ONNX file is bit-identical to ``jobs=1``'s."""
+    config, _ = tiny_run
+    runs = {}
+    for jobs in (1, 2):
+        runs[jobs] = tmp_path / f"jobs{jobs}"
+        assert (
+            main(["--config", str(config), "--out", str(runs[jobs]), "--set", f"jobs={jobs}"]) == 0
+        )
+    files = sorted(p.relative_to(runs[1]) for p in runs[1].rglob("model.*"))
+    assert len(files) == 7  # model.pt of the teacher, model.pt and .onnx of three students
+    assert all(sha256_file(runs[1] / f) == sha256_file(runs[2] / f) for f in files)
+    reports = {j: json.loads((runs[j] / "report.json").read_text()) for j in runs}
+    assert [reports[j]["environment"]["stage_processes"] for j in (1, 2)] == [1, 2]
+    assert "up to 2 stages side by side" in (runs[2] / "report.md").read_text()
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_ctrl_c_says_how_to_resume(tiny_run, tmp_path, jobs):
+    """SIGINT while the teacher trains, in this process or beside the float student in its own:
+    no traceback, exit 130, the --resume command, no training process left behind."""
     config, _ = tiny_run
     out = tmp_path / "run"
     # a suite started as a background job (`pytest &` from a script) hands its children SIGINT
@@ -656,7 +676,9 @@ def test_ctrl_c_says_how_to_resume(tiny_run, tmp_path):
     )
     command = [sys.executable, "-c", interactive, "--config", str(config)]
     process = subprocess.Popen(
-        [*command, "--out", str(out), "--epochs", "50"], stderr=subprocess.PIPE, text=True
+        [*command, "--out", str(out), "--epochs", "50", "--set", f"jobs={jobs}"],
+        stderr=subprocess.PIPE,
+        text=True,
     )
     checkpoint = out / "teacher" / "checkpoint.pt"
     deadline = time.monotonic() + 120
@@ -669,6 +691,14 @@ def test_ctrl_c_says_how_to_resume(tiny_run, tmp_path):
     assert "Traceback" not in stderr
     assert f"continue with python -m qkd_deploy.train_and_export --resume {out}" in stderr
     assert checkpoint.exists()
+    assert not list(out.rglob("*.tmp"))
+    lock = out / ".lock"  # no stage process holds the run directory any more
+    assert subprocess.run([sys.executable, "-c", LOCK_FREE, str(lock)]).returncode == 0
+
+
+LOCK_FREE = (
+    "import fcntl, sys; f = open(sys.argv[1]); fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)"
+)
 
 
 def test_bn_reestimate_recomputes_the_trained_students_batchnorm_statistics(tiny_run, tmp_path):
