@@ -15,6 +15,7 @@ Writes ``benchmarks/results/busy_machine[-legacy].{json,md}``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -33,8 +34,9 @@ while True:
 """
 
 
-def main_command(out: Path, epochs: int, legacy: bool) -> float:
-    """Seconds the main command takes, end to end, in a fresh process."""
+def main_command(out: Path, epochs: int, legacy: bool) -> tuple[float, int]:
+    """Seconds the main command takes, end to end, in a fresh process, and how many training
+    stages it ran side by side at most (``environment.stage_processes``)."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
     command = [sys.executable, "-m", "qkd_deploy.train_and_export", "--out", str(out)]
     command += ["--epochs", str(epochs), "--no-progress", "--allow-low-accuracy"]
@@ -43,7 +45,9 @@ def main_command(out: Path, epochs: int, legacy: bool) -> float:
         command += ["--set", f"threads={os.cpu_count()}"]
     start = time.perf_counter()
     subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    environment = json.loads((out / "report.json").read_text())["environment"]
+    return seconds, environment.get("stage_processes", 1)
 
 
 def beside_a_busy_job(run):
@@ -66,8 +70,10 @@ def main() -> int:
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        quiet = main_command(Path(tmp) / "quiet", args.epochs, args.legacy)
-        busy = beside_a_busy_job(lambda: main_command(Path(tmp) / "busy", args.epochs, args.legacy))
+        quiet, quiet_jobs = main_command(Path(tmp) / "quiet", args.epochs, args.legacy)
+        busy, busy_jobs = beside_a_busy_job(
+            lambda: main_command(Path(tmp) / "busy", args.epochs, args.legacy)
+        )
     policy = (
         "before the policy: torch's default threads, OMP_WAIT_POLICY=ACTIVE"
         if args.legacy
@@ -83,9 +89,9 @@ def main() -> int:
         f"`python -m qkd_deploy.train_and_export --epochs {args.epochs}` (digits, seed 0); the "
         "busy job: another PyTorch process at its default threads multiplying 256x256 matrices.",
         "",
-        "| quiet s | beside the busy job s | slowdown |",
-        "| --- | --- | --- |",
-        f"| {quiet:.1f} | {busy:.1f} | {slowdown:.2f}x |",
+        "| quiet s | beside the busy job s | slowdown | stages side by side, quiet / busy |",
+        "| --- | --- | --- | --- |",
+        f"| {quiet:.1f} | {busy:.1f} | {slowdown:.2f}x | {quiet_jobs} / {busy_jobs} |",
         "",
         *targets_table(checks),
     ]
@@ -95,6 +101,7 @@ def main() -> int:
         "quiet_s": round(quiet, 1),
         "busy_s": round(busy, 1),
         "slowdown": round(slowdown, 2),
+        "stage_processes": {"quiet": quiet_jobs, "busy": busy_jobs},
     }
     name = "busy_machine-legacy" if args.legacy else "busy_machine"
     write_results(args.out, name, payload, checks, "\n".join(lines) + "\n")
