@@ -16,6 +16,8 @@ import torch
 
 from qkd_deploy.bench.report import write_report
 from qkd_deploy.config import Config, load_config, save_config, to_dict
+from qkd_deploy.data.folder import FolderSplit
+from qkd_deploy.data.loader import default_workers
 from qkd_deploy.deploy.bundle import remove_stale_bundles
 from qkd_deploy.errors import UserError
 from qkd_deploy.fileio import sha256_file
@@ -183,9 +185,17 @@ class SideBySide:
         self.ctx, self.threads, self.timings = ctx, threads, timings
         self.most_processes = 1
 
+    @property
+    def decoders(self) -> int:
+        """The processes each stage's data loader decodes a streamed folder with."""
+        if not isinstance(self.ctx.data.train, FolderSplit):
+            return 0
+        workers = self.ctx.config.data.workers
+        return default_workers() if workers is None else workers
+
     def train(self, stages: list[Stage]) -> None:
         processes = stage_processes(
-            self.ctx.config.jobs, self.threads, self.ctx.device, len(stages)
+            self.ctx.config.jobs, self.threads, self.ctx.device, len(stages), self.decoders
         )
         if processes <= 1:  # each stage trains when the run reaches it
             return

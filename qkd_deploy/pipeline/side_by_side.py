@@ -40,18 +40,21 @@ class Stage:
     train: Callable[[bool], object]
 
 
-def stage_processes(requested: int, threads: int, device: torch.device, stages: int) -> int:
+def stage_processes(
+    requested: int, threads: int, device: torch.device, stages: int, decoders: int = 0
+) -> int:
     """How many processes train ``stages`` independent stages: ``requested`` (the ``jobs``
-    setting; 0 chooses the cores idle right now divided by the threads each process uses), at
-    most one per stage. One process on a GPU (one device trains one stage at a time), under
-    torchrun (its processes train every stage together) and where ``fork`` is missing."""
+    setting; 0 chooses the cores idle right now divided by the cores each stage keeps busy: its
+    ``threads`` and its ``decoders``, the processes that decode a streamed folder), at most one
+    per stage. One process on a GPU (one device trains one stage at a time), under torchrun (its
+    processes train every stage together) and where ``fork`` is missing."""
     from qkd_deploy.train import distributed
 
     if stages < 2 or device.type != "cpu" or distributed.world_size() > 1:
         return 1
     if "fork" not in multiprocessing.get_all_start_methods() or sys.platform != "linux":
         return 1
-    wanted = requested or idle_cores(available_cores()) // max(1, threads)
+    wanted = requested or idle_cores(available_cores()) // max(1, threads + decoders)
     return max(1, min(wanted, stages))
 
 
@@ -92,8 +95,7 @@ def _start(stage: Stage, progress: bool) -> dict:
     process = multiprocessing.get_context("fork").Process(
         target=_train_in_child,
         args=(stage, progress, send, os.getpid()),
-        name=stage.name,
-        daemon=True,
+        name=stage.name,  # not a daemon: a stage may start its own data-decoding processes
     )
     process.start()
     send.close()

@@ -262,7 +262,9 @@ def test_every_feature_method_steps_on_a_user_student(method, overrides, nets):
 
 def test_your_student_and_weights_on_a_folder_of_images_written_here(nets, tmp_path):
     """The main command end to end with --student and --student-checkpoint on a small image
-    folder (10 classes of grey PNGs, streamed), as a user with their own data would run it."""
+    folder (10 classes of grey PNGs, streamed by a decoding process), as a user with their own
+    data would run it; the two low-bit students train side by side, each stage process with its
+    own decoding process."""
     import numpy as np
     from PIL import Image
 
@@ -278,8 +280,9 @@ def test_your_student_and_weights_on_a_folder_of_images_written_here(nets, tmp_p
     small = [f"--set={stage}.batch_size=16" for stage in STAGE_SECTIONS]
     args = [*GIVEN, "--teacher-arch", "resnet8", "--method", "none", "--allow-low-accuracy"]
     args += ["--data", f"folder:{tmp_path / 'images'}", "--set", "data.image_size=8"]
-    args += ["--epochs", "1", "--bits", "8", "--no-progress", "--set", "data.calibration_size=32"]
+    args += ["--epochs", "1", "--bits", "8,4", "--no-progress", "--set", "data.calibration_size=32"]
     args += ["--set", "bench.batch_sizes=[1]", "--set", "bench.iterations=2", *small]
+    args += ["--set", "jobs=2", "--set", "data.workers=1"]
     assert main([*args, "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["input_shape"] == [1, 8, 8] and report["num_classes"] == 10
@@ -288,5 +291,6 @@ def test_your_student_and_weights_on_a_folder_of_images_written_here(nets, tmp_p
     given = torch.load(nets / "student.pt")
     kept = torch.load(out / "student_float" / "model.pt")
     assert all(torch.equal(given[k], kept[k]) for k in given)
-    (w8a8,) = report["students"]
-    assert w8a8["onnx_agreement"] >= 0.99 and (out / w8a8["onnx_path"]).is_file()
+    assert report["environment"]["stage_processes"] == 2
+    for student in report["students"]:
+        assert student["onnx_agreement"] >= 0.99 and (out / student["onnx_path"]).is_file()

@@ -148,20 +148,24 @@ def test_more_stages_than_processes_wait_their_turn(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("requested", "threads_each", "device", "stages", "idle", "expected"),
+    ("requested", "threads_each", "decoders", "device", "stages", "idle", "expected"),
     [
-        (1, 1, CPU, 2, 8, 1),  # jobs=1: one at a time
-        (3, 1, CPU, 2, 1, 2),  # asked for: at most one per stage, whatever the load
-        (0, 1, CPU, 2, 2, 2),  # chosen: the idle cores
-        (0, 1, CPU, 3, 1, 1),  # a busy machine: one at a time
-        (0, 2, CPU, 2, 2, 1),  # each process would use both idle cores
-        (0, 1, CPU, 1, 8, 1),  # one stage
-        (2, 1, torch.device("cuda"), 2, 8, 1),  # one GPU trains one stage at a time
+        (1, 1, 0, CPU, 2, 8, 1),  # jobs=1: one at a time
+        (3, 1, 0, CPU, 2, 1, 2),  # asked for: at most one per stage, whatever the load
+        (0, 1, 0, CPU, 2, 2, 2),  # chosen: the idle cores
+        (0, 1, 0, CPU, 3, 1, 1),  # a busy machine: one at a time
+        (0, 2, 0, CPU, 2, 2, 1),  # each process would use both idle cores
+        (0, 1, 1, CPU, 2, 2, 1),  # a thread and a decoding process: both idle cores
+        (0, 1, 1, CPU, 3, 7, 3),
+        (0, 1, 0, CPU, 1, 8, 1),  # one stage
+        (2, 1, 0, torch.device("cuda"), 2, 8, 1),  # one GPU trains one stage at a time
     ],
 )
-def test_stage_processes(monkeypatch, requested, threads_each, device, stages, idle, expected):
+def test_stage_processes(
+    monkeypatch, requested, threads_each, decoders, device, stages, idle, expected
+):
     monkeypatch.setattr(side_by_side, "idle_cores", lambda cores: idle)
-    assert stage_processes(requested, threads_each, device, stages) == expected
+    assert stage_processes(requested, threads_each, device, stages, decoders) == expected
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="reads Linux's /proc/stat")
