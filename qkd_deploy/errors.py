@@ -24,6 +24,9 @@ class TrainingDiverged(UserError):
         super().__init__(message)
         self.checkpoint = checkpoint
 
+    def __reduce__(self):  # pickled whole (a stage training in its own process sends it)
+        return type(self), (str(self), self.checkpoint)
+
 
 # errno -> what to do about it
 _OS_FIXES = {

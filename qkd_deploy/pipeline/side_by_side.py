@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qkd_deploy.errors import UserError
+from qkd_deploy.errors import expected_failure
 from qkd_deploy.train.threads import available_cores, idle_cores
 
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
@@ -62,8 +62,7 @@ def train_side_by_side(stages: Sequence[Stage], processes: int, progress: bool) 
     """Train every stage; returns each one's wall time in seconds. With one process they train
     here, in order; else in forked processes, at most ``processes`` at a time, the first stage
     with the progress bar and the others silent. A stage that fails stops the others (their
-    last epoch checkpoints stay) and is raised here: a ``UserError`` as itself, anything else
-    as a RuntimeError carrying the stage's traceback."""
+    last epoch checkpoints stay) and is raised here (see ``_raise``)."""
     seconds: dict[str, float] = {}
     if processes <= 1:
         for stage in stages:
@@ -105,7 +104,7 @@ def _start(stage: Stage, progress: bool) -> dict:
 def _train_in_child(stage: Stage, progress: bool, send, parent: int) -> None:
     """The forked process: train, send ("done", seconds) or what went wrong, and leave with
     ``os._exit`` (the parent's exit handlers, lock and files are not this process's to touch)."""
-    outcome: tuple = ("crash", f"{stage.name}: its process ended without a word")
+    outcome: tuple = ("failed", None, "its process ended without a word")
     try:
         _die_with_parent(parent)
         # SIGTERM (the parent stopping it) unwinds like Ctrl-C: temporary files are removed
@@ -113,15 +112,16 @@ def _train_in_child(stage: Stage, progress: bool, send, parent: int) -> None:
         start = time.perf_counter()
         stage.train(progress)
         outcome = ("done", time.perf_counter() - start)
-    except UserError as error:
-        outcome = ("user", str(error))
     except KeyboardInterrupt:
-        outcome = ("interrupted", "")
-    except BaseException as error:  # noqa: BLE001 - reported to the parent, which raises it
-        outcome = ("crash", "".join(traceback.format_exception(error)))
+        outcome = ("interrupted",)
+    except BaseException as error:  # noqa: BLE001 - sent to the parent, which raises it
+        outcome = ("failed", error, "".join(traceback.format_exception(error)))
     finally:
         with contextlib.suppress(BaseException):
-            send.send(outcome)
+            try:
+                send.send(outcome)
+            except Exception:  # the error itself does not pickle: its traceback does
+                send.send(("failed", None, outcome[2]))
             sys.stdout.flush()
             sys.stderr.flush()
         os._exit(0)
@@ -148,19 +148,22 @@ def _outcome(conn, process) -> tuple:
         process.join()
         code = process.exitcode
         why = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-        outcome = ("crash", f"its process was killed ({why}) before it finished")
+        outcome = ("failed", None, f"its process was killed ({why}) before it finished")
     process.join()
     conn.close()
     return outcome
 
 
 def _raise(stage: Stage, outcome: tuple) -> None:
-    kind, message = outcome
-    if kind == "user":
-        raise UserError(message)
-    if kind == "interrupted":
+    """A failure the user can act on (``errors.expected_failure``: bad input, a diverged loss, a
+    full disk) is raised as itself, so the command reports it in one line as it would have
+    without the process; anything else, a bug, with the stage's traceback."""
+    if outcome[0] == "interrupted":
         raise KeyboardInterrupt
-    raise RuntimeError(f"training stage {stage.name} failed in its own process:\n{message}")
+    _, error, trace = outcome
+    if error is not None and expected_failure(error) is not None:
+        raise error
+    raise RuntimeError(f"training stage {stage.name} failed in its own process:\n{trace}")
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 """Independent training stages side by side in forked processes: when they run that way, how a
 failing or interrupted stage ends the others, and how the idle cores are measured."""
 
+import errno
 import os
 import signal
 import subprocess
@@ -10,7 +11,7 @@ import time
 import pytest
 import torch
 
-from qkd_deploy.errors import UserError
+from qkd_deploy.errors import TrainingDiverged, UserError, expected_failure
 from qkd_deploy.pipeline import side_by_side
 from qkd_deploy.pipeline.side_by_side import Stage, stage_processes, train_side_by_side
 from qkd_deploy.train import threads
@@ -91,6 +92,40 @@ def test_a_stages_user_error_stops_the_others_and_is_raised_as_itself(tmp_path):
         )
     assert time.monotonic() - start < 60
     assert _gone(int((tmp_path / "slow.pid").read_text()))
+
+
+def test_a_diverged_stage_or_a_full_disk_arrives_as_itself(tmp_path):
+    """What the command reports in one line with a resume hint keeps its type and details."""
+    checkpoint = tmp_path / "w4a4" / "checkpoint.pt"
+
+    def diverged(progress):
+        raise TrainingDiverged("w4a4: the loss became NaN at epoch 3", checkpoint)
+
+    with pytest.raises(TrainingDiverged) as caught:
+        train_side_by_side([Stage("diverged", diverged), Stage("fine", lambda p: None)], 2, False)
+    assert caught.value.checkpoint == checkpoint and "epoch 3" in str(caught.value)
+
+    def full_disk(progress):
+        raise OSError(errno.ENOSPC, "No space left on device", str(checkpoint))
+
+    with pytest.raises(OSError) as caught:
+        train_side_by_side([Stage("full", full_disk), Stage("fine", lambda p: None)], 2, False)
+    assert expected_failure(caught.value) == (
+        f"No space left on device: {checkpoint}; free disk space (or choose another --out), "
+        "then continue with --resume"
+    )
+
+
+def test_an_error_that_does_not_pickle_still_brings_its_traceback():
+    class Unpicklable(Exception):
+        def __reduce__(self):
+            raise TypeError("no")
+
+    def raises(progress):
+        raise Unpicklable("deep inside the stage")
+
+    with pytest.raises(RuntimeError, match="(?s)stage odd failed.*deep inside the stage"):
+        train_side_by_side([Stage("odd", raises), Stage("fine", lambda p: None)], 2, False)
 
 
 def test_a_crashing_stage_is_raised_with_its_traceback():
