@@ -24,7 +24,7 @@ from qkd_deploy.fileio import sha256_file
 from qkd_deploy.pipeline.budget import choose_layer_precision
 from qkd_deploy.pipeline.checks import check_before_training
 from qkd_deploy.pipeline.context import Context, load_data
-from qkd_deploy.pipeline.plan import FloatStudent
+from qkd_deploy.pipeline.plan import FloatStudent, teacher_stage
 from qkd_deploy.pipeline.report import Environment, FloatReference, Report, StudentResult
 from qkd_deploy.pipeline.side_by_side import Stage, stage_processes, train_side_by_side
 from qkd_deploy.pipeline.stages import (
@@ -93,14 +93,19 @@ def run_stages(config: Config, root: Path) -> dict:
     check_before_training(ctx)
     save_sample_batch(ctx)
     side = SideBySide(ctx, threads, timings)
-    if any(not t.module for t in plan.teachers) and plan.float_student is FloatStudent.TRAINED:
-        if not plan.float_method_uses_teachers:  # the float student needs no teacher
-            side.train(
-                [
-                    Stage("teachers", lambda p: teachers_stage(ctx, p)),
-                    Stage("student_float", lambda p: float_student_stage(ctx, [], p)),
-                ]
-            )
+    trained_teachers = [teacher_stage(i) for i, t in enumerate(plan.teachers) if not t.module]
+    float_trained = plan.float_student is FloatStudent.TRAINED
+    if trained_teachers and float_trained and not plan.float_method_uses_teachers:
+        side.train(  # the float student needs nothing from the teachers
+            [
+                Stage("teachers", lambda p: teachers_stage(ctx, p), tuple(trained_teachers)),
+                Stage(
+                    "student_float",
+                    lambda p: float_student_stage(ctx, [], p),
+                    ("student_float",),
+                ),
+            ]
+        )
     with timed(timings, "teachers"):
         teachers, teacher_results = teachers_stage(ctx, progress)
     with timed(timings, "student_float"):
@@ -120,6 +125,7 @@ def run_stages(config: Config, root: Path) -> dict:
                 Stage(
                     f"train_{bits.name}",
                     functools.partial(quantized_student_stage, ctx, bits, float_student, teachers),
+                    (bits.name,),
                 )
                 for bits in plan.bits
             ]
@@ -194,6 +200,8 @@ class SideBySide:
         return default_workers() if workers is None else workers
 
     def train(self, stages: list[Stage]) -> None:
+        """Train the unfinished ``stages`` side by side, if more than one and cores allow."""
+        stages = [stage for stage in stages if not stage.finished(self.ctx.run.root)]
         processes = stage_processes(
             self.ctx.config.jobs, self.threads, self.ctx.device, len(stages), self.decoders
         )

@@ -23,6 +23,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -34,10 +35,15 @@ PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 
 @dataclass(frozen=True)
 class Stage:
-    """One training stage: ``train(progress)`` leaves its weights in the run directory."""
+    """One training stage: ``train(progress)`` leaves ``model.pt`` in each of its ``folders``
+    of the run directory."""
 
     name: str
     train: Callable[[bool], object]
+    folders: tuple[str, ...] = ()
+
+    def finished(self, root: Path) -> bool:
+        return bool(self.folders) and all((root / f / "model.pt").is_file() for f in self.folders)
 
 
 def stage_processes(
@@ -70,8 +76,9 @@ def train_side_by_side(stages: Sequence[Stage], processes: int, progress: bool) 
             stage.train(progress)
             seconds[stage.name] = time.perf_counter() - start
         return seconds
-    names = ", ".join(stage.name for stage in stages)
-    print(f"training {names} side by side in {processes} processes", file=sys.stderr)
+    if progress:  # with the progress bars: which stages train silently beside the first
+        names = ", ".join(stage.name for stage in stages)
+        print(f"training {names} side by side in {processes} processes", file=sys.stderr)
     waiting = list(stages)
     running: dict[multiprocessing.connection.Connection, tuple[Stage, object]] = {}
     with _stopped_on_exit(running):

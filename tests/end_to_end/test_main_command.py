@@ -751,20 +751,25 @@ def test_bn_reestimate_recomputes_the_trained_students_batchnorm_statistics(tiny
     )
 
 
+@pytest.mark.parametrize(("bits", "jobs"), [(["w8a8"], 1), (["w8a8", "w4a4"], 2)])
 def test_a_diverging_stage_stops_with_where_and_which_loss_and_keeps_the_finished_stages(
-    tiny_run, tmp_path, capsys
+    tiny_run, tmp_path, capsys, bits, jobs
 ):
+    """One line naming the stage, epoch and loss, whether the stage trained here or beside
+    another in its own process (``jobs=2``: both students diverge, the first is reported)."""
     run_dir = tmp_path / "run"
-    on_tiny_pool(tiny_run, run_dir, ["student.bits=[w8a8]", "student.train.lr=1e30"])
+    overrides = [f"student.bits=[{','.join(bits)}]", "student.train.lr=1e30", f"jobs={jobs}"]
+    on_tiny_pool(tiny_run, run_dir, overrides)
     kept = {p: sha256_file(p) for p in run_dir.glob("*/model.pt")}
     assert main(["--resume", str(run_dir)]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
-    assert "w8a8 kd-decay: loss" in err and "=nan" in err and "training diverged" in err
+    assert any(f"{b} kd-decay: loss" in err for b in bits)
+    assert "=nan" in err and "training diverged" in err
     assert "at epoch 1/1" in err and "no epoch of this stage had finished" in err
     assert "train.lr, now 1e+30" in err and "grad_clip" in err
     assert {p: sha256_file(p) for p in run_dir.glob("*/model.pt")} == kept
-    assert not (run_dir / "w8a8" / "model.pt").exists()
+    assert not any((run_dir / b / "model.pt").exists() for b in bits)
 
 
 def test_a_student_at_chance_fails_the_run_keeps_its_files_and_may_be_accepted(

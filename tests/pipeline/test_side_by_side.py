@@ -213,3 +213,16 @@ def test_busy_cores_counts_a_process_spinning_beside_it():
         spinner.kill()
         spinner.wait()
     assert busy is not None and busy >= 0.6
+
+
+def test_a_stage_is_finished_once_every_folder_holds_its_weights(tmp_path):
+    stage = Stage("teachers", lambda p: None, ("teacher", "teacher_1"))
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "model.pt").touch()
+    assert not stage.finished(tmp_path)  # teacher_1 still trains
+    (tmp_path / "teacher_1").mkdir()
+    (tmp_path / "teacher_1" / "checkpoint.pt").touch()
+    assert not stage.finished(tmp_path)
+    (tmp_path / "teacher_1" / "model.pt").touch()
+    assert stage.finished(tmp_path)
+    assert not Stage("unnamed", lambda p: None).finished(tmp_path)
