@@ -77,8 +77,12 @@ def train_side_by_side(stages: Sequence[Stage], processes: int, progress: bool) 
             seconds[stage.name] = time.perf_counter() - start
         return seconds
     if progress:  # with the progress bars: which stages train silently beside the first
-        names = ", ".join(stage.name for stage in stages)
-        print(f"training {names} side by side in {processes} processes", file=sys.stderr)
+        names = ", ".join(", ".join(stage.folders or (stage.name,)) for stage in stages)
+        print(
+            f"training {names} side by side in {processes} processes (progress: the first; "
+            "--set jobs=1 trains one at a time)",
+            file=sys.stderr,
+        )
     waiting = list(stages)
     running: dict[multiprocessing.connection.Connection, tuple[Stage, object]] = {}
     with _stopped_on_exit(running):
