@@ -65,17 +65,11 @@ def stage_processes(
 
 
 def train_side_by_side(stages: Sequence[Stage], processes: int, progress: bool) -> dict[str, float]:
-    """Train every stage; returns each one's wall time in seconds. With one process they train
-    here, in order; else in forked processes, at most ``processes`` at a time, the first stage
-    with the progress bar and the others silent. A stage that fails stops the others (their
-    last epoch checkpoints stay) and is raised here (see ``_raise``)."""
+    """Train every stage in forked processes, at most ``processes`` (>= 2) at a time, the first
+    stage with the progress bar and the others silent; returns each one's wall time in seconds.
+    A stage that fails stops the others (their last epoch checkpoints stay) and is raised here
+    (see ``_raise``)."""
     seconds: dict[str, float] = {}
-    if processes <= 1:
-        for stage in stages:
-            start = time.perf_counter()
-            stage.train(progress)
-            seconds[stage.name] = time.perf_counter() - start
-        return seconds
     if progress:  # with the progress bars: which stages train silently beside the first
         names = ", ".join(", ".join(stage.folders or (stage.name,)) for stage in stages)
         print(

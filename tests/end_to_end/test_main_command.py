@@ -103,7 +103,9 @@ def test_report_follows_the_schema(tiny_run):
     assert "| resnet8_w4a4 |" in (out / "report.md").read_text()
     trained_on = describe(resolve_device("auto"))  # "cpu" here, the GPU where torch sees one
     assert report["environment"]["training_device"] == trained_on
-    assert f"; trained on {trained_on};" in (out / "report.md").read_text()
+    stages = report["environment"]["stage_processes"]  # 2 where both cores were idle
+    beside = "" if stages == 1 else f", up to {stages} stages side by side"
+    assert f"; trained on {trained_on}{beside};" in (out / "report.md").read_text()
     assert report["environment"]["onnxruntime_threads"] == 0  # bench.threads: ORT's default
     assert "(ONNX Runtime CPU, ONNX Runtime's default threads)" in (out / "report.md").read_text()
 

@@ -48,17 +48,6 @@ def _started(pid_file, within_s: float = 30) -> int:
     return int(pid_file.read_text())
 
 
-def test_one_process_trains_the_stages_here_in_order():
-    order = []
-    seconds = train_side_by_side(
-        [Stage("a", lambda p: order.append(("a", p))), Stage("b", lambda p: order.append("b"))],
-        processes=1,
-        progress=True,
-    )
-    assert order == [("a", True), "b"]  # in this process: the list saw both
-    assert set(seconds) == {"a", "b"}
-
-
 def test_stages_train_in_their_own_processes_at_the_same_time(tmp_path):
     """Each stage leaves its file; both were alive at once (each waits for the other's file)."""
 
