@@ -1,5 +1,6 @@
 """The main command end to end on a tiny config: real data, training, export, ONNX Runtime."""
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -694,13 +695,50 @@ def test_ctrl_c_says_how_to_resume(tiny_run, tmp_path, jobs):
     assert f"continue with python -m qkd_deploy.train_and_export --resume {out}" in stderr
     assert checkpoint.exists()
     assert not list(out.rglob("*.tmp"))
-    lock = out / ".lock"  # no stage process holds the run directory any more
-    assert subprocess.run([sys.executable, "-c", LOCK_FREE, str(lock)]).returncode == 0
+    assert lock_freed(out / ".lock", within_s=0)  # no stage process holds the directory
 
 
 LOCK_FREE = (
     "import fcntl, sys; f = open(sys.argv[1]); fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)"
 )
+
+
+def lock_freed(lock, within_s: float) -> bool:
+    """Whether no process holds the run directory's lock, at once or within ``within_s``."""
+    deadline = time.monotonic() + within_s
+    while subprocess.run([sys.executable, "-c", LOCK_FREE, str(lock)]).returncode != 0:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def test_a_killed_run_leaves_no_stage_process_training_on(tiny_run, tmp_path):
+    """SIGKILL the main process while its stages train side by side: the stage processes stop
+    with it instead of training on in the background, holding the run directory; the last epoch
+    checkpoint stays for --resume."""
+    config, _ = tiny_run
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "qkd_deploy.train_and_export", "--config", str(config)]
+    process = subprocess.Popen(
+        # stages long enough (minutes) that a stage process training on would hold the lock
+        [*command, "--out", str(out), "--epochs", "1000", "--set", "jobs=2"],
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: nothing outlives the test either
+    )
+    try:
+        checkpoint = out / "teacher" / "checkpoint.pt"
+        deadline = time.monotonic() + 120
+        while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert checkpoint.exists(), "the teacher never wrote its first epoch's checkpoint"
+        process.kill()
+        process.wait()
+        assert lock_freed(out / ".lock", within_s=10), "a stage process outlived the killed run"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert torch.load(checkpoint, weights_only=True)["epoch"] >= 1
 
 
 def test_bn_reestimate_recomputes_the_trained_students_batchnorm_statistics(tiny_run, tmp_path):
