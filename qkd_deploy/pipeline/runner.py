@@ -13,8 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from qkd_deploy.bench.report import write_report
+from qkd_deploy.bits import BitWidths
 from qkd_deploy.config import Config, load_config, save_config, to_dict
 from qkd_deploy.data.folder import FolderSplit
 from qkd_deploy.data.loader import default_workers
@@ -31,6 +33,7 @@ from qkd_deploy.pipeline.stages import (
     collapse_warning,
     export_stage,
     float_student_stage,
+    onnx_stage,
     quantized_student_stage,
     save_sample_batch,
     teachers_stage,
@@ -100,9 +103,7 @@ def run_stages(config: Config, root: Path) -> dict:
             [
                 Stage("teachers", lambda p: teachers_stage(ctx, p), tuple(trained_teachers)),
                 Stage(
-                    "student_float",
-                    lambda p: float_student_stage(ctx, [], p),
-                    ("student_float",),
+                    "student_float", lambda p: float_student_and_onnx(ctx, p), ("student_float",)
                 ),
             ]
         )
@@ -124,7 +125,7 @@ def run_stages(config: Config, root: Path) -> dict:
             [
                 Stage(
                     f"train_{bits.name}",
-                    functools.partial(quantized_student_stage, ctx, bits, float_student, teachers),
+                    functools.partial(student_and_onnx, ctx, bits, float_student, teachers),
                     (bits.name,),
                 )
                 for bits in plan.bits
@@ -180,6 +181,25 @@ def run_stages(config: Config, root: Path) -> dict:
         )
     write_manifest(root, inputs=inputs(config), config=to_dict(config))
     return written
+
+
+def float_student_and_onnx(ctx: Context, progress: bool) -> None:
+    """The float student trained on the labels, and its ONNX file when the run reports it."""
+    model = float_student_stage(ctx, [], progress)
+    if ctx.plan.float_reference:
+        onnx_stage(ctx, model, "student_float", quantized=False)
+
+
+def student_and_onnx(
+    ctx: Context,
+    bits: BitWidths,
+    float_student: nn.Module,
+    teachers: list[nn.Module],
+    progress: bool,
+) -> None:
+    """One low-bit student trained, and its ONNX file."""
+    student = quantized_student_stage(ctx, bits, float_student, teachers, progress)
+    onnx_stage(ctx, student, bits.name, quantized=True)
 
 
 class SideBySide:

@@ -269,6 +269,31 @@ def export_stage(ctx: Context, model: nn.Module, name: str, quantized: bool) -> 
     return Measurement.from_json(recorded)
 
 
+def onnx_stage(ctx: Context, model: nn.Module, name: str, quantized: bool) -> Path:
+    """The stage's ``model.onnx``, exported from ``model`` (a quantized one BN-folded, in its
+    deploy form), or the file an earlier export of the same weights with the same settings left
+    (``onnx.json``): the ONNX file depends on neither the machine nor the bench settings, so a
+    stage process writes it beside the training of another, and the measuring reads it back."""
+    folder = ctx.run.stage(name)
+    path = folder / "model.onnx"
+    key = {
+        "weights": sha256_file(folder / "model.pt"),
+        "quant": dataclasses.asdict(ctx.config.quant),
+        "export": dataclasses.asdict(ctx.config.export),
+        "versions": library_versions(),
+    }
+
+    def export() -> dict:
+        deploy = to_deploy(fold_batchnorm(model)) if quantized else model.eval()
+        export = ctx.config.export
+        sample, _ = next(iter(ctx.test_loader()))  # traced for its shape only
+        export_onnx(deploy, sample[:2], path, export.opset, export.int4_gemm_weights)
+        return {}
+
+    ctx.run.cached(folder / "onnx.json", key, export, outputs=(path,))
+    return path
+
+
 def export_and_measure(ctx: Context, model: nn.Module, name: str, quantized: bool) -> Measurement:
     """``export_stage`` without its record.
 
@@ -277,21 +302,12 @@ def export_and_measure(ctx: Context, model: nn.Module, name: str, quantized: boo
     QAT model's accuracy is reported too.
     """
     images, labels = ctx.test_images(), ctx.test_labels
-    folder = ctx.run.stage(name)
+    path = onnx_stage(ctx, model, name, quantized)
     accuracy_qat = None
     if quantized:
         accuracy_qat = accuracy(_logits(model, images), labels)
         model = fold_batchnorm(model)
     reference = _logits(model, images)
-    deploy = to_deploy(model) if quantized else model.eval()
-    export = ctx.config.export
-    path = export_onnx(
-        deploy,
-        torch.from_numpy(images[:2]),
-        folder / "model.onnx",
-        export.opset,
-        export.int4_gemm_weights,
-    )
     bench = ctx.config.bench
     graph_runner = OnnxRuntimeRunner(path, threads=bench.threads, optimize=False)
     logits = run_in_batches(graph_runner, images, EVAL_BATCH)

@@ -173,6 +173,11 @@ def test_resume_reads_back_finished_exports_unless_settings_changed(tiny_run, tm
     assert (kept / "w4a4" / "model.onnx").is_file()
     assert all(a != b for a, b in zip(latencies(changed), latencies(out, before), strict=True))
     assert json.loads((kept / "report.json").read_text())["teachers"] == before["teachers"]
+    # other bench settings measure again but do not export again (onnx.json): same weights,
+    # same export settings; the file was written once (copytree keeps the times)
+    for stage in ("student_float", "w8a8", "w4a4"):
+        onnx = changed / stage / "model.onnx"
+        assert onnx.stat().st_mtime_ns == (out / stage / "model.onnx").stat().st_mtime_ns
 
 
 def test_existing_run_directory_is_not_overwritten(tiny_run, capsys):
