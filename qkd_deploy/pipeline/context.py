@@ -76,9 +76,6 @@ class Context:
             self.data.test, self.preprocess, EVAL_BATCH, workers=self.config.data.workers
         )
 
-    def test_images(self) -> np.ndarray:
-        return np.concatenate([images.numpy() for images, _ in self.test_loader()])
-
     @property
     def test_labels(self) -> np.ndarray:
         return self.data.test.labels.numpy()

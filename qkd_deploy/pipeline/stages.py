@@ -48,7 +48,6 @@ from qkd_deploy.quant.fold import fold_batchnorm
 from qkd_deploy.quant.integer import to_deploy
 from qkd_deploy.quant.precision import quantize
 from qkd_deploy.rundir import library_versions, machine_description
-from qkd_deploy.runtime.base import run_in_batches
 from qkd_deploy.runtime.onnxruntime import OnnxRuntimeRunner, fused_kernel_inexactness
 from qkd_deploy.targets import Target
 from qkd_deploy.train.batchnorm import reestimate_batchnorm
@@ -237,14 +236,20 @@ def bn_reestimation_batches(
     return calibration if getattr(distiller.options, "bn_reestimate", False) else None
 
 
-def _logits(model: nn.Module, images: np.ndarray) -> np.ndarray:
+def logits_on_test_split(
+    ctx: Context, models: dict[str, nn.Module | None], runners: dict[str, OnnxRuntimeRunner]
+) -> dict[str, np.ndarray]:
+    """The logits of every torch model and ONNX Runtime session over the test split, streamed
+    batch by batch (a folder's test split need not fit in memory; its logits do)."""
+    models = {name: model for name, model in models.items() if model is not None}
+    outputs: dict[str, list[np.ndarray]] = {name: [] for name in [*models, *runners]}
     with torch.no_grad():
-        return np.concatenate(
-            [
-                model(torch.from_numpy(images[i : i + EVAL_BATCH])).numpy()
-                for i in range(0, len(images), EVAL_BATCH)
-            ]
-        )
+        for images, _ in ctx.test_loader():
+            for name, model in models.items():
+                outputs[name].append(model(images).numpy())
+            for name, runner in runners.items():
+                outputs[name].append(runner.run(images.numpy()))
+    return {name: np.concatenate(batches) for name, batches in outputs.items()}
 
 
 def export_stage(ctx: Context, model: nn.Module, name: str, quantized: bool) -> Measurement:
@@ -301,20 +306,18 @@ def export_and_measure(ctx: Context, model: nn.Module, name: str, quantized: boo
     ``onnxruntime`` target), which is the arithmetic the exported model performs; the unfolded
     QAT model's accuracy is reported too.
     """
-    images, labels = ctx.test_images(), ctx.test_labels
+    labels = ctx.test_labels
     path = onnx_stage(ctx, model, name, quantized)
-    accuracy_qat = None
-    if quantized:
-        accuracy_qat = accuracy(_logits(model, images), labels)
-        model = fold_batchnorm(model)
-    reference = _logits(model, images)
     bench = ctx.config.bench
     graph_runner = OnnxRuntimeRunner(path, threads=bench.threads, optimize=False)
-    logits = run_in_batches(graph_runner, images, EVAL_BATCH)
-    graph_runner.close()
-    match = parity(logits, reference)
     runner = OnnxRuntimeRunner(path, threads=bench.threads)
-    kernel_logits = run_in_batches(runner, images, EVAL_BATCH)
+    folded = fold_batchnorm(model) if quantized else model
+    models = {"reference": folded, "qat": model if quantized else None}
+    outputs = logits_on_test_split(ctx, models, {"graph": graph_runner, "kernels": runner})
+    graph_runner.close()
+    reference, logits, kernel_logits = outputs["reference"], outputs["graph"], outputs["kernels"]
+    accuracy_qat = accuracy(outputs["qat"], labels) if quantized else None
+    match = parity(logits, reference)
     kernels = parity(kernel_logits, reference)
     min_agreement = ctx.config.export.min_agreement
     if quantized and match.agreement < min_agreement:
@@ -327,7 +330,9 @@ def export_and_measure(ctx: Context, model: nn.Module, name: str, quantized: boo
     if quantized and kernels.agreement < min_agreement:
         warning = ort_kernel_warning(name, kernels.agreement, ctx.plan.target)
         print(f"warning: {warning}", file=sys.stderr)
-    rows = measure_latency(runner, images[0], bench.batch_sizes, bench.warmup, bench.iterations)
+    first, _ = next(iter(ctx.test_loader()))
+    sample = first[0].numpy()
+    rows = measure_latency(runner, sample, bench.batch_sizes, bench.warmup, bench.iterations)
     runner.close()
     return Measurement(
         accuracy_torch=accuracy(reference, labels),
