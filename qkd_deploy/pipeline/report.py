@@ -213,9 +213,13 @@ class Environment:
 
     @classmethod
     def from_json(cls, row: Json) -> Environment:
-        named = [f.name for f in dataclasses.fields(cls) if f.name != "versions"]
+        fields = [f for f in dataclasses.fields(cls) if f.name != "versions"]
+        named = [f.name for f in fields]
         versions = {key: value for key, value in row.items() if key not in named}
-        given = {key: row[key] for key in named if key in row or key != "stage_processes"}
+        # a field with a default may be missing (a report written before the field existed)
+        given = {
+            f.name: row[f.name] for f in fields if f.name in row or f.default is dataclasses.MISSING
+        }
         return cls(**given, versions=versions)
 
 

@@ -4,10 +4,11 @@ On small images one torch thread trains fastest (``train.threads``), so a sequen
 2-core machine leaves a core idle. The teachers and a float student trained on the labels need
 nothing from each other, nor do the low-bit students once the float student exists: each such
 group of stages can train in forked processes, one stage per process, each at the run's thread
-count. A stage leaves its weights in the run directory, and the parent loads them afterwards with
-the same stage function, which finds the files and skips the training. Every stage seeds itself,
-so the weights are bit-identical to a sequential run's. Exports and latency stay in the parent,
-one after another, so nothing measures latency beside a training process.
+count. A stage leaves its weights (and its ONNX file) in the run directory, and the parent loads
+them afterwards with the same stage functions, which find the files and skip the work. Every
+stage seeds itself, so the weights are bit-identical to a sequential run's. The ONNX Runtime
+checks and latency stay in the parent, one after another, so nothing measures latency beside a
+training process.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 
 from qkd_deploy.errors import expected_failure
+from qkd_deploy.train import distributed
 from qkd_deploy.train.threads import available_cores, idle_cores
 
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
@@ -54,8 +56,6 @@ def stage_processes(
     ``threads`` and its ``decoders``, the processes that decode a streamed folder), at most one
     per stage. One process on a GPU (one device trains one stage at a time), under torchrun (its
     processes train every stage together) and where ``fork`` is missing."""
-    from qkd_deploy.train import distributed
-
     if stages < 2 or device.type != "cpu" or distributed.world_size() > 1:
         return 1
     if "fork" not in multiprocessing.get_all_start_methods() or sys.platform != "linux":
