@@ -294,7 +294,8 @@ class Config:
     # images up to 32x32, else the idle cores); OMP_NUM_THREADS in the environment also sets it
     threads: int = 0
     # processes that train independent stages side by side on the CPU (the teachers beside a
-    # float student trained on the labels; the low-bit students); 0 = the idle cores / threads
+    # float student trained on the labels; the low-bit students), one torch thread each; 0 = the
+    # idle cores when the run trains at one thread, else 1
     jobs: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     # empty: the method's default teacher architectures, trained by the pipeline
@@ -310,6 +311,13 @@ class Config:
             [
                 (self.threads >= 0, f"threads must be >= 0 (0: chosen), got {self.threads}"),
                 (self.jobs >= 0, f"jobs must be >= 0 (0: chosen, 1: sequential), got {self.jobs}"),
+                (
+                    self.jobs <= 1 or self.threads <= 1,
+                    f"jobs={self.jobs} trains stages side by side at one torch thread each (a "
+                    f"forked process at more threads can hang in torch's OpenMP), but threads="
+                    f"{self.threads}: set threads=1, or jobs=1 to train at {self.threads} threads "
+                    f"one stage at a time",
+                ),
             ]
         )
 

@@ -210,6 +210,22 @@ class SideBySide:
     def __init__(self, ctx: Context, threads: int, timings: dict[str, float]) -> None:
         self.ctx, self.threads, self.timings = ctx, threads, timings
         self.most_processes = 1
+        self.noted = False
+
+    def _note_jobs_refused(self, stages: int) -> None:
+        """Say once why ``jobs=N`` trains one stage at a time: more than one torch thread (from
+        ``OMP_NUM_THREADS`` or chosen for large images; ``threads`` and ``jobs`` both set are
+        refused when the config loads)."""
+        if self.noted or stages < 2 or self.ctx.config.jobs <= 1 or self.threads <= 1:
+            return
+        self.noted = True
+        print(
+            f"note: jobs={self.ctx.config.jobs} ignored: stages train side by side only at one "
+            f"torch thread each, and this run trains at {self.threads} (a forked process at more "
+            "can hang in torch's OpenMP); --set threads=1 (or OMP_NUM_THREADS=1) trains them side "
+            "by side",
+            file=sys.stderr,
+        )
 
     @property
     def decoders(self) -> int:
@@ -226,6 +242,7 @@ class SideBySide:
             self.ctx.config.jobs, self.threads, self.ctx.device, len(stages), self.decoders
         )
         if processes <= 1:  # each stage trains when the run reaches it
+            self._note_jobs_refused(len(stages))
             return
         self.most_processes = max(self.most_processes, processes)
         seconds = train_side_by_side(stages, processes, self.ctx.config.progress)

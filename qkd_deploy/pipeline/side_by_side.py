@@ -3,12 +3,18 @@
 On small images one torch thread trains fastest (``train.threads``), so a sequential run on a
 2-core machine leaves a core idle. The teachers and a float student trained on the labels need
 nothing from each other, nor do the low-bit students once the float student exists: each such
-group of stages can train in forked processes, one stage per process, each at the run's thread
-count. A stage leaves its weights (and its ONNX file) in the run directory, and the parent loads
+group of stages can train in forked processes, one stage per process, each at one torch thread.
+A stage leaves its weights (and its ONNX file) in the run directory, and the parent loads
 them afterwards with the same stage functions, which find the files and skip the work. Every
 stage seeds itself, so the weights are bit-identical to a sequential run's. The ONNX Runtime
 checks and latency stay in the parent, one after another, so nothing measures latency beside a
 training process.
+
+Only at one thread per stage: torch's OpenMP runtime on Linux (GNU libgomp) is not fork-safe. A
+forked process that runs a parallel region with more than one thread after its parent ran one
+waits forever for pool threads that did not survive the fork (measured: a stage process hung in
+its first tensor copy with the run at 2 threads). One thread runs a region inline, without the
+pool, so stages at one thread each are safe whatever the parent ran.
 """
 
 from __future__ import annotations
@@ -53,14 +59,15 @@ def stage_processes(
 ) -> int:
     """How many processes train ``stages`` independent stages: ``requested`` (the ``jobs``
     setting; 0 chooses the cores idle right now divided by the cores each stage keeps busy: its
-    ``threads`` and its ``decoders``, the processes that decode a streamed folder), at most one
-    per stage. One process on a GPU (one device trains one stage at a time), under torchrun (its
-    processes train every stage together) and where ``fork`` is missing."""
-    if stages < 2 or device.type != "cpu" or distributed.world_size() > 1:
+    thread and its ``decoders``, the processes that decode a streamed folder), at most one per
+    stage. One process when the run trains at more than one torch ``threads`` (see the module
+    docstring), on a GPU (one device trains one stage at a time), under torchrun (its processes
+    train every stage together) and where ``fork`` is missing."""
+    if stages < 2 or threads > 1 or device.type != "cpu" or distributed.world_size() > 1:
         return 1
     if "fork" not in multiprocessing.get_all_start_methods() or sys.platform != "linux":
         return 1
-    wanted = requested or idle_cores(available_cores()) // max(1, threads + decoders)
+    wanted = requested or idle_cores(available_cores()) // (1 + decoders)
     return max(1, min(wanted, stages))
 
 

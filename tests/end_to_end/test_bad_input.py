@@ -35,6 +35,7 @@ def refused(capsys, argv, *phrases):
         (["--set", "export.min_agreement=1.5"], ["min_agreement is a fraction"]),
         (["--set", "student.min_accuracy=-1"], ["min_accuracy is a fraction"]),
         (["--set", "threads=-2"], ["threads must be >= 0"]),
+        (["--set", "jobs=2", "--set", "threads=2"], ["set threads=1, or jobs=1"]),
     ],
 )
 def test_a_bad_setting_fails_before_the_run_directory_is_made(tmp_path, capsys, argv, phrases):

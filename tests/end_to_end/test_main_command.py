@@ -669,6 +669,32 @@ def test_stages_side_by_side_train_what_one_at_a_time_trains(tiny_run, tmp_path)
     assert "up to 2 stages side by side" in (runs[2] / "report.md").read_text()
 
 
+def test_jobs_at_more_than_one_thread_train_one_stage_at_a_time(tiny_run, tmp_path):
+    """``jobs=2`` with torch at 2 threads (``OMP_NUM_THREADS``): a stage process forked after
+    the main process ran OpenMP at 2 threads hung in its first parallel region; the stages train
+    one at a time instead, and the run says why."""
+    config, _ = tiny_run
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "qkd_deploy.train_and_export", "--config", str(config)]
+    process = subprocess.Popen(
+        [*command, "--out", str(out), "--set", "jobs=2"],
+        env={**os.environ, "OMP_NUM_THREADS": "2"},
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group: a hung stage process is killed too
+    )
+    try:
+        _, stderr = process.communicate(timeout=300)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, stderr[-2000:]
+    assert "note: jobs=2 ignored" in stderr and "trains at 2" in stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["environment"]["stage_processes"] == 1
+    assert report["environment"]["threads"] == 2
+
+
 @pytest.mark.parametrize("jobs", [1, 2])
 def test_ctrl_c_says_how_to_resume(tiny_run, tmp_path, jobs):
     """SIGINT while the teacher trains, in this process or beside the float student in its own:

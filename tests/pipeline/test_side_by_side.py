@@ -178,7 +178,8 @@ def test_more_stages_than_processes_wait_their_turn(tmp_path):
         (3, 1, 0, CPU, 2, 1, 2),  # asked for: at most one per stage, whatever the load
         (0, 1, 0, CPU, 2, 2, 2),  # chosen: the idle cores
         (0, 1, 0, CPU, 3, 1, 1),  # a busy machine: one at a time
-        (0, 2, 0, CPU, 2, 2, 1),  # each process would use both idle cores
+        (0, 2, 0, CPU, 2, 8, 1),  # more than one thread: a forked stage could hang in OpenMP
+        (2, 2, 0, CPU, 2, 8, 1),  # even when asked for
         (0, 1, 1, CPU, 2, 2, 1),  # a thread and a decoding process: both idle cores
         (0, 1, 1, CPU, 3, 7, 3),
         (0, 1, 0, CPU, 1, 8, 1),  # one stage
