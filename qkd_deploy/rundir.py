@@ -19,6 +19,7 @@ from pathlib import Path
 from qkd_deploy.errors import UserError
 from qkd_deploy.fileio import atomic_write_json, sha256_file
 
+SAMPLE_BATCH = "sample_batch.npz"  # test images and their preprocessing, for the bundle
 _PACKAGES = ("qkd-deploy", "torch", "onnx", "onnxruntime", "onnxscript", "numpy", "tensorrt")
 
 
@@ -65,11 +66,20 @@ class RunDir:
 
     def remove_if_unstarted(self) -> None:
         """Undo a new run that stopped before any stage wrote a file (bad data, a model that does
-        not fit the method): its ``config.yaml`` and lock go, and so does the then empty
-        directory, so fixing the input and running the same command again just works."""
-        ours = {self.config, self.root / ".lock"}
-        if not self.root.is_dir() or any(p not in ours for p in self.root.iterdir()):
+        not fit the method, a checkpoint that does not load): its ``config.yaml``, sample batch
+        and lock go, and so do empty stage folders and then the directory, so fixing the input
+        and running the same command again just works."""
+        ours = {self.config, self.root / ".lock", self.root / SAMPLE_BATCH}
+        if not self.root.is_dir():
             return
+        entries = list(self.root.iterdir())
+        folders = [p for p in entries if p.is_dir() and not p.is_symlink()]
+        if any(p not in ours and p not in folders for p in entries):
+            return
+        if any(any(folder.iterdir()) for folder in folders):
+            return
+        for folder in folders:
+            folder.rmdir()
         for path in ours:
             path.unlink(missing_ok=True)
         self.root.rmdir()

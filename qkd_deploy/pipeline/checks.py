@@ -7,6 +7,8 @@ claimed); ``check_before_training`` needs the data and untrained copies of the m
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from qkd_deploy.config import Config
@@ -15,13 +17,15 @@ from qkd_deploy.distill.base import Distiller, checked_method_options, float_met
 from qkd_deploy.errors import UserError
 from qkd_deploy.pipeline.context import Context
 from qkd_deploy.pipeline.models import (
+    given_student,
     method_context,
     quantize_options,
     untrained_student,
     untrained_teachers,
 )
-from qkd_deploy.pipeline.plan import Plan
+from qkd_deploy.pipeline.plan import FloatStudent, Plan
 from qkd_deploy.train import distributed
+from qkd_deploy.train.loop import channels_last_error
 
 PREFLIGHT_IMAGES = 4  # a BatchNorm in training mode needs more than one value per channel
 
@@ -65,7 +69,19 @@ def check_before_training(ctx: Context) -> None:
         quantize_options(ctx.config.quant, bits)
     check_batch_sizes(ctx)
     check_training_processes(ctx.plan)
+    check_given_student(ctx)
     check_method_fits(ctx)
+
+
+def check_given_student(ctx: Context) -> None:
+    """The user's trained float student loads and classifies, before a teacher trains for it (a
+    resumed run that kept its copy, ``student_float/model.pt``, needs the checkpoint no more)."""
+    if ctx.plan.float_student is not FloatStudent.GIVEN:
+        return
+    if (ctx.run.root / "student_float" / "model.pt").exists():
+        return
+    with torch.random.fork_rng():
+        given_student(ctx)
 
 
 def check_batch_sizes(ctx: Context) -> None:
@@ -112,15 +128,34 @@ def check_method_fits(ctx: Context) -> None:
     the student's cannot be compared with, teachers that ``cmt-kd`` cannot mix. The same for
     ``student.float_method`` on the float student. Untrained models have the trained ones'
     structure; the random state is restored afterwards, so the run's numbers do not change.
+
+    The same step in channels-last layout then tells whether the run can train in it on the
+    CPU (``Context.channels_last``).
     """
     with torch.random.fork_rng():
-        distiller, images, labels = untrained_method(ctx)
-        distiller.train()
-        distiller.forward_train(images, labels, 0.0)
+        steps = [untrained_method(ctx)]
         if ctx.plan.float_method != "none":  # check_float_method: then float_reference is on
-            distiller, images, labels = untrained_float_method(ctx)
+            steps.append(untrained_float_method(ctx))
+        for distiller, images, labels in steps:
             distiller.train()
             distiller.forward_train(images, labels, 0.0)
+        if ctx.device.type == "cpu":
+            check_channels_last(ctx, steps)
+
+
+def check_channels_last(ctx: Context, steps: list) -> None:
+    """Train in the ordinary layout, and say so, when a method's step fails in channels-last."""
+    for distiller, images, labels in steps:
+        error = channels_last_error(distiller, images, labels)
+        if error is not None:
+            ctx.channels_last = False
+            print(
+                f"note: training in the ordinary memory layout, not channels-last (faster on "
+                f"the CPU), as a model fails in it: {error} (e.g. .view on a convolution's "
+                "output: .reshape runs in both)",
+                file=sys.stderr,
+            )
+            return
 
 
 def untrained_method(ctx: Context) -> tuple[Distiller, torch.Tensor | None, torch.Tensor | None]:

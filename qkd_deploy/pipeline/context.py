@@ -48,6 +48,9 @@ class Context:
     data: DatasetSplits
     preprocess: Preprocess
     run: RunDir
+    # CPU training in channels-last layout; off when a model of the run cannot run in it
+    # (checks.check_method_fits finds out before training)
+    channels_last: bool = True
 
     @functools.cached_property
     def plan(self) -> Plan:

@@ -19,7 +19,7 @@ from qkd_deploy.data import DatasetSplits
 from qkd_deploy.distill.base import MethodContext
 from qkd_deploy.errors import UserError
 from qkd_deploy.fileio import atomic_write_bytes
-from qkd_deploy.models import build_model, load_user_model
+from qkd_deploy.models import build_model, load_checkpoint, load_user_model
 from qkd_deploy.models.features import attach_feature_layers
 from qkd_deploy.pipeline.context import Context
 from qkd_deploy.quant.convert import QuantizeOptions
@@ -132,6 +132,16 @@ def untrained_student(ctx: Context) -> nn.Module:
             model.eval()
             check_classifier(model, ctx, f"student {module}")
             model.train()
+    return model
+
+
+def given_student(ctx: Context) -> nn.Module:
+    """The user's trained float student: its model with ``student.checkpoint`` loaded, checked
+    on two test images."""
+    cfg = ctx.config.student
+    model = untrained_student(ctx)
+    load_checkpoint(model, cfg.checkpoint).eval()
+    check_classifier(model, ctx, f"student {cfg.module} with checkpoint {cfg.checkpoint}")
     return model
 
 

@@ -25,10 +25,9 @@ from qkd_deploy.distill import build_distiller
 from qkd_deploy.distill.base import Distiller
 from qkd_deploy.export.onnx import export_onnx
 from qkd_deploy.fileio import atomic_write_bytes, sha256_file
-from qkd_deploy.models import load_checkpoint
 from qkd_deploy.pipeline.context import EVAL_BATCH, Context
 from qkd_deploy.pipeline.models import (
-    check_classifier,
+    given_student,
     load_state,
     mark_calibrated,
     method_context,
@@ -47,7 +46,7 @@ from qkd_deploy.pipeline.report import (
 from qkd_deploy.quant.fold import fold_batchnorm
 from qkd_deploy.quant.integer import to_deploy
 from qkd_deploy.quant.precision import quantize
-from qkd_deploy.rundir import library_versions, machine_description
+from qkd_deploy.rundir import SAMPLE_BATCH, library_versions, machine_description
 from qkd_deploy.runtime.onnxruntime import OnnxRuntimeRunner, fused_kernel_inexactness
 from qkd_deploy.targets import Target
 from qkd_deploy.train.batchnorm import reestimate_batchnorm
@@ -79,6 +78,7 @@ def train_float(
         desc=stage,
         progress=progress,
         device=ctx.device,
+        channels_last=ctx.channels_last,
     )
     save_state(model, final)
     return model.eval()
@@ -131,13 +131,10 @@ def given_float_student(ctx: Context) -> nn.Module:
     """The user's trained float student (``student.checkpoint``), checked on two test images and
     kept in the run as ``student_float/model.pt``: a resumed run and ``qkd-deploy export`` read
     that copy, not the checkpoint again."""
-    cfg = ctx.config.student
-    model = untrained_student(ctx)
     final = ctx.run.stage("student_float") / "model.pt"
     if final.exists():
-        return load_state(model, final).eval()
-    load_checkpoint(model, cfg.checkpoint).eval()
-    check_classifier(model, ctx, f"student {cfg.module} with checkpoint {cfg.checkpoint}")
+        return load_state(untrained_student(ctx), final).eval()
+    model = given_student(ctx)
     save_state(model, final)
     return model
 
@@ -206,6 +203,7 @@ def quantized_student_stage(
             desc=f"{bits.name} {cfg.method}",
             progress=progress,
             device=ctx.device,
+            channels_last=ctx.channels_last,
         )
     exported = distiller.export_model()
     reestimation = bn_reestimation_batches(cfg, distiller, real_loader, batches, data_free)
@@ -356,7 +354,7 @@ def save_sample_batch(ctx: Context) -> None:
     np.savez(
         buffer, images=ctx.data.test.first(16).numpy(), labels=ctx.data.test.labels[:16].numpy()
     )
-    atomic_write_bytes(ctx.run.root / "sample_batch.npz", buffer.getvalue())
+    atomic_write_bytes(ctx.run.root / SAMPLE_BATCH, buffer.getvalue())
 
 
 def collapse_warning(name: str, accuracy: float, num_classes: int, trained: bool) -> str | None:

@@ -60,6 +60,7 @@ class TrainingJob:
     checkpoint: Path
     saved: dict | None  # the checkpoint's contents, when resuming
     desc: str
+    layout: torch.memory_format  # of the models and 4-D batches while they train
 
 
 def fit(
@@ -70,16 +71,19 @@ def fit(
     desc: str = "train",
     progress: bool = True,
     device: torch.device = CPU,
+    channels_last: bool = True,
 ) -> list[dict]:
     """Train ``distiller`` with ``loader`` (a ``data.BatchLoader``) on ``device``; returns
     per-epoch stats. The distiller (student, teachers and every extra part) is moved to
-    ``device`` for training and back to the CPU when it ends.
+    ``device`` for training and back to the CPU when it ends; on the CPU it trains in
+    channels-last memory layout unless ``channels_last`` is False (see ``channels_last_error``).
 
     If ``checkpoint`` exists, training resumes after the epoch it holds. Under torchrun, the
     other processes get the job and train with this one (``train.distributed``).
     """
     saved = _read_checkpoint(checkpoint) if checkpoint.exists() else None
-    job = TrainingJob(distiller, loader, cfg, checkpoint, saved, desc)
+    layout = _layout(device) if channels_last else torch.preserve_format
+    job = TrainingJob(distiller, loader, cfg, checkpoint, saved, desc, layout)
     group = distributed.current()
     if group is not None:
         group.send_job({"job": job, "device_type": device.type, "rng": _rng_state(device)})
@@ -110,7 +114,7 @@ def _train(
 ) -> list[dict]:
     distiller, cfg = job.distiller, job.cfg
     # before the optimizer is built: it keeps the parameters' devices
-    distiller.to(device, memory_format=_layout(device))
+    distiller.to(device, memory_format=job.layout)
     optimizer = build_optimizer(distiller.parameter_groups(), cfg)
     scheduler = build_scheduler(optimizer, cfg, len(job.loader))
     if group is not None:
@@ -143,6 +147,26 @@ def _layout(device: torch.device) -> torch.memory_format:
     return torch.channels_last if device.type == "cpu" else torch.preserve_format
 
 
+def channels_last_error(
+    distiller: Distiller, images: torch.Tensor | None, labels: torch.Tensor | None
+) -> str | None:
+    """Why ``distiller``'s training step fails in channels-last layout, or None when it runs.
+
+    Some models cannot: ``x.view(x.size(0), -1)`` on a convolution's output (a common way to
+    flatten) needs the ordinary layout. Run on an untrained copy whose step already ran in the
+    ordinary layout, so a failure here is the layout's; the copy goes back to that layout."""
+    distiller.to(memory_format=torch.channels_last)
+    try:
+        if images is not None:
+            images = images.contiguous(memory_format=torch.channels_last)
+        distiller.forward_train(images, labels, 0.0)
+    except Exception as error:  # noqa: BLE001 - whatever the layout breaks: train without it
+        return str(error).splitlines()[0] if str(error) else type(error).__name__
+    finally:
+        distiller.to(memory_format=torch.contiguous_format)
+    return None
+
+
 def _train_epoch(
     job: TrainingJob, optimizer, scheduler, epoch: int, progress: bool, device, group
 ) -> EpochStats:
@@ -163,7 +187,7 @@ def _train_epoch(
     for step, (images, labels, share) in enumerate(bar):
         done = (epoch * len(loader) + step) / total_steps
         if images is not None:  # data-free methods get None and generate on the model's device
-            layout = _layout(device) if images.dim() == 4 else torch.preserve_format
+            layout = job.layout if images.dim() == 4 else torch.preserve_format
             images, labels = images.to(device, memory_format=layout), labels.to(device)
         logits, terms = distiller.forward_train(images, labels, done)
         loss = sum(terms.values())

@@ -86,18 +86,25 @@ def test_resuming_a_run_that_is_still_going_fails_before_writing_anything(tmp_pa
 
 
 def test_an_unstarted_run_directory_is_removed_and_a_started_one_kept(tmp_path):
+    """Unstarted: the run's own files from before training (config, lock, sample batch) and
+    empty stage folders; a stage's file (an epoch checkpoint) makes it started."""
     unstarted, started = RunDir(tmp_path / "new"), RunDir(tmp_path / "started")
     for run in (unstarted, started):
         with run.exclusive():
             save_config(load_config(), run.config)
-    (started.root / "sample_batch.npz").write_bytes(b"written by a stage")
+        (run.root / "sample_batch.npz").write_bytes(b"test images")
+        run.stage("student_float")
+    (started.stage("teacher") / "checkpoint.pt").write_bytes(b"an epoch's weights")
     unstarted.remove_if_unstarted()
     started.remove_if_unstarted()
     assert not unstarted.root.exists()
-    assert sorted(p.name for p in started.root.iterdir()) == [
+    assert sorted(str(p.relative_to(started.root)) for p in started.root.rglob("*")) == [
         ".lock",
         "config.yaml",
         "sample_batch.npz",
+        "student_float",
+        "teacher",
+        "teacher/checkpoint.pt",
     ]
 
 

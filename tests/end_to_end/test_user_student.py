@@ -43,8 +43,26 @@ NETS_SOURCE = textwrap.dedent("""
             x = self.layer2(x)
             return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
+    class ViewNet(Net):
+        \"\"\"Flattens a feature map with ``.view``, as many CIFAR models do: fails in
+        channels-last layout.\"\"\"
+
+        def __init__(self, width):
+            super().__init__(width)
+            self.fc = nn.Linear(2 * width * 4 * 4, 10)
+
+        def forward(self, x):
+            # torch gives a one-channel image's convolution a channels-last output: the user's
+            # own training on grey images would need this .contiguous() too; on RGB, not
+            x = self.stem(x).contiguous()
+            x = self.layer2(x + self.layer1(x))
+            return self.fc(x.view(x.size(0), -1))
+
     def student():
         return Net(8)
+
+    def view_student():
+        return ViewNet(8)
 
     def teacher():
         return Net(16)
@@ -177,6 +195,17 @@ def test_kd_decay_trains_a_user_student_from_its_factory(nets):
     assert report["students"][0]["accuracy_onnx"] > 0.5
 
 
+def test_a_student_that_flattens_with_view_trains_in_the_ordinary_layout(nets, capsys):
+    """``x.view(x.size(0), -1)`` on a feature map fails in channels-last, the CPU's training
+    layout: the run finds out before training and trains the float and QAT students without it."""
+    report = _run(nets / "runs" / "view", "--student", f"{NETS}:view_student", *TEACHER)
+    assert "note: training in the ordinary memory layout" in capsys.readouterr().err
+    (float_row,) = report["float_references"]
+    assert float_row["method"] == "none" and float_row["accuracy_onnx"] > 0.5  # trained here
+    assert report["students"][0]["accuracy_onnx"] > 0.5
+    assert report["students"][0]["onnx_agreement"] >= 0.99
+
+
 def test_feed_distils_the_stage_layers_named_for_student_and_teacher(nets):
     teachers = (
         f"teachers=[{{module: '{NETS}:teacher', checkpoint: teacher.pt, feature_layers: {STAGES}}}]"
@@ -221,6 +250,20 @@ def test_a_user_student_that_does_not_fit_fails_before_any_training(
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_a_student_checkpoint_that_does_not_load_fails_before_the_teacher_trains(
+    tmp_path, capsys
+):
+    """The teacher's weights given as the student's: refused before the zoo teacher trains for
+    it, and the run leaves no directory, so the corrected command runs as it is."""
+    out = tmp_path / "run"
+    wrong = ["--student", f"{NETS}:student", "--student-checkpoint", "teacher.pt"]
+    assert main([*wrong, *QUICK, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "teacher.pt" in err and "Traceback" not in err
+    assert not out.exists()
+    assert main([*GIVEN, *QUICK, "--method", "ptq", "--out", str(out)]) == 0
 
 
 @pytest.mark.parametrize(

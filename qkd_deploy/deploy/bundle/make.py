@@ -41,7 +41,7 @@ from qkd_deploy.fileio import (
     atomic_write_text,
     sha256_file,
 )
-from qkd_deploy.rundir import library_versions
+from qkd_deploy.rundir import SAMPLE_BATCH, library_versions
 
 # ONNX Runtime on the device runs the same graph on the CPU: its integer Q/DQ arithmetic is
 # exact (with 32-bit accumulation: ARM, x86 with VNNI), only float summation order may differ
@@ -171,7 +171,7 @@ def _write_contents(
     model_path = folder / "model.onnx"
     shutil.copyfile(source, model_path)
     model = read_model_input(model_path)
-    images, labels = _read_sample(run_dir / "sample_batch.npz", model)
+    images, labels = _read_sample(run_dir / SAMPLE_BATCH, model)
     preprocess = read_preprocess(report["preprocess"], run_dir / "report.json", "write it again")
     logits, output_name = onnxruntime_logits(
         model_path, preprocess.apply_numpy(images), optimize=False
