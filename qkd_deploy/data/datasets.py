@@ -83,6 +83,10 @@ class ImageSplit:
         """The first ``n`` images (fewer in a smaller split), uint8 NCHW."""
         return self.images[:n]
 
+    def read(self, index: torch.Tensor | np.ndarray | Sequence[int]) -> torch.Tensor:
+        """The images at ``index``, uint8 NCHW (what ``FolderSplit.read`` decodes)."""
+        return self.images[torch.as_tensor(np.asarray(index, dtype=np.int64))]
+
 
 @dataclass
 class DatasetSplits:

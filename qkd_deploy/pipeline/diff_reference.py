@@ -66,5 +66,5 @@ def run_student(
     run = FinishedRun.open(run_dir)
     bits = run.student_bits(student or Path(model_path).resolve().parent.name)
     deploy = to_deploy(run.quantized_student(bits))
-    images = run.preprocess.apply(run.data.test.images[:count]).numpy()
+    images = run.preprocess.apply(run.data.test.first(count)).numpy()
     return levels_of(deploy), images

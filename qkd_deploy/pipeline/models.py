@@ -95,6 +95,12 @@ def check_classifier(model: nn.Module, ctx: Context, what: str) -> None:
             f"{what} failed on a {tuple(sample.shape)} batch of {ctx.data.name} ({error}); "
             f"check its input channels/size and the --normalize preprocessing"
         ) from error
+    if not isinstance(out, torch.Tensor):
+        raise UserError(
+            f"{what} returns a {type(out).__name__}, not a tensor; expected (N, "
+            f"{ctx.data.num_classes}) logits: make its factory return a model whose forward "
+            "returns the logits alone (e.g. a wrapper module that picks them out)"
+        )
     if out.dim() != 2 or out.shape[1] != ctx.data.num_classes:
         raise UserError(
             f"{what} returns shape {tuple(out.shape)}; expected (N, "

@@ -57,7 +57,7 @@ def measure_for_run(
     size = config.data.calibration_size
     generator = torch.Generator().manual_seed(config.seed)
     pick = torch.randperm(len(data.train), generator=generator)[: size + images]
-    pixels = preprocess.apply(data.train.images[pick])
+    pixels = preprocess.apply(data.train.read(pick.tolist()))  # decodes a folder's
     with torch.random.fork_rng():  # calibration samples at random: the run's numbers stay
         torch.manual_seed(config.seed)
         return sensitivity_of(

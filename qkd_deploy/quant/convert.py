@@ -8,12 +8,13 @@ import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+import torch.nn.functional as F
 from torch import fx, nn
 
 from qkd_deploy.bits import BitWidths
 from qkd_deploy.errors import UserError
 from qkd_deploy.models.layers import Add
-from qkd_deploy.quant.graph import module_of, trace
+from qkd_deploy.quant.graph import module_of, node_inputs, trace
 from qkd_deploy.quant.modules import (
     QuantAdd,
     QuantAvgPool,
@@ -31,6 +32,8 @@ from qkd_deploy.quant.placement import (
 from qkd_deploy.quant.quantizer import LSQQuantizer
 from qkd_deploy.quant.rewrite import Edit, rewrite_owners
 from qkd_deploy.targets import Target
+
+RELU6_MAX = 6.0
 
 
 @dataclass
@@ -126,6 +129,7 @@ def _realize(model: nn.Module, graph: Graph, sites: list[Site], options: Quantiz
     for site in sites:
         if site.group not in shared:
             shared[site.group] = _activation_quantizer(site.bits, options)
+            shared[site.group].upper_bound = upper_bound(graph, site)
         by_node[site.node][site.index] = shared[site.group]
     edits: dict[fx.Node, Edit] = {}
     for node, quantizers in by_node.items():
@@ -143,6 +147,19 @@ def _realize(model: nn.Module, graph: Graph, sites: list[Site], options: Quantiz
         else:
             edits[node] = Edit(inputs=quantizers)
     rewrite_owners(model, graph.graph, edits)
+
+
+def upper_bound(graph: Graph, site: Site) -> float | None:
+    """The largest value the tensor quantized at ``site`` can take, where the graph says: 6 for
+    a ReLU6's output (a module or ``F.relu6``)."""
+    if site.index == OUTPUT:
+        return None
+    tensor = node_inputs(site.node)[site.index]
+    if tensor.op == "call_module" and type(graph.modules.get(tensor.target)) is nn.ReLU6:
+        return RELU6_MAX
+    if tensor.op == "call_function" and tensor.target is F.relu6:
+        return RELU6_MAX
+    return None
 
 
 def _activation_quantizer(bits: int, options: QuantizeOptions) -> LSQQuantizer:

@@ -110,6 +110,9 @@ class LSQQuantizer(nn.Module):
         self.active_bits: int | None = (
             None  # a temporary bit-width (stochastic precision), None = bits
         )
+        # the largest value the input can take (6 after a ReLU6), set by the placement: the
+        # grid never reaches beyond it (not in the state dict: quantize_model sets it again)
+        self.upper_bound: float | None = None
 
     @property
     def grid(self) -> Grid:
@@ -134,9 +137,16 @@ class LSQQuantizer(nn.Module):
         self.calibrated.fill_(True)
 
     def step_size(self) -> torch.Tensor:
-        """The step size in use: positive, and rescaled when ``active_bits`` changes the grid
-        (same clipping range on a finer or coarser grid)."""
+        """The step size in use: positive, at most ``upper_bound`` / the grid's largest level,
+        and rescaled when ``active_bits`` changes the grid (same clipping range on a finer or
+        coarser grid).
+
+        The bound matters to ONNX Runtime: it folds a ReLU6 (a Clip) into the quantization of
+        a conv's output only when the grid ends at or below 6; a learned step that grows past
+        it (MobileNetV2: 6.0145 / 255) left those convs in float, each with its Clip."""
         scale = self.scale.abs().clamp_min(1e-8)
+        if self.upper_bound is not None:
+            scale = scale.clamp_max(self.upper_bound / self.grid.qmax)
         bits = self.active_bits or self.bits
         if bits != self.bits:
             scale = scale * (self.grid.qmax / self.grid_for(bits).qmax)

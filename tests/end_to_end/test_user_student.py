@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from qkd_deploy import cli
 from qkd_deploy.config import load_config
 from qkd_deploy.data import load_dataset, split_statistics
 from qkd_deploy.deploy.bundle import make_bundle
@@ -58,8 +59,17 @@ NETS_SOURCE = textwrap.dedent("""
             x = self.layer2(x + self.layer1(x))
             return self.fc(x.view(x.size(0), -1))
 
+    class TupleNet(Net):
+        \"\"\"Returns (logits, features), as some training code wants.\"\"\"
+
+        def forward(self, x):
+            return super().forward(x), x
+
     def student():
         return Net(8)
+
+    def tuple_student():
+        return TupleNet(8)
 
     def view_student():
         return ViewNet(8)
@@ -239,6 +249,7 @@ def test_feed_distils_the_stage_layers_named_for_student_and_teacher(nets):
             "student.feature_layers: ['layr2'] name no module of Net",
         ),
         (["--student-arch", "resnet8"], "--student and --student-arch both name the student"),
+        (["--student", f"{NETS}:tuple_student"], "returns a tuple, not a tensor"),
         (["--float-method", "kd", *TEACHER], "student.float_method=kd trains the float student"),
     ],
 )
@@ -252,9 +263,7 @@ def test_a_user_student_that_does_not_fit_fails_before_any_training(
     assert not out.exists()
 
 
-def test_a_student_checkpoint_that_does_not_load_fails_before_the_teacher_trains(
-    tmp_path, capsys
-):
+def test_a_student_checkpoint_that_does_not_load_fails_before_the_teacher_trains(tmp_path, capsys):
     """The teacher's weights given as the student's: refused before the zoo teacher trains for
     it, and the run leaves no directory, so the corrected command runs as it is."""
     out = tmp_path / "run"
@@ -307,7 +316,8 @@ def test_your_student_and_weights_on_a_folder_of_images_written_here(nets, tmp_p
     """The main command end to end with --student and --student-checkpoint on a small image
     folder (10 classes of grey PNGs, streamed by a decoding process), as a user with their own
     data would run it; the two low-bit students train side by side, each stage process with its
-    own decoding process."""
+    own decoding process. A precision budget, ``sensitivity`` and ``diff --run`` read the
+    folder's images too."""
     import numpy as np
     from PIL import Image
 
@@ -325,7 +335,7 @@ def test_your_student_and_weights_on_a_folder_of_images_written_here(nets, tmp_p
     args += ["--data", f"folder:{tmp_path / 'images'}", "--set", "data.image_size=8"]
     args += ["--epochs", "1", "--bits", "8,4", "--no-progress", "--set", "data.calibration_size=32"]
     args += ["--set", "bench.batch_sizes=[1]", "--set", "bench.iterations=2", *small]
-    args += ["--set", "jobs=2", "--set", "data.workers=1"]
+    args += ["--set", "jobs=2", "--set", "data.workers=1", "--set", "quant.budget=share:0.5"]
     assert main([*args, "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["input_shape"] == [1, 8, 8] and report["num_classes"] == 10
@@ -337,3 +347,9 @@ def test_your_student_and_weights_on_a_folder_of_images_written_here(nets, tmp_p
     assert report["environment"]["stage_processes"] == 2
     for student in report["students"]:
         assert student["onnx_agreement"] >= 0.99 and (out / student["onnx_path"]).is_file()
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert len(config["quant"]["layer_bits"]) == 1  # half its selectable layers, rounded down
+    assert cli.main(["sensitivity", str(out), "--images", "20"]) == 0
+    table = json.loads((out / "sensitivity.json").read_text())
+    assert table["images"] == 20 and table["layers"]
+    assert cli.main(["diff", str(out / "w4a4" / "model.onnx"), "--run", str(out)]) in (0, 1)

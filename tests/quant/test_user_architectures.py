@@ -91,6 +91,32 @@ def test_onnxruntime_export_runs_on_integer_kernels_and_is_exact(name, tmp_path)
     assert ops["QGemm"] == 1 and not ops["Gemm"], ops
 
 
+def test_a_step_learned_past_a_relu6_still_runs_on_integer_kernels(tmp_path):
+    """QAT can grow the step of a ReLU6's output quantizer past 6 / 255 (MobileNetV2: 6.0145 /
+    255); ONNX Runtime then kept the Clip and ran those convs in float. The step in use stops at
+    the ReLU6's bound."""
+    torch.manual_seed(0)
+    net = BLOCK_NETS["mobilenetv2_inverted_residual"]()
+    q = quantize_model(net, QuantizeOptions(BitWidths(8, 8), "onnxruntime"))
+    calibrate(q, [IMAGES])
+    bounded = [m for m in q.modules() if getattr(m, "upper_bound", None) is not None]
+    assert bounded and all(m.upper_bound == 6.0 for m in bounded)
+    with torch.no_grad():
+        for quantizer in bounded:
+            quantizer.scale.fill_(6.2 / 255)  # as if learned past the bound
+    assert all(float(m.step_size()) == pytest.approx(6 / 255) for m in bounded)
+    path = export_onnx(to_deploy(q.eval()), IMAGES, tmp_path / "m.onnx")
+    _assert_exact(q, path)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    ops = collections.Counter(
+        n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node
+    )
+    convs = sum(isinstance(m, QuantConv2d) for m in q.modules())
+    assert ops["QLinearConv"] == convs and not ops["FusedConv"] and not ops["Clip"], ops
+
+
 def test_blocks_keep_their_class_names_and_float_weights():
     """Quantizers on functional ops go into the owning module's forward: the block is still a
     BasicBlock, every float parameter and buffer keeps its name, and only quantizers are new."""
