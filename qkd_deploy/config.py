@@ -90,12 +90,25 @@ class DataConfig:
 class TeacherConfig:
     """One teacher: a zoo architecture trained by the pipeline, or the user's own model."""
 
-    arch: str = "resnet20"
+    arch: str | None = "resnet20"  # zoo model; null when module is set
     module: str | None = None  # "package.module:factory": the user's own teacher
     checkpoint: str | None = None  # its weights (weights_only torch.load)
     # the user teacher's stage layers (module names, shallowest first), for the methods that
     # distil stage feature maps (feed, indistill, ...); zoo teachers have their own stages
     feature_layers: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.module:
+            self.arch = None  # the user's model replaces the zoo's
+        _check_all(
+            [
+                (
+                    bool(self.module or self.arch),
+                    "a teacher's arch is null and its module unset; name a zoo model or your "
+                    "own (module: 'package.module:factory')",
+                )
+            ]
+        )
 
 
 @dataclass

@@ -155,9 +155,18 @@ def test_a_given_float_student_is_evaluated_not_trained_and_qat_starts_from_it(n
     # one epoch of QAT at lr 0.01 from fresh weights lands far below; from the given ones, near
     assert w8a8["accuracy_onnx"] > float_row["accuracy_onnx"] - 0.05
     assert w8a8["onnx_agreement"] >= 0.99
-    config = yaml.safe_load((out / "config.yaml").read_text())["student"]
+    stored = yaml.safe_load((out / "config.yaml").read_text())
+    config = stored["student"]
     assert config["module"] == f"{NETS}:student" and config["checkpoint"] == "student.pt"
     assert config["arch"] is None
+    assert stored["teachers"] == [
+        {
+            "arch": None,
+            "module": f"{NETS}:teacher",
+            "checkpoint": "teacher.pt",
+            "feature_layers": None,
+        }
+    ]
     inputs = json.loads((out / "manifest.json").read_text())["inputs"]
     assert inputs["student_checkpoint"] == {
         "path": "student.pt",
