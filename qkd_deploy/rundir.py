@@ -20,6 +20,7 @@ from qkd_deploy.errors import UserError
 from qkd_deploy.fileio import atomic_write_json, sha256_file
 
 SAMPLE_BATCH = "sample_batch.npz"  # test images and their preprocessing, for the bundle
+DATA_RECORD = "data.json"  # the fingerprints of the data the run started on
 _PACKAGES = ("qkd-deploy", "torch", "onnx", "onnxruntime", "onnxscript", "numpy", "tensorrt")
 
 
@@ -66,10 +67,12 @@ class RunDir:
 
     def remove_if_unstarted(self) -> None:
         """Undo a new run that stopped before any stage wrote a file (bad data, a model that does
-        not fit the method, a checkpoint that does not load): its ``config.yaml``, sample batch
-        and lock go, and so do empty stage folders and then the directory, so fixing the input
-        and running the same command again just works."""
-        ours = {self.config, self.root / ".lock", self.root / SAMPLE_BATCH}
+        not fit the method, a checkpoint that does not load): its ``config.yaml``, data record,
+        sample batch and lock go, and so do empty stage folders and then the directory, so
+        fixing the input and running the same command again just works."""
+        ours = {self.config, self.root / ".lock"} | {
+            self.root / name for name in (SAMPLE_BATCH, DATA_RECORD)
+        }
         if not self.root.is_dir():
             return
         entries = list(self.root.iterdir())

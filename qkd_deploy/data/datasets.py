@@ -8,6 +8,7 @@ for them (``data.folder``).
 from __future__ import annotations
 
 import gzip
+import hashlib
 import math
 import os
 import struct
@@ -86,6 +87,12 @@ class ImageSplit:
     def read(self, index: torch.Tensor | np.ndarray | Sequence[int]) -> torch.Tensor:
         """The images at ``index``, uint8 NCHW (what ``FolderSplit.read`` decodes)."""
         return self.images[torch.as_tensor(np.asarray(index, dtype=np.int64))]
+
+    def fingerprint(self) -> str:
+        """sha256 of the images and labels: equal for the same split."""
+        digest = hashlib.sha256(self.images.numpy().tobytes())
+        digest.update(self.labels.numpy().tobytes())
+        return digest.hexdigest()
 
 
 @dataclass

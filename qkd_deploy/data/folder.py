@@ -10,6 +10,7 @@ images, which are decoded to find their largest pixel.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -58,6 +59,14 @@ class FolderSplit:
         """The images at ``index``, in that order."""
         index = np.asarray(index, dtype=np.int64)
         return replace(self, files=self.files[index], labels=self.labels[torch.from_numpy(index)])
+
+    def fingerprint(self) -> str:
+        """sha256 of the file names and their labels (not the files' contents: reading a large
+        folder would take minutes): another image, one gone or one moved to another class
+        changes it."""
+        digest = hashlib.sha256(b"\0".join(self.files.tolist()))
+        digest.update(self.labels.numpy().tobytes())
+        return digest.hexdigest()
 
     def first(self, n: int) -> torch.Tensor:
         """The first ``n`` images (fewer in a smaller split), uint8 NCHW, as evaluation sees

@@ -30,6 +30,7 @@ from qkd_deploy.pipeline.plan import FloatStudent, teacher_stage
 from qkd_deploy.pipeline.report import Environment, FloatReference, Report, StudentResult
 from qkd_deploy.pipeline.side_by_side import Stage, stage_processes, train_side_by_side
 from qkd_deploy.pipeline.stages import (
+    check_data_unchanged,
     collapse_warning,
     export_stage,
     float_student_stage,
@@ -92,6 +93,7 @@ def run_stages(config: Config, root: Path) -> dict:
         config.threads, int(np.prod(data.image_size)), distributed.world_size()
     )
     ctx = Context(config, data, preprocess, RunDir(root))
+    check_data_unchanged(ctx)
     plan = ctx.plan
     check_before_training(ctx)
     save_sample_batch(ctx)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -23,8 +24,9 @@ from qkd_deploy.config import StudentConfig, TrainConfig
 from qkd_deploy.data import BatchLoader, stratified_subset
 from qkd_deploy.distill import build_distiller
 from qkd_deploy.distill.base import Distiller
+from qkd_deploy.errors import UserError
 from qkd_deploy.export.onnx import export_onnx
-from qkd_deploy.fileio import atomic_write_bytes, sha256_file
+from qkd_deploy.fileio import atomic_write_bytes, atomic_write_json, sha256_file
 from qkd_deploy.pipeline.context import EVAL_BATCH, Context
 from qkd_deploy.pipeline.models import (
     given_student,
@@ -46,7 +48,7 @@ from qkd_deploy.pipeline.report import (
 from qkd_deploy.quant.fold import fold_batchnorm
 from qkd_deploy.quant.integer import to_deploy
 from qkd_deploy.quant.precision import quantize
-from qkd_deploy.rundir import SAMPLE_BATCH, library_versions, machine_description
+from qkd_deploy.rundir import DATA_RECORD, SAMPLE_BATCH, library_versions, machine_description
 from qkd_deploy.runtime.onnxruntime import OnnxRuntimeRunner, fused_kernel_inexactness
 from qkd_deploy.targets import Target
 from qkd_deploy.train.batchnorm import reestimate_batchnorm
@@ -346,6 +348,37 @@ def export_and_measure(ctx: Context, model: nn.Module, name: str, quantized: boo
         accuracy_qat=accuracy_qat,
         warning=warning,
     )
+
+
+def check_data_unchanged(ctx: Context) -> None:
+    """A resumed run trains on the data it started with. The splits' fingerprints go into
+    ``data.json`` when the run starts; a resume on other data (images added, removed or moved
+    to another class since) is refused, as its finished stages were trained and measured on the
+    old data and the report would mix both."""
+    path = ctx.run.root / DATA_RECORD
+    splits = {"train": ctx.data.train, "test": ctx.data.test}
+    now = {name: {"images": len(s), "sha256": s.fingerprint()} for name, s in splits.items()}
+    if not path.is_file():
+        atomic_write_json(path, now)
+        return
+    try:
+        before = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise UserError(
+            f"{path} cannot be read ({error}): it records the data this run started on; delete "
+            "it to resume without that check"
+        ) from None
+    changed = [
+        f"{name} split {before.get(name, {}).get('images')} -> {now[name]['images']} images"
+        for name in splits
+        if before.get(name) != now[name]
+    ]
+    if changed:
+        raise UserError(
+            f"the data {ctx.config.data.spec} changed since this run started ({'; '.join(changed)}"
+            ", or the same number of other images): its finished stages saw the old data. "
+            f"Restore it to resume, or start a new run (--out); {path.name} holds the fingerprints"
+        )
 
 
 def save_sample_batch(ctx: Context) -> None:
