@@ -181,13 +181,19 @@ def _class_folders(root: Path) -> dict[str, list[str]]:
     classes = {}
     for folder in folders:
         with os.scandir(folder) as entries:
-            files = sorted(  # hidden files are not images (macOS "._x.jpg" resource forks)
-                entry.name
+            images = [  # hidden files are not images (macOS "._x.jpg" resource forks)
+                entry
                 for entry in entries
-                if entry.is_file()
-                and os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES
+                if os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES
                 and not entry.name.startswith(".")
+            ]
+        broken = [e.path for e in images if e.is_symlink() and not e.is_file()]
+        if broken:
+            raise UserError(
+                f"{broken[0]} is a link to {os.readlink(broken[0])}, which does not exist "
+                f"({len(broken)} such in {folder}); fix the links or remove them"
             )
+        files = sorted(entry.name for entry in images if entry.is_file())
         if not files:
             raise UserError(
                 f"class folder {folder} holds no images (looked for "

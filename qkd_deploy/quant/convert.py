@@ -72,6 +72,7 @@ def quantize_model(model: nn.Module, options: QuantizeOptions) -> nn.Module:
     if not any(isinstance(m, (nn.Conv2d, nn.Linear)) for _, m in model.named_modules()):
         raise UserError("the model has no Conv2d or Linear layer to quantize")
     _check_deployable(model)
+    _warn_unquantized_layers(model)
     _check_layer_bits(options.layer_bits, names)
     first_last = _first_conv_and_last_linear(model)
     if not options.trace:
@@ -90,6 +91,25 @@ def quantize_model(model: nn.Module, options: QuantizeOptions) -> nn.Module:
             )
     _realize(model, graph, sites, options)
     return model
+
+
+def _warn_unquantized_layers(model: nn.Module) -> None:
+    """Say which layers with weights stay in float: convolutions and linear layers other than
+    ``nn.Conv2d`` and ``nn.Linear`` themselves (transposed, 1-D/3-D, or a subclass, e.g. a conv
+    that pads itself in its own forward, which a quantized conv would not do)."""
+    kept = [
+        f"{name} ({type(m).__name__})"
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))
+        and type(m) not in (nn.Conv2d, nn.Linear)
+    ]
+    if kept:
+        warnings.warn(
+            f"{len(kept)} layer(s) with weights stay in float, without Q/DQ: "
+            f"{', '.join(kept[:5])}{', ...' if len(kept) > 5 else ''}; only nn.Conv2d and "
+            "nn.Linear themselves are quantized",
+            stacklevel=3,
+        )
 
 
 def _quantize_layers_only(

@@ -313,6 +313,20 @@ def test_folder_auto_split(tmp_path: Path) -> None:
     assert torch.equal(decoded(again.train), decoded(ds.train))
 
 
+def test_folder_with_a_broken_link_is_refused_and_working_links_are_read(tmp_path: Path) -> None:
+    """A dataset of symbolic links (a common way to share one copy) is read through them; a
+    link whose image is gone is named, not skipped (the data set would shrink unnoticed)."""
+    write_images(tmp_path / "store", RED, 4)
+    for i in range(4):
+        (tmp_path / "data" / "red").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data" / "red" / f"{i}.png").symlink_to(tmp_path / "store" / f"img{i}.png")
+    write_images(tmp_path / "data" / "blue", BLUE, 4)
+    assert len(load_dataset(f"folder:{tmp_path / 'data'}", image_size=8).train) == 6
+    (tmp_path / "store" / "img2.png").unlink()
+    with pytest.raises(UserError, match=r"red/2\.png is a link to .*img2\.png, which does not"):
+        load_dataset(f"folder:{tmp_path / 'data'}", image_size=8)
+
+
 def test_folder_train_test_layout(tmp_path: Path) -> None:
     for part, count in (("train", 3), ("test", 2)):
         write_images(tmp_path / part / "zebra", GREEN, count)

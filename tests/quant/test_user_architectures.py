@@ -117,6 +117,30 @@ def test_a_step_learned_past_a_relu6_still_runs_on_integer_kernels(tmp_path):
     assert ops["QLinearConv"] == convs and not ops["FusedConv"] and not ops["Clip"], ops
 
 
+class _SamePadConv(nn.Conv2d):
+    """timm's Conv2dSame in short: a conv that pads in its own forward."""
+
+    def forward(self, x):
+        return super().forward(F.pad(x, (1, 1, 1, 1)))
+
+
+def test_layers_without_a_quantized_form_are_named_in_a_warning():
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        _SamePadConv(4, 4, 3),
+        nn.ConvTranspose2d(4, 4, 2, stride=2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 10),
+    )
+    with pytest.warns(UserWarning, match=r"2 layer\(s\) .*1 \(_SamePadConv\), 2 \(ConvT"):
+        q = quantize_model(net, QuantizeOptions(BitWidths(8, 8)))
+    assert type(q[1]) is _SamePadConv and type(q[2]) is nn.ConvTranspose2d  # left as they are
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quantize_model(basic_block_net(), QuantizeOptions(BitWidths(8, 8)))  # nothing to say
+
+
 def test_blocks_keep_their_class_names_and_float_weights():
     """Quantizers on functional ops go into the owning module's forward: the block is still a
     BasicBlock, every float parameter and buffer keeps its name, and only quantizers are new."""
