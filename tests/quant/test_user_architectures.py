@@ -59,6 +59,16 @@ def _assert_exact(q: nn.Module, path) -> None:
     assert result.agreement == 1.0 and result.max_abs_error < 1e-4, result
 
 
+def _optimized_ops(path, tmp_path) -> collections.Counter:
+    """The op types of the graph ONNX Runtime runs after its optimizations (fused kernels)."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return collections.Counter(
+        n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node
+    )
+
+
 @pytest.mark.parametrize("name", list(BLOCK_NETS))
 def test_tensorrt_export_is_exact_and_lint_strict_clean(name, tmp_path, capsys):
     q, path = _trained_export(name, "w4a4", "tensorrt", tmp_path / "m.onnx", opset=17)
@@ -75,12 +85,7 @@ def test_tensorrt_export_is_exact_and_lint_strict_clean(name, tmp_path, capsys):
 def test_onnxruntime_export_runs_on_integer_kernels_and_is_exact(name, tmp_path):
     q, path = _trained_export(name, "w8a8", "onnxruntime", tmp_path / "m.onnx")
     _assert_exact(q, path)
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    ops = collections.Counter(
-        n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node
-    )
+    ops = _optimized_ops(path, tmp_path)
     adds, muls, cats, pools = EXPECTED[name]
     convs = sum(isinstance(m, QuantConv2d) for m in q.modules())
     assert ops["QLinearConv"] == convs and not ops["Conv"] and not ops["FusedConv"], ops
@@ -107,12 +112,7 @@ def test_a_step_learned_past_a_relu6_still_runs_on_integer_kernels(tmp_path):
     assert all(float(m.step_size()) == pytest.approx(6 / 255) for m in bounded)
     path = export_onnx(to_deploy(q.eval()), IMAGES, tmp_path / "m.onnx")
     _assert_exact(q, path)
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    ops = collections.Counter(
-        n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node
-    )
+    ops = _optimized_ops(path, tmp_path)
     convs = sum(isinstance(m, QuantConv2d) for m in q.modules())
     assert ops["QLinearConv"] == convs and not ops["FusedConv"] and not ops["Clip"], ops
 
